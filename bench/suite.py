@@ -1,0 +1,335 @@
+"""Suites: a TOML file of defaults and [[sweep]] grids, validated whole, expanded into trials.
+
+    name = "lora_sweep"
+    [model]  name = "smollm2-135m"
+    [data]   task = "sst2"
+    [train]  lr = 1e-3
+    [eval]   tasks = ["sst2"]
+    [[sweep]]
+    method = "lora"
+    config = { dropout = 0.0 }                    # fixed method settings
+    grid.rank = [{ r = 4, alpha = 8 }, { r = 8, alpha = 16 }]   # a table sets several keys together
+    grid.targets = [["qv"], ["all-linear"]]       # a bare key is a method field
+    grid."train.optimizer" = ["adamw", "sgd"]     # a dotted key is section.field
+
+Every grid value is a list of choices; the trials are their cartesian product.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import itertools
+import json
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import methods
+from methods.base import Config, ConfigError
+
+SCHEMA = 1
+
+
+class SuiteError(ValueError):
+    """A suite that cannot run; the message names the file and the key."""
+
+    def __init__(self, path: Path | str, key: str, message: str):
+        super().__init__(f"{path}: {key}: {message}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec(Config):
+    name: str
+    """A packaged model (smollm2-135m, minilm-l6), synthetic:<config>, an HF id or a local path."""
+    dtype: str = "float32"
+    """Weights and compute dtype: float32, bfloat16 or float16."""
+
+    def validate(self) -> None:
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError("dtype", f"must be float32, bfloat16 or float16, got {self.dtype!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataSpec(Config):
+    task: str
+    """Training task (see bench/data.py): sst2, arc_easy, piqa, boolq, gsm8k."""
+    train_examples: int = 512
+    """Training examples drawn from the task's train split."""
+    max_length: int = 128
+    """Tokens per example; the prompt is cut from the left, the answer kept."""
+
+    def validate(self) -> None:
+        if self.train_examples < 1:
+            raise ConfigError("train_examples", f"must be >= 1, got {self.train_examples}")
+        if self.max_length < 8:
+            raise ConfigError("max_length", f"must be >= 8, got {self.max_length}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainSpec(Config):
+    optimizer: str = "adamw"
+    """adamw, sgd (with momentum) or adamw-8bit (bitsandbytes)."""
+    lr: float = 1e-4
+    """Peak learning rate."""
+    batch_size: int = 4
+    """Examples per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    epochs: int = 1
+    """Passes over the training examples (ignored when max_steps is set)."""
+    max_steps: int | None = None
+    """Optimizer steps; overrides epochs."""
+    schedule: str = "cosine"
+    """constant, linear or cosine, after warmup."""
+    warmup_steps: int = 0
+    """Linear warmup steps."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (adamw) or L2 (sgd)."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    clip: float | None = 1.0
+    """Gradient-norm clipping threshold; none disables it."""
+    seed: int = 0
+    """Seed for data order, dropout and adapter init."""
+
+    def validate(self) -> None:
+        from bench.train import OPTIMIZERS, SCHEDULES
+
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError("optimizer", f"unknown optimizer {self.optimizer!r}{_suggest(self.optimizer, OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError("schedule", f"unknown schedule {self.schedule!r}{_suggest(self.schedule, SCHEDULES)}")
+        for name in ("lr", "batch_size", "grad_accum", "epochs"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(name, f"must be > 0, got {getattr(self, name)}")
+        for name in ("warmup_steps", "weight_decay", "momentum"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError("max_steps", f"must be >= 1, got {self.max_steps}")
+        if self.clip is not None and self.clip <= 0:
+            raise ConfigError("clip", f"must be > 0, got {self.clip}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalSpec(Config):
+    tasks: list[str] = field(default_factory=list)
+    """lm-eval tasks shipped in bench/tasks (empty: no lm-eval run)."""
+    limit: int | None = None
+    """Evaluate only the first `limit` rows of each task."""
+    batch_size: int = 16
+    """lm-eval batch size."""
+    forgetting: bool = True
+    """Measure the held-out LM loss change against the base model."""
+    forgetting_texts: int = 32
+    """Held-out passages for the forgetting measure."""
+
+    def validate(self) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError("limit", f"must be >= 1, got {self.limit}")
+        if self.batch_size < 1:
+            raise ConfigError("batch_size", f"must be >= 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunSpec(Config):
+    timeout: float = 3600.0
+    """Seconds before a trial's process is killed and recorded as timeout."""
+    threads: int | None = None
+    """torch threads per trial (default: all cores). 1 keeps timings sane on a shared machine."""
+
+    def validate(self) -> None:
+        if self.timeout <= 0:
+            raise ConfigError("timeout", f"must be > 0, got {self.timeout}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError("threads", f"must be >= 1, got {self.threads}")
+
+
+SECTIONS: dict[str, type[Config]] = {"model": ModelSpec, "data": DataSpec, "train": TrainSpec, "eval": EvalSpec, "run": RunSpec}
+# Sections that define the experiment; [run] only says how to run it, so it stays out of the id.
+ID_SECTIONS = ("model", "data", "method", "train", "eval")
+
+
+def _suggest(name: str, known) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, list(known), n=2)
+    return f"; did you mean {' or '.join(map(repr, close))}?" if close else f" (known: {', '.join(known)})"
+
+
+@dataclass(frozen=True)
+class Trial:
+    suite: str
+    spec: dict[str, Any]
+    """Resolved sections plus method {name, version, config}; the experiment, fully."""
+    run: dict[str, Any]
+
+    @property
+    def id(self) -> str:
+        return trial_id(self.spec)
+
+    @property
+    def label(self) -> str:
+        m = self.spec["method"]
+        cfg = ",".join(f"{k}={_short(v)}" for k, v in m["config"].items())
+        t = self.spec["train"]
+        return f"{m['name']}({cfg}) {t['optimizer']} ep{t['epochs']} seed{t['seed']}"
+
+
+def _short(v: Any) -> str:
+    return "+".join(map(str, v)) if isinstance(v, list) else str(v)
+
+
+def trial_id(spec: dict[str, Any]) -> str:
+    canonical = json.dumps({k: spec[k] for k in ID_SECTIONS}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Suite:
+    name: str
+    path: Path
+    trials: list[Trial]
+
+
+def load(path: str | Path, check_models: bool = True) -> Suite:
+    """Parse, validate and expand a suite; any problem raises SuiteError naming file and key."""
+    path = Path(path)
+    if not path.exists():
+        raise SuiteError(path, "-", "file not found")
+    text = path.read_text()
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise SuiteError(path, _toml_key(text, exc), f"invalid TOML: {exc}") from None
+    known = {"name", "sweep", *SECTIONS}
+    for key in raw:
+        if key not in known:
+            raise SuiteError(path, key, f"unknown top-level key{_suggest(key, sorted(known))}")
+    name = raw.get("name", path.stem)
+    if not isinstance(name, str) or not re.fullmatch(r"[\w.-]+", name):
+        raise SuiteError(path, "name", f"must be a plain name (letters, digits, . _ -), got {name!r}")
+    defaults = {}
+    for section in SECTIONS:
+        value = raw.get(section, {})
+        if not isinstance(value, dict):
+            raise SuiteError(path, section, f"must be a table, got {type(value).__name__}")
+        defaults[section] = value
+    sweeps = raw.get("sweep")
+    if not isinstance(sweeps, list) or not sweeps:
+        raise SuiteError(path, "sweep", "needs at least one [[sweep]] block")
+    trials: list[Trial] = []
+    seen: set[str] = set()
+    for i, block in enumerate(sweeps):
+        for trial in _expand(path, f"sweep[{i}]", block, defaults, name):
+            if trial.id not in seen:  # the same trial named twice runs once
+                seen.add(trial.id)
+                trials.append(trial)
+    if check_models:
+        _check_against_models(path, trials)
+    return Suite(name=name, path=path, trials=trials)
+
+
+def _toml_key(text: str, exc: Exception) -> str:
+    """The line a TOML error points at, which names the key in most cases."""
+    m = re.search(r"line (\d+)", str(exc))
+    if not m:
+        return "-"
+    lines = text.splitlines()
+    n = int(m.group(1))
+    line = lines[n - 1].strip() if 0 < n <= len(lines) else ""
+    return f"line {n} `{line[:60]}`"
+
+
+def _expand(path: Path, where: str, block: Any, defaults: dict[str, dict], suite: str) -> list[Trial]:
+    if not isinstance(block, dict):
+        raise SuiteError(path, where, "must be a table")
+    for key in block:
+        if key not in ("method", "config", "grid", *SECTIONS):
+            raise SuiteError(path, f"{where}.{key}", "unknown key; a sweep takes method, config, grid and section overrides")
+    name = block.get("method")
+    if not isinstance(name, str):
+        raise SuiteError(path, f"{where}.method", "required: the name of a registered method")
+    try:
+        method = methods.get(name)
+    except methods.UnknownMethod as exc:
+        raise SuiteError(path, f"{where}.method", str(exc)) from None
+    fixed = block.get("config", {})
+    if not isinstance(fixed, dict):
+        raise SuiteError(path, f"{where}.config", "must be a table of method settings")
+    grid = block.get("grid", {})
+    if not isinstance(grid, dict):
+        raise SuiteError(path, f"{where}.grid", "must be a table of lists")
+    axes: list[list[dict[str, Any]]] = []
+    for key, choices in grid.items():
+        if not isinstance(choices, list):
+            raise SuiteError(path, f"{where}.grid.{key}", f"must be a list of choices, got {type(choices).__name__}")
+        if not choices:
+            raise SuiteError(path, f"{where}.grid.{key}", "empty list: a grid axis needs at least one choice")
+        # A table choice sets several keys at once (r and alpha together, say).
+        axes.append([c if isinstance(c, dict) else {key: c} for c in choices])
+    trials = []
+    for combo in itertools.product(*axes) if axes else [()]:
+        sections = copy.deepcopy(defaults)
+        for section in SECTIONS:
+            override = block.get(section, {})
+            if not isinstance(override, dict):
+                raise SuiteError(path, f"{where}.{section}", "must be a table")
+            sections[section].update(override)
+        cfg = dict(fixed)
+        for choice in combo:
+            for key, value in choice.items():
+                if "." in key:
+                    section, _, field_name = key.partition(".")
+                    if section not in SECTIONS:
+                        raise SuiteError(path, f"{where}.grid.{key}", f"unknown section {section!r}{_suggest(section, SECTIONS)}")
+                    sections[section][field_name] = value
+                else:
+                    cfg[key] = value
+        resolved: dict[str, Any] = {}
+        for section, spec_cls in SECTIONS.items():
+            try:
+                resolved[section] = spec_cls.from_dict(sections[section]).to_dict()
+            except ConfigError as exc:
+                raise SuiteError(path, f"{section}.{exc.key} (in {where})", exc.message) from None
+        try:
+            method_cfg = method.Config.from_dict(cfg)
+        except ConfigError as exc:
+            raise SuiteError(path, f"{where}.{exc.key}", exc.message) from None
+        run = resolved.pop("run")
+        resolved["method"] = {"name": method.name, "version": method.version, "config": method_cfg.to_dict()}
+        trials.append(Trial(suite=suite, spec=resolved, run=run))
+    return trials
+
+
+def _check_against_models(path: Path, trials: list[Trial]) -> None:
+    """Apply each trial's method to a weightless (meta) copy of its model: catches targets
+    that match nothing, k beyond the block count, unknown models, before anything runs."""
+    from bench import models
+    from bench.data import TASKS
+
+    for trial in trials:
+        spec = trial.spec
+        try:
+            skeleton = models.skeleton(spec["model"])
+        except models.ModelError as exc:
+            raise SuiteError(path, "model.name", str(exc)) from None
+        method = methods.get(spec["method"]["name"])
+        cfg = method.Config.from_dict(spec["method"]["config"])
+        try:
+            method.apply(skeleton, cfg)
+        except ConfigError as exc:
+            raise SuiteError(path, f"method {spec['method']['name']}: {exc.key}", exc.message) from None
+        if spec["data"]["task"] not in TASKS:
+            raise SuiteError(path, "data.task", f"unknown task {spec['data']['task']!r}{_suggest(spec['data']['task'], TASKS)}")
+        for task in spec["eval"]["tasks"]:
+            if task not in TASKS:
+                raise SuiteError(path, "eval.tasks", f"unknown lm-eval task {task!r}{_suggest(task, TASKS)}")
+
+
+def to_dict(obj: Any) -> Any:
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj

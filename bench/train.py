@@ -1,0 +1,148 @@
+"""The one training loop. Every method trains through it, so differences between methods are
+the methods' own and not the loop's. Read it top to bottom: data, optimizer, schedule, steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from bench.measure import StepTimer, grad_bytes, optimizer_bytes, saved_for_backward
+from methods.base import Adapted
+
+
+class Diverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def _adamw(groups, t: dict[str, Any]) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(groups, lr=t["lr"], weight_decay=t["weight_decay"])
+
+
+def _sgd(groups, t: dict[str, Any]) -> torch.optim.Optimizer:
+    return torch.optim.SGD(groups, lr=t["lr"], momentum=t["momentum"], weight_decay=t["weight_decay"])
+
+
+def _adamw_8bit(groups, t: dict[str, Any]) -> torch.optim.Optimizer:
+    import bitsandbytes as bnb
+
+    return bnb.optim.AdamW8bit(groups, lr=t["lr"], weight_decay=t["weight_decay"])
+
+
+OPTIMIZERS: dict[str, Callable[[Any, dict[str, Any]], torch.optim.Optimizer]] = {
+    "adamw": _adamw,
+    "sgd": _sgd,
+    "adamw-8bit": _adamw_8bit,
+}
+
+
+def _constant(progress: float) -> float:
+    return 1.0
+
+
+def _linear(progress: float) -> float:
+    return max(0.0, 1.0 - progress)
+
+
+def _cosine(progress: float) -> float:
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+SCHEDULES: dict[str, Callable[[float], float]] = {"constant": _constant, "linear": _linear, "cosine": _cosine}
+
+
+def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
+    decay = SCHEDULES[schedule]
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return decay((step - warmup) / max(1, total - warmup))
+
+    return factor
+
+
+@dataclass
+class TrainResult:
+    steps: int = 0
+    tokens: int = 0
+    """Target (non-masked) plus context tokens processed, padding excluded."""
+    loss_curve: list[float] = field(default_factory=list)
+    step_times: list[float] = field(default_factory=list)
+    step_s_median: float | None = None
+    accounted: dict[str, int] = field(default_factory=dict)
+    """grads, optimizer and activations bytes measured on the first step."""
+
+
+def total_steps(n_examples: int, t: dict[str, Any]) -> int:
+    if t["max_steps"]:
+        return t["max_steps"]
+    per_epoch = math.ceil(math.ceil(n_examples / t["batch_size"]) / t["grad_accum"])
+    return per_epoch * t["epochs"]
+
+
+def batches(dataset, t: dict[str, Any], collate, device: torch.device):
+    """Micro-batches forever, reshuffled each epoch with the trial's seed."""
+    generator = torch.Generator().manual_seed(t["seed"])
+    while True:
+        loader = torch.utils.data.DataLoader(dataset, batch_size=t["batch_size"], shuffle=True,
+                                             generator=generator, collate_fn=collate)
+        for batch in loader:
+            yield {k: v.to(device) for k, v in batch.items()}
+
+
+def train(adapted: Adapted, dataset, t: dict[str, Any], collate, device: torch.device,
+          progress: Callable[[int, int, float], None] | None = None) -> TrainResult:
+    """Train `adapted.trainable` on `dataset` with the settings of a suite's [train] table."""
+    result = TrainResult()
+    if not adapted.trainable:  # frozen baseline: nothing to train
+        return result
+    torch.manual_seed(t["seed"])
+    model = adapted.model
+    model.train()
+    groups = adapted.hooks.param_groups(adapted.trainable) if adapted.hooks.param_groups else [{"params": adapted.trainable}]
+    optimizer = OPTIMIZERS[t["optimizer"]](groups, t)
+    steps = total_steps(len(dataset), t)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t["schedule"], t["warmup_steps"], steps))
+    timer = StepTimer()
+    stream = batches(dataset, t, collate, device)
+
+    for step in range(steps):
+        with timer:
+            loss_sum = 0.0
+            for micro in range(t["grad_accum"]):
+                batch = next(stream)
+                first = step == 0 and micro == 0
+                with saved_for_backward(model) if first else contextlib.nullcontext({"bytes": 0}) as saved:
+                    loss = model(**batch).loss
+                if not torch.isfinite(loss):
+                    raise Diverged(f"loss is {loss.item()} at step {step}")
+                (loss / t["grad_accum"]).backward()
+                loss_sum += loss.item()
+                result.tokens += int(batch["attention_mask"].sum())
+                if first:
+                    result.accounted["activations"] = saved["bytes"]
+            if t["clip"]:
+                torch.nn.utils.clip_grad_norm_(adapted.trainable, t["clip"])
+            if step == 0:
+                result.accounted["grads"] = grad_bytes(adapted.trainable)
+            optimizer.step()
+            scheduler.step()
+            if step == 0:
+                result.accounted["optimizer"] = optimizer_bytes(optimizer)
+            optimizer.zero_grad(set_to_none=True)
+            if adapted.hooks.on_step:
+                adapted.hooks.on_step(step, optimizer)
+        result.loss_curve.append(loss_sum / t["grad_accum"])
+        if progress:
+            progress(step + 1, steps, result.loss_curve[-1])
+    model.eval()
+    result.steps = steps
+    result.step_times = timer.times
+    result.step_s_median = timer.median()
+    return result

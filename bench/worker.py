@@ -1,0 +1,177 @@
+"""One trial, in its own process: load, adapt, train, measure, evaluate, write the result.
+
+The runner forks this from a server process that has already imported torch, transformers
+and lm-eval, so each trial starts in milliseconds yet has its own memory high-water mark, and
+a crash or an OOM kill ends this trial only.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import os
+import signal
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch  # noqa: F401  (imported here so the fork server preloads it)
+import transformers  # noqa: F401
+
+import methods
+from bench import results
+from bench.measure import PeakMemory, dir_bytes, param_counts, weight_bytes
+from bench.train import Diverged, train
+
+
+def _die_with_runner(runner_pid: int) -> None:
+    """A trial whose runner was killed must not live on, using the CPU a rerun needs. (It
+    could not publish a result anyway: only the runner renames the result into place.)"""
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: the fork server's death
+    except OSError:
+        pass
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            try:
+                os.kill(runner_pid, 0)
+            except ProcessLookupError:
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _status_of(exc: BaseException) -> str:
+    if isinstance(exc, Diverged):
+        return "diverged"
+    if isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)):
+        return "oom"
+    return "failed"
+
+
+def main(trial, out_path: str, adapters_dir: str | None, show_progress: bool, runner_pid: int) -> None:
+    _die_with_runner(runner_pid)
+    out = Path(out_path)
+    result = results.skeleton(trial, "failed")
+    try:
+        run(trial, result, Path(adapters_dir) if adapters_dir else None, show_progress)
+        result["status"] = "success"
+    except BaseException as exc:  # every failure is recorded, then the process ends
+        result["status"] = _status_of(exc)
+        result["error"] = f"{type(exc).__name__}: {exc}"
+        result["traceback"] = traceback.format_exc()[-4000:]
+    result["runtime"]["wall_s"] = time.perf_counter() - result["runtime"].pop("_t0", time.perf_counter())
+    results.write(out, result)
+
+
+def _base_loss(model, tokenizer, spec: dict[str, Any]) -> float:
+    """The base model's held-out loss, cached on disk: it is the same for every trial of a model."""
+    from bench.evaluate import forgetting_texts, lm_loss
+    from bench.models import cache_dir
+
+    key = hashlib.sha256(json.dumps([spec["model"], spec["eval"]["forgetting_texts"]], sort_keys=True).encode()).hexdigest()[:16]
+    path = cache_dir() / "base_loss" / f"{key}.json"
+    if path.exists():
+        return json.loads(path.read_text())["loss"]
+    loss = lm_loss(model, tokenizer, forgetting_texts(spec["eval"]["forgetting_texts"]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"loss": loss}))
+    tmp.replace(path)
+    return loss
+
+
+def run(trial, result: dict[str, Any], adapters_dir: Path | None, show_progress: bool) -> None:
+    from bench import data, models
+
+    spec = trial.spec
+    t = spec["train"]
+    rt = result["runtime"]
+    rt["_t0"] = time.perf_counter()
+    if trial.run.get("threads"):
+        torch.set_num_threads(trial.run["threads"])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    result["env"] = results.environment(torch.cuda.get_device_name(device) if device.type == "cuda" else None)
+    result["env"]["torch_threads"] = torch.get_num_threads()
+
+    start = time.perf_counter()
+    loaded = models.load(spec["model"], seed=t["seed"])
+    model, tokenizer = loaded.model.to(device), loaded.tokenizer
+    rt["load_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    dataset = data.tokenized(spec["data"]["task"], tokenizer, spec["data"]["max_length"],
+                             spec["data"]["train_examples"], seed=t["seed"])
+    collate = lambda rows: data.collate(rows, tokenizer.pad_token_id)  # noqa: E731
+    rt["data_s"] = time.perf_counter() - start
+
+    base_loss = None
+    if spec["eval"]["forgetting"] and not loaded.synthetic:
+        start = time.perf_counter()
+        base_loss = _base_loss(model, tokenizer, spec)
+        rt["base_loss_s"] = time.perf_counter() - start
+
+    method = methods.get(spec["method"]["name"])
+    torch.manual_seed(t["seed"])  # adapter init is part of the trial's seed
+    adapted = method.apply(model, method.Config.from_dict(spec["method"]["config"]))
+    result["params"].update(param_counts(adapted.model, adapted.trainable))
+    weights = weight_bytes(adapted.model)
+    result["memory"]["weights_by_dtype"] = weights
+
+    bar = None
+    if show_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(desc="  steps", leave=False, position=1, dynamic_ncols=True)
+
+    def progress(step: int, total: int, loss: float) -> None:
+        if bar is not None:
+            bar.total = total
+            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+            bar.update(1)
+
+    peak = PeakMemory(device)
+    peak.start()
+    start = time.perf_counter()
+    try:
+        trained = train(adapted, dataset, t, collate, device, progress)
+    finally:
+        if bar is not None:
+            bar.close()
+        rt["train_s"] = time.perf_counter() - start
+        result["memory"].update(peak.stop())
+    result["memory"]["accounted"] = {"weights": sum(weights.values()), "grads": trained.accounted.get("grads", 0),
+                                     "optimizer": trained.accounted.get("optimizer", 0),
+                                     "activations": trained.accounted.get("activations", 0)}
+    result["train"] = {"steps": trained.steps, "loss_curve": trained.loss_curve, "tokens": trained.tokens,
+                       "step_times": trained.step_times, "examples": len(dataset)}
+    rt["step_s_median"] = trained.step_s_median
+    rt["tokens_per_s"] = trained.tokens / rt["train_s"] if trained.steps else None
+
+    start = time.perf_counter()
+    if adapters_dir is not None and adapted.trainable:
+        directory = adapters_dir / trial.id
+        adapted.save(directory)
+        result["params"]["adapter_bytes"] = dir_bytes(directory)
+        result["adapter_dir"] = str(directory)
+    else:
+        result["params"]["adapter_bytes"] = sum(v.numel() * v.element_size() for v in adapted.state_dict().values())
+    rt["save_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    if not loaded.synthetic:  # random weights have no score worth reporting
+        from bench.evaluate import lm_eval_scores, lm_loss, forgetting_texts
+
+        e = spec["eval"]
+        if e["tasks"]:
+            result["eval"]["lm_eval"] = lm_eval_scores(adapted.model, tokenizer, e["tasks"], e["limit"], e["batch_size"])
+        if base_loss is not None:
+            after = lm_loss(adapted.model, tokenizer, forgetting_texts(e["forgetting_texts"]))
+            result["eval"]["forgetting"] = after - base_loss
+            result["eval"]["heldout_loss"] = {"base": base_loss, "after": after}
+    rt["eval_s"] = time.perf_counter() - start

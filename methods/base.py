@@ -1,0 +1,203 @@
+"""The method interface: configs, the protocol every method follows, and what `apply` returns.
+
+A method is a small class with a registry name, a version and a typed config; `apply` edits a
+model in place (freezing, wrapping layers) and hands back an `Adapted` that tells the one
+training loop what to optimise and which hooks to call. Nothing in bench/ knows method names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Protocol
+
+import torch
+from torch import Tensor, nn
+
+Targets = str | list[str]
+"""An alias ("qv", "kv", "attention", "mlp", "all-linear"), a list of aliases or module-name
+suffixes, or any other string, read as a regular expression over full module names."""
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; `key` names the offending field."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key = key
+        self.message = message
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """A typed, frozen config read from a TOML table: unknown keys, wrong types and
+    out-of-range values are errors that name the field."""
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the field when a value is out of range."""
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Any:
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in values:
+            if key not in known:
+                raise ConfigError(key, f"unknown key; {cls.__name__} knows: {', '.join(sorted(known)) or 'none'}")
+        try:
+            cfg = cls(**values)
+        except TypeError as exc:  # a required field is missing
+            missing = [f.name for f in dataclasses.fields(cls) if f.name not in values]
+            raise ConfigError(missing[0] if missing else cls.__name__, f"required ({exc})") from exc
+        for f in dataclasses.fields(cls):
+            # Annotations are strings under `from __future__ import annotations`, types otherwise.
+            hint = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+            _check_type(f.name, getattr(cfg, f.name), hint)
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MethodConfig(Config):
+    """Base of every method config; subclasses add fields with a docstring under each."""
+
+
+_SCALARS: dict[str, Callable[[Any], bool]] = {
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "bool": lambda v: isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+    "list[str]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+    "list[int]": lambda v: isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v),
+    "Targets": lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v)),
+}
+
+
+def _check_type(name: str, value: Any, hint: str) -> None:
+    """Check a value against the string annotation of its field (only the shapes configs use)."""
+    options = [h.strip() for h in hint.split("|")]
+    if value is None and "None" in options:
+        return
+    checks = [_SCALARS[o] for o in options if o in _SCALARS]
+    if checks and not any(check(value) for check in checks):
+        raise ConfigError(name, f"expected {hint}, got {type(value).__name__} {value!r}")
+
+
+@dataclass
+class TrainHooks:
+    """Method-specific behaviour the training loop calls; every hook is optional."""
+
+    param_groups: Callable[[list[nn.Parameter]], list[dict[str, Any]]] | None = None
+    """Turn the trainable list into optimizer param groups (per-tensor learning rates)."""
+    on_step: Callable[[int, torch.optim.Optimizer], None] | None = None
+    """Called after every optimizer step with the global step (restarts, lr rescaling)."""
+
+
+@dataclass
+class Adapted:
+    """What `Method.apply` returns to the runner."""
+
+    model: nn.Module
+    trainable: list[nn.Parameter]
+    """Exactly the tensors the optimizer updates; the trainable count comes from here."""
+    hooks: TrainHooks = field(default_factory=TrainHooks)
+    merge_fn: Callable[[], nn.Module] | None = None
+    unmerge_fn: Callable[[], nn.Module] | None = None
+    state_fn: Callable[[], dict[str, Tensor]] | None = None
+    save_fn: Callable[[Path], None] | None = None
+    load_fn: Callable[[Path], None] | None = None
+
+    def merge(self) -> nn.Module:
+        if self.merge_fn is None:
+            raise NotImplementedError("this method has no merge")
+        return self.merge_fn()
+
+    def unmerge(self) -> nn.Module:
+        if self.unmerge_fn is None:
+            raise NotImplementedError("this method has no unmerge")
+        return self.unmerge_fn()
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The adapter only: what differs from the base model."""
+        if self.state_fn is not None:
+            return self.state_fn()
+        ids = {id(p) for p in self.trainable}
+        return {n: p.detach() for n, p in self.model.named_parameters() if id(p) in ids}
+
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.save_fn is not None:
+            self.save_fn(directory)
+        else:
+            save_safetensors(self.state_dict(), directory / "adapter.safetensors")
+        return directory
+
+    def load(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        if self.load_fn is not None:
+            self.load_fn(directory)
+            return
+        state = load_safetensors(directory / "adapter.safetensors")
+        load_into(self.model, state, source=directory / "adapter.safetensors")
+
+
+class Method(Protocol):
+    name: ClassVar[str]
+    """Registry key, e.g. "lora"."""
+    version: ClassVar[str]
+    """Bump when behaviour changes: part of the trial id."""
+    Config: ClassVar[type[MethodConfig]]
+
+    def apply(self, model: nn.Module, cfg: MethodConfig) -> Adapted: ...
+
+
+class AdapterFileError(ValueError):
+    """An adapter file is missing, corrupt or does not fit the model."""
+
+
+def save_safetensors(state: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp), metadata=metadata)
+    tmp.replace(path)
+
+
+def load_safetensors(path: Path) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    if not path.exists():
+        raise AdapterFileError(f"{path}: adapter file not found")
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises several types for a damaged header
+        raise AdapterFileError(f"{path}: not a readable safetensors file ({exc})") from exc
+
+
+def load_into(model: nn.Module, state: dict[str, Tensor], source: Path | str) -> None:
+    """Copy adapter tensors into the model's parameters, checking names and shapes."""
+    params = dict(model.named_parameters())
+    for name, value in state.items():
+        if name not in params:
+            raise AdapterFileError(f"{source}: tensor {name!r} has no matching parameter in the model")
+        if params[name].shape != value.shape:
+            raise AdapterFileError(
+                f"{source}: tensor {name!r} has shape {tuple(value.shape)}, the model expects {tuple(params[name].shape)}"
+            )
+        with torch.no_grad():
+            params[name].copy_(value.to(params[name].dtype))
+
+
+def write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    tmp.replace(path)
+
+
+def freeze(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)

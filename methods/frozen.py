@@ -1,0 +1,27 @@
+"""The frozen base model: no parameter trained; the zero-shot baseline that every method must beat."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from methods.base import Adapted, MethodConfig, freeze
+
+
+@dataclass(frozen=True, kw_only=True)
+class FrozenConfig(MethodConfig):
+    """The frozen baseline has no settings."""
+
+
+class Frozen:
+    name = "frozen"
+    version = "1"
+    Config = FrozenConfig
+
+    def apply(self, model: nn.Module, cfg: FrozenConfig) -> Adapted:
+        freeze(model)
+        return Adapted(model=model, trainable=[])
+
+    def expected_trainable(self, model: nn.Module, cfg: FrozenConfig) -> int:
+        return 0

@@ -1,0 +1,117 @@
+"""Finding the parts of a model that methods act on: linear layers by role, blocks, the head.
+
+Works across the three layouts the suite meets: Llama-style (q_proj ... down_proj), GPT-2
+(fused c_attn, Conv1D) and BERT (attention.self.query ... output.dense).
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from methods.base import ConfigError, Targets
+
+try:  # GPT-2's linear layers are Conv1D (weight stored as in x out)
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover
+    Conv1D = ()
+
+LINEAR_TYPES = (nn.Linear, Conv1D)
+
+# Role of a linear layer by the end of its qualified name; order matters (first match wins).
+_ROLES: list[tuple[str, str]] = [
+    (r"(^|\.)(q_proj|query|q_lin)$", "q"),
+    (r"(^|\.)(k_proj|key|k_lin)$", "k"),
+    (r"(^|\.)(v_proj|value|v_lin)$", "v"),
+    (r"(^|\.)(c_attn|qkv_proj|query_key_value|Wqkv)$", "qkv"),
+    (r"(^|\.)(o_proj|out_proj|out_lin|attn\.c_proj|attention\.output\.dense)$", "o"),
+    (r"(^|\.)(gate_proj|up_proj|down_proj|c_fc|mlp\.c_proj|intermediate\.dense|output\.dense|fc1|fc2|lin1|lin2|w1|w2|w3)$", "mlp"),
+]
+_HEAD_NAMES = re.compile(r"(^|\.)(lm_head|classifier|score|qa_outputs|cls\.predictions\.decoder|embed_out)$")
+
+ALIASES: dict[str, set[str]] = {
+    "q": {"q", "qkv"},
+    "v": {"v", "qkv"},
+    "qv": {"q", "v", "qkv"},
+    "kv": {"k", "v", "qkv"},
+    "attention": {"q", "k", "v", "qkv", "o"},
+    "mlp": {"mlp"},
+    "all-linear": {"q", "k", "v", "qkv", "o", "mlp", "other"},
+}
+
+
+def role(name: str) -> str:
+    """The role of a linear layer ("q", "k", "v", "qkv", "o", "mlp", "head" or "other")."""
+    if _HEAD_NAMES.search(name):
+        return "head"
+    for pattern, r in _ROLES:
+        if re.search(pattern, name):
+            return r
+    return "other"
+
+
+def linear_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES)]
+
+
+def resolve_targets(model: nn.Module, targets: Targets, key: str = "targets") -> list[tuple[str, nn.Module]]:
+    """Linear layers selected by `targets`; a selection that matches nothing is an error."""
+    layers = linear_modules(model)
+    items = [targets] if isinstance(targets, str) else list(targets)
+    if not items:
+        raise ConfigError(key, "empty target list")
+    chosen: dict[str, nn.Module] = {}
+    for item in items:
+        if item in ALIASES:
+            roles = ALIASES[item]
+            hits = [(n, m) for n, m in layers if role(n) in roles]
+        elif isinstance(targets, list) and re.fullmatch(r"[\w.]+", item):
+            hits = [(n, m) for n, m in layers if n == item or n.endswith("." + item)]
+        else:
+            try:
+                rx = re.compile(item)
+            except re.error as exc:
+                raise ConfigError(key, f"{item!r} is not an alias ({', '.join(ALIASES)}) nor a valid regex: {exc}") from exc
+            hits = [(n, m) for n, m in layers if rx.search(n)]
+        if not hits:
+            sample = ", ".join(sorted({n.split(".")[-1] for n, _ in layers})[:12])
+            raise ConfigError(key, f"{item!r} matches no linear module of {type(model).__name__} (its layer names: {sample})")
+        chosen.update(hits)
+    return list(chosen.items())
+
+
+def blocks(model: nn.Module) -> nn.ModuleList:
+    """The repeated transformer blocks (the longest ModuleList of same-type modules)."""
+    best: nn.ModuleList | None = None
+    for _, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) > 0 and len({type(x) for x in m}) == 1:
+            if best is None or len(m) > len(best):
+                best = m
+    if best is None:
+        raise ConfigError("model", f"{type(model).__name__} has no list of repeated blocks")
+    return best
+
+
+def head_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters of the output head (tied input embeddings included when tied) and the final norm."""
+    params: dict[int, nn.Parameter] = {}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        for n, m in model.named_modules():
+            if _HEAD_NAMES.search(n):
+                head = m
+    if head is None:
+        raise ConfigError("model", f"{type(model).__name__} has no recognisable output head")
+    for p in head.parameters():
+        params[id(p)] = p
+    for n, m in model.named_modules():
+        if re.search(r"(^|\.)(norm|ln_f|final_layer_norm|final_layernorm)$", n):
+            for p in m.parameters():
+                params[id(p)] = p
+    # Sequence classifiers often have a pooler before the classifier.
+    for n, m in model.named_modules():
+        if n.endswith("pooler"):
+            for p in m.parameters():
+                params[id(p)] = p
+    return list(params.values())

@@ -1,0 +1,272 @@
+"""LoRA: Low-Rank Adaptation of Large Language Models (Hu et al. 2021, arXiv 2106.09685).
+
+Each targeted linear layer W stays frozen and gains a trainable low-rank update:
+h = W x + (alpha / r) * B A x, with A (r x in) random and B (out x r) zero, so training starts
+from the unchanged model. rslora (Kalajdzievski 2023, "A Rank Stabilization Scaling Factor for
+Fine-Tuning with LoRA", arXiv 2312.03732) scales by alpha / sqrt(r) instead.
+
+Adapters are saved in Hugging Face peft's on-disk format (adapter_config.json and
+adapter_model.safetensors) so that `peft.PeftModel.from_pretrained` loads them unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from methods.base import (
+    Adapted,
+    AdapterFileError,
+    ConfigError,
+    MethodConfig,
+    Targets,
+    freeze,
+    load_safetensors,
+    save_safetensors,
+    write_json,
+)
+from methods.layers import Conv1D, resolve_targets
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+# peft saves tensors under the PeftModel wrapper's prefix, with the adapter name stripped.
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoRAConfig(MethodConfig):
+    r: int = 8
+    """Rank of the update B A."""
+    alpha: float = 16
+    """Scale numerator: the update is multiplied by alpha / r (alpha / sqrt(r) with rslora)."""
+    dropout: float = 0.0
+    """Dropout on the input of the low-rank branch only."""
+    targets: Targets = "qv"
+    """Which linear layers get an adapter (see methods.layers.resolve_targets)."""
+    rslora: bool = False
+    """Rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023, arXiv 2312.03732)."""
+
+    def validate(self) -> None:
+        if self.r < 1:
+            raise ConfigError("r", f"must be >= 1, got {self.r}")
+        if self.alpha <= 0:
+            raise ConfigError("alpha", f"must be > 0, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError("dropout", f"must be in [0, 1), got {self.dropout}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / math.sqrt(self.r) if self.rslora else self.alpha / self.r
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear or transformers Conv1D plus a trainable low-rank branch."""
+
+    def __init__(self, base_layer: nn.Module, r: int, scaling: float, dropout: float = 0.0):
+        super().__init__()
+        self.base_layer = base_layer
+        # Conv1D stores its weight as (in, out), the transpose of nn.Linear's.
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        weight = base_layer.weight
+        self.in_features, self.out_features = weight.shape if self.fan_in_fan_out else weight.shape[::-1]
+        # Half-precision adapters train poorly; keep them in float32 (as peft does by default).
+        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=dtype, device=weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=dtype, device=weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.scaling = scaling
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+
+    @property
+    def weight(self) -> Tensor:
+        """The base weight, for model code that inspects `layer.weight` (dtype, device)."""
+        return self.base_layer.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        result = self.base_layer(x)
+        if self.merged:
+            return result
+        # Two thin matmuls: never materialise the (out x in) product B A while training.
+        branch = F.linear(F.linear(self.dropout(x.to(self.lora_A.dtype)), self.lora_A), self.lora_B)
+        return (result + branch * self.scaling).to(result.dtype)
+
+    def delta_weight(self) -> Tensor:
+        """scaling * B A, laid out like the base weight."""
+        delta = (self.lora_B @ self.lora_A) * self.scaling
+        return delta.T if self.fan_in_fan_out else delta
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            weight = self.base_layer.weight
+            weight.add_(self.delta_weight().to(weight.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            weight = self.base_layer.weight
+            weight.sub_(self.delta_weight().to(weight.dtype))
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"r={self.lora_A.shape[0]}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """Wrapped layers by module path, in model order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    can_generate = getattr(model, "can_generate", None)
+    return bool(can_generate()) if callable(can_generate) else False
+
+
+def peft_config(model: nn.Module, cfg: LoRAConfig, layers: dict[str, LoRALinear]) -> dict[str, Any]:
+    """adapter_config.json as peft 0.21 writes it (the keys it needs; the rest take peft's defaults)."""
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM" if is_causal_lm(model) else None,
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        "revision": None,
+        "inference_mode": True,
+        "r": cfg.r,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "use_rslora": cfg.rslora,
+        "target_modules": list(layers),
+        # peft resets this per layer to match the layer type; it only decides the default.
+        "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
+        "bias": "none",
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "use_dora": False,
+        "lora_bias": False,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+
+
+def adapter_state(layers: dict[str, LoRALinear]) -> dict[str, Tensor]:
+    """The A and B tensors under peft's key names."""
+    state: dict[str, Tensor] = {}
+    for name, layer in layers.items():
+        state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach()
+        state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach()
+    return state
+
+
+def read_adapter_config(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise AdapterFileError(f"{path}: adapter config not found")
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterFileError(f"{path}: not readable JSON ({exc})") from exc
+    if not isinstance(saved, dict):
+        raise AdapterFileError(f"{path}: expected a JSON object, got {type(saved).__name__}")
+    if saved.get("peft_type") != "LORA":
+        raise AdapterFileError(f"{path}: peft_type is {saved.get('peft_type')!r}, expected 'LORA'")
+    return saved
+
+
+def check_matches(path: Path, saved: dict[str, Any], cfg: LoRAConfig) -> None:
+    """A saved adapter with another rank or scaling would load wrongly or not at all."""
+    expected = {"r": cfg.r, "lora_alpha": cfg.alpha, "use_rslora": cfg.rslora}
+    for key, want in expected.items():
+        if key not in saved:
+            raise AdapterFileError(f"{path}: missing key {key!r}")
+        if saved[key] != want:
+            what = "rank mismatch: " if key == "r" else ""
+            raise AdapterFileError(f"{path}: {what}{key} is {saved[key]!r}, the model was adapted with {want!r}")
+
+
+def load_adapter(layers: dict[str, LoRALinear], cfg: LoRAConfig, directory: Path) -> None:
+    check_matches(directory / CONFIG_FILE, read_adapter_config(directory / CONFIG_FILE), cfg)
+    path = directory / WEIGHTS_FILE
+    state = load_safetensors(path)
+    params = {
+        f"{PEFT_PREFIX}{name}.lora_{which}.weight": getattr(layer, f"lora_{which}")
+        for name, layer in layers.items()
+        for which in "AB"
+    }
+    for key, value in state.items():
+        if key not in params:
+            raise AdapterFileError(f"{path}: tensor {key!r} has no matching LoRA module in the model")
+        if value.shape != params[key].shape:
+            raise AdapterFileError(
+                f"{path}: tensor {key!r} has shape {tuple(value.shape)}, the model expects "
+                f"{tuple(params[key].shape)} (saved with another rank, or for another base model?)"
+            )
+    missing = sorted(set(params) - set(state))
+    if missing:
+        raise AdapterFileError(f"{path}: missing {len(missing)} tensor(s), e.g. {missing[0]!r}")
+    # Merged layers hold the old update in the base weight: take it out before replacing A and B.
+    merged = [layer for layer in layers.values() if layer.merged]
+    for layer in merged:
+        layer.unmerge()
+    with torch.no_grad():
+        for key, param in params.items():
+            param.copy_(state[key].to(param.dtype))
+    for layer in merged:
+        layer.merge()
+
+
+class LoRA:
+    name = "lora"
+    version = "1"
+    Config = LoRAConfig
+    battery_configs: ClassVar[list[dict[str, Any]]] = [
+        {"r": 4, "targets": "qv"},
+        {"r": 2, "targets": "all-linear", "rslora": True},
+    ]
+
+    def apply(self, model: nn.Module, cfg: LoRAConfig) -> Adapted:
+        if lora_layers(model):
+            raise ConfigError("model", "already has LoRA layers; apply LoRA to a fresh base model")
+        targets = resolve_targets(model, cfg.targets)
+        freeze(model)
+        for name, layer in targets:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, LoRALinear(layer, cfg.r, cfg.scaling, cfg.dropout))
+        layers = lora_layers(model)
+        trainable = [p for layer in layers.values() for p in (layer.lora_A, layer.lora_B)]
+
+        def merge() -> nn.Module:
+            for layer in layers.values():
+                layer.merge()
+            return model
+
+        def unmerge() -> nn.Module:
+            for layer in layers.values():
+                layer.unmerge()
+            return model
+
+        def save(directory: Path) -> None:
+            write_json(directory / CONFIG_FILE, peft_config(model, cfg, layers))
+            save_safetensors(adapter_state(layers), directory / WEIGHTS_FILE, metadata={"format": "pt"})
+
+        return Adapted(
+            model=model,
+            trainable=trainable,
+            merge_fn=merge,
+            unmerge_fn=unmerge,
+            state_fn=lambda: adapter_state(layers),
+            save_fn=save,
+            load_fn=lambda directory: load_adapter(layers, cfg, Path(directory)),
+        )
+
+    def expected_trainable(self, model: nn.Module, cfg: LoRAConfig) -> int:
+        """r * (in + out) per target; a weight's two dims are in and out for Linear and Conv1D alike."""
+        return sum(cfg.r * sum(layer.weight.shape) for _, layer in resolve_targets(model, cfg.targets))

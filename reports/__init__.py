@@ -1,0 +1,1 @@
+"""Reports read result JSON files only: no torch, no methods."""

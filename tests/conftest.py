@@ -1,0 +1,111 @@
+"""Shared fixtures: tiny randomly initialised models of the three layouts, built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+# Before anything imports huggingface_hub (transformers is imported lazily below).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# The suite runs from a checkout, not an installed package: make `import methods` work.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+MODEL_KINDS = ("llama", "gpt2", "bert")
+VOCAB = 128
+SEED = 0
+
+
+def build_model(kind: str) -> nn.Module:
+    """A tiny float32 model in eval mode; the same kind always gets the same weights."""
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
+
+    torch.manual_seed(SEED)
+    # Dropout off everywhere so that outputs are comparable between calls.
+    if kind == "llama":
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                intermediate_size=64,
+                vocab_size=VOCAB,
+                max_position_embeddings=64,
+                bos_token_id=1,
+                eos_token_id=2,
+            )
+        )
+    elif kind == "gpt2":
+        model = GPT2LMHeadModel(
+            GPT2Config(
+                n_embd=32,
+                n_layer=2,
+                n_head=4,
+                vocab_size=VOCAB,
+                n_positions=64,
+                bos_token_id=VOCAB - 1,
+                eos_token_id=VOCAB - 1,
+                resid_pdrop=0.0,
+                embd_pdrop=0.0,
+                attn_pdrop=0.0,
+            )
+        )
+    elif kind == "bert":
+        model = BertForSequenceClassification(
+            BertConfig(
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=64,
+                vocab_size=VOCAB,
+                max_position_embeddings=64,
+                num_labels=2,
+                hidden_dropout_prob=0.0,
+                attention_probs_dropout_prob=0.0,
+            )
+        )
+    else:
+        raise ValueError(f"unknown tiny model kind {kind!r}; known: {MODEL_KINDS}")
+    return model.float().eval()
+
+
+def make_batch(kind: str, batch: int = 2, seq: int = 8, seed: int = 1) -> dict[str, Tensor]:
+    """Random token ids with labels, so that `model(**batch).loss` is defined."""
+    gen = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, VOCAB, (batch, seq), generator=gen)
+    out = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    if kind == "bert":
+        out["labels"] = torch.randint(0, 2, (batch,), generator=gen)
+    else:
+        out["labels"] = input_ids.clone()
+    return out
+
+
+@pytest.fixture(params=MODEL_KINDS)
+def kind(request: pytest.FixtureRequest) -> str:
+    """Each test that takes `kind` runs once per tiny model layout."""
+    return request.param
+
+
+@pytest.fixture
+def tiny_model() -> Callable[[str], nn.Module]:
+    return build_model
+
+
+@pytest.fixture
+def batch_for() -> Callable[..., dict[str, Tensor]]:
+    return make_batch

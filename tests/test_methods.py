@@ -1,0 +1,385 @@
+"""The method battery: every registered method on every tiny layout, plus LoRA-specific checks.
+
+A method takes part automatically once it is in methods.REGISTRY; it may list the configs to
+test in a `battery_configs` ClassVar (default [{}]) and must expose
+`expected_trainable(model, cfg) -> int`, a closed-form count independent of `apply`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import MODEL_KINDS, build_model, make_batch
+from torch import Tensor, nn
+
+import methods
+from methods.base import Adapted, AdapterFileError, ConfigError, MethodConfig
+from methods.layers import resolve_targets
+from methods.lora import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    LoRA,
+    LoRAConfig,
+    LoRALinear,
+    lora_layers,
+)
+
+
+def _case_id(name: str, values: dict[str, Any]) -> str:
+    return "-".join([name, *(f"{k}={v}" for k, v in values.items())])
+
+
+CASES = [
+    pytest.param(name, values, id=_case_id(name, values))
+    for name in methods.names()
+    for values in getattr(methods.get(name), "battery_configs", [{}])
+]
+LORA_CASES = [pytest.param(values, id=_case_id("lora", values)) for values in LoRA.battery_configs]
+
+
+def adapt(name: str, values: dict[str, Any], kind: str) -> tuple[Any, MethodConfig, Adapted]:
+    method = methods.get(name)
+    cfg = method.Config.from_dict(values)
+    return method, cfg, method.apply(build_model(kind), cfg)
+
+
+def logits(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def train_step(adapted: Adapted, batch: dict[str, Tensor]) -> None:
+    optimizer = torch.optim.AdamW(adapted.trainable, lr=1e-2)
+    adapted.model(**batch).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def randomise_b(adapted: Adapted, seed: int = 0) -> None:
+    """B starts at zero, which would make many comparisons trivially pass."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_layers(adapted.model).values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.1)
+
+
+# ---------------------------------------------------------------- the battery, every method
+
+
+@pytest.mark.parametrize(("name", "values"), CASES)
+def test_only_trainable_params_get_grads(name: str, values: dict[str, Any], kind: str) -> None:
+    _, _, adapted = adapt(name, values, kind)
+    trainable = {id(p) for p in adapted.trainable}
+    assert len(trainable) == len(adapted.trainable), "a tensor is listed twice in trainable"
+    params = dict(adapted.model.named_parameters())
+    assert trainable <= {id(p) for p in params.values()}, "trainable holds tensors outside the model"
+    for n, p in params.items():
+        assert p.requires_grad == (id(p) in trainable), n
+
+    loss = adapted.model(**make_batch(kind)).loss
+    if not trainable:
+        assert not loss.requires_grad
+        return
+    loss.backward()
+    for n, p in params.items():
+        if id(p) in trainable:
+            assert p.grad is not None, f"trainable {n} got no grad"
+        else:
+            assert p.grad is None, f"frozen {n} got a grad"
+
+
+@pytest.mark.parametrize(("name", "values"), CASES)
+def test_trainable_count_is_closed_form(name: str, values: dict[str, Any], kind: str) -> None:
+    method, cfg, adapted = adapt(name, values, kind)
+    expected = method.expected_trainable(build_model(kind), cfg)
+    assert sum(p.numel() for p in adapted.trainable) == expected
+
+
+@pytest.mark.parametrize(("name", "values"), CASES)
+def test_optimizer_step_changes_every_trainable(name: str, values: dict[str, Any], kind: str) -> None:
+    _, _, adapted = adapt(name, values, kind)
+    if not adapted.trainable:
+        pytest.skip("nothing to train")
+    before = [p.detach().clone() for p in adapted.trainable]
+    train_step(adapted, make_batch(kind))
+    unchanged = [i for i, (p, old) in enumerate(zip(adapted.trainable, before)) if torch.equal(p, old)]
+    assert not unchanged, f"trainable tensors {unchanged} did not change"
+
+
+@pytest.mark.parametrize(("name", "values"), CASES)
+def test_save_load_gives_same_outputs(name: str, values: dict[str, Any], kind: str, tmp_path: Path) -> None:
+    method, cfg, adapted = adapt(name, values, kind)
+    batch = make_batch(kind)
+    if adapted.trainable:
+        train_step(adapted, batch)
+    adapted.save(tmp_path)
+
+    fresh = method.apply(build_model(kind), cfg)
+    fresh.load(tmp_path)
+    torch.testing.assert_close(logits(fresh.model, batch), logits(adapted.model, batch), atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------- LoRA
+
+
+def test_lora_is_exact_noop_at_init(kind: str) -> None:
+    batch = make_batch(kind)
+    reference = logits(build_model(kind), batch)
+    for values in LoRA.battery_configs:
+        _, _, adapted = adapt("lora", values, kind)
+        assert torch.equal(logits(adapted.model, batch), reference)
+
+
+@pytest.mark.parametrize("values", LORA_CASES)
+def test_lora_merge_matches_unmerged(values: dict[str, Any], kind: str) -> None:
+    _, _, adapted = adapt("lora", values, kind)
+    randomise_b(adapted)
+    batch = make_batch(kind)
+    layers = lora_layers(adapted.model)
+    base_weights = {n: layer.base_layer.weight.detach().clone() for n, layer in layers.items()}
+    unmerged = logits(adapted.model, batch)
+
+    assert adapted.merge() is adapted.model
+    assert all(layer.merged for layer in layers.values())
+    torch.testing.assert_close(logits(adapted.model, batch), unmerged, atol=1e-5, rtol=0)
+
+    adapted.unmerge()
+    assert not any(layer.merged for layer in layers.values())
+    for n, layer in layers.items():
+        torch.testing.assert_close(layer.base_layer.weight, base_weights[n], atol=1e-6, rtol=0)
+    torch.testing.assert_close(logits(adapted.model, batch), unmerged, atol=1e-6, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def peft() -> Any:
+    return pytest.importorskip("peft")
+
+
+@pytest.mark.parametrize("values", LORA_CASES)
+def test_lora_matches_peft(values: dict[str, Any], kind: str, peft: Any) -> None:
+    cfg = LoRAConfig.from_dict(values)
+    base = build_model(kind)
+    ours = LoRA().apply(copy.deepcopy(base), cfg)
+    randomise_b(ours)
+    layers = lora_layers(ours.model)
+    theirs = peft.get_peft_model(
+        copy.deepcopy(base),
+        peft.LoraConfig(
+            r=cfg.r,
+            lora_alpha=cfg.alpha,
+            lora_dropout=cfg.dropout,
+            use_rslora=cfg.rslora,
+            target_modules=list(layers),
+            fan_in_fan_out=any(layer.fan_in_fan_out for layer in layers.values()),
+        ),
+    )
+    pairs = []
+    for name, layer in layers.items():
+        peft_layer = theirs.get_submodule(f"base_model.model.{name}")
+        a, b = peft_layer.lora_A["default"].weight, peft_layer.lora_B["default"].weight
+        with torch.no_grad():
+            a.copy_(layer.lora_A)
+            b.copy_(layer.lora_B)
+        pairs += [(layer.lora_A, a), (layer.lora_B, b)]
+
+    batch = make_batch(kind)
+    out_ours, out_theirs = ours.model(**batch), theirs(**batch)
+    torch.testing.assert_close(out_ours.logits, out_theirs.logits, atol=1e-5, rtol=0)
+    out_ours.loss.backward()
+    out_theirs.loss.backward()
+    for mine, reference in pairs:
+        torch.testing.assert_close(mine.grad, reference.grad, atol=1e-5, rtol=0)
+
+
+def test_peft_loads_our_adapter(kind: str, peft: Any, tmp_path: Path) -> None:
+    _, cfg, adapted = adapt("lora", LoRA.battery_configs[-1], kind)
+    randomise_b(adapted)
+    adapted.save(tmp_path)
+
+    loaded = peft.PeftModel.from_pretrained(build_model(kind), tmp_path)
+    assert loaded.peft_config["default"].r == cfg.r
+    batch = make_batch(kind)
+    torch.testing.assert_close(logits(loaded, batch), logits(adapted.model, batch), atol=1e-5, rtol=0)
+
+
+def test_we_load_an_adapter_peft_saved(kind: str, peft: Any, tmp_path: Path) -> None:
+    cfg = LoRAConfig(r=4, alpha=8, targets="qv")
+    ours = LoRA().apply(build_model(kind), cfg)
+    theirs = peft.get_peft_model(
+        build_model(kind),
+        peft.LoraConfig(
+            r=cfg.r,
+            lora_alpha=cfg.alpha,
+            target_modules=list(lora_layers(ours.model)),
+            fan_in_fan_out=kind == "gpt2",
+            init_lora_weights=False,  # random B, so that the adapter is not a no-op
+        ),
+    )
+    theirs.save_pretrained(tmp_path)
+    ours.load(tmp_path)
+    batch = make_batch(kind)
+    torch.testing.assert_close(logits(ours.model, batch), logits(theirs, batch), atol=1e-5, rtol=0)
+
+
+def _truncate_weights(d: Path) -> Path:
+    path = d / WEIGHTS_FILE
+    path.write_bytes(path.read_bytes()[:100])
+    return path
+
+
+def _garbage_config(d: Path) -> Path:
+    (d / CONFIG_FILE).write_text("{not json")
+    return d / CONFIG_FILE
+
+
+def _wrong_rank_in_config(d: Path) -> Path:
+    saved = json.loads((d / CONFIG_FILE).read_text())
+    (d / CONFIG_FILE).write_text(json.dumps({**saved, "r": saved["r"] + 1}))
+    return d / CONFIG_FILE
+
+
+def _wrong_rank_tensor(d: Path) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(d / WEIGHTS_FILE))
+    key = next(k for k in state if k.endswith("lora_A.weight"))
+    state[key] = torch.cat([state[key], state[key]])
+    save_file(state, str(d / WEIGHTS_FILE))
+    return d / WEIGHTS_FILE
+
+
+def _extra_tensor(d: Path) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(d / WEIGHTS_FILE))
+    save_file({**state, "base_model.model.nowhere.lora_A.weight": torch.zeros(4, 32)}, str(d / WEIGHTS_FILE))
+    return d / WEIGHTS_FILE
+
+
+def _missing_tensor(d: Path) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(d / WEIGHTS_FILE))
+    state.pop(next(k for k in state if k.endswith("lora_B.weight")))
+    save_file(state, str(d / WEIGHTS_FILE))
+    return d / WEIGHTS_FILE
+
+
+def _missing_weights(d: Path) -> Path:
+    (d / WEIGHTS_FILE).unlink()
+    return d / WEIGHTS_FILE
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [_truncate_weights, _garbage_config, _wrong_rank_in_config, _wrong_rank_tensor, _extra_tensor, _missing_tensor, _missing_weights],
+    ids=lambda f: f.__name__.strip("_"),
+)
+def test_lora_corrupt_adapter_names_the_file(corrupt: Any, tmp_path: Path) -> None:
+    _, cfg, adapted = adapt("lora", {"r": 4}, "llama")
+    adapted.save(tmp_path)
+    bad_file = corrupt(tmp_path)
+    fresh = LoRA().apply(build_model("llama"), cfg)
+    with pytest.raises(AdapterFileError, match=bad_file.name):
+        fresh.load(tmp_path)
+
+
+def test_lora_config_validation() -> None:
+    for values, key in [
+        ({"r": 0}, "r"),
+        ({"alpha": 0}, "alpha"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"dropout": -0.1}, "dropout"),
+        ({"r": "8"}, "r"),
+        ({"rank": 8}, "rank"),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            LoRAConfig.from_dict(values)
+        assert info.value.key == key, values
+    assert LoRAConfig.from_dict({"alpha": 32, "r": 16, "rslora": True}).scaling == 8.0
+
+
+def test_lora_wraps_conv1d_and_linear() -> None:
+    _, _, gpt2 = adapt("lora", {"targets": "qv"}, "gpt2")
+    _, _, llama = adapt("lora", {"targets": "qv"}, "llama")
+    assert all(layer.fan_in_fan_out for layer in lora_layers(gpt2.model).values())
+    assert not any(layer.fan_in_fan_out for layer in lora_layers(llama.model).values())
+    state_names = [n for n, _ in gpt2.model.named_parameters()]
+    assert "transformer.h.0.attn.c_attn.base_layer.weight" in state_names
+    assert "transformer.h.0.attn.c_attn.lora_A" in state_names
+    assert isinstance(gpt2.model.transformer.h[0].attn.c_attn, LoRALinear)
+
+
+# ---------------------------------------------------------------- resolve_targets
+
+BLOCK_PREFIX = {"llama": "model.layers.{}.", "gpt2": "transformer.h.{}.", "bert": "bert.encoder.layer.{}."}
+_LLAMA_ATTN = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
+_LLAMA_MLP = ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+_BERT_ATTN = ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"]
+_BERT_MLP = ["intermediate.dense", "output.dense"]
+# alias -> module names inside each block; the head is never a target.
+IN_BLOCK = {
+    "llama": {
+        "qv": ["self_attn.q_proj", "self_attn.v_proj"],
+        "kv": ["self_attn.k_proj", "self_attn.v_proj"],
+        "attention": _LLAMA_ATTN,
+        "mlp": _LLAMA_MLP,
+        "all-linear": _LLAMA_ATTN + _LLAMA_MLP,
+    },
+    "gpt2": {
+        "qv": ["attn.c_attn"],
+        "kv": ["attn.c_attn"],
+        "attention": ["attn.c_attn", "attn.c_proj"],
+        "mlp": ["mlp.c_fc", "mlp.c_proj"],
+        "all-linear": ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"],
+    },
+    "bert": {
+        "qv": ["attention.self.query", "attention.self.value"],
+        "kv": ["attention.self.key", "attention.self.value"],
+        "attention": _BERT_ATTN,
+        "mlp": _BERT_MLP,
+        "all-linear": _BERT_ATTN + _BERT_MLP,
+    },
+}
+OUTSIDE_BLOCKS = {("bert", "all-linear"): {"bert.pooler.dense"}}
+
+
+@pytest.mark.parametrize("alias", ["qv", "kv", "attention", "mlp", "all-linear"])
+def test_resolve_targets_aliases(alias: str, kind: str) -> None:
+    expected = {BLOCK_PREFIX[kind].format(i) + name for i in range(2) for name in IN_BLOCK[kind][alias]}
+    expected |= OUTSIDE_BLOCKS.get((kind, alias), set())
+    assert {n for n, _ in resolve_targets(build_model(kind), alias)} == expected
+
+
+def test_resolve_targets_suffix_list_and_regex() -> None:
+    model = build_model("llama")
+    assert [n for n, _ in resolve_targets(model, ["q_proj", "mlp"])] == [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.1.self_attn.q_proj",
+        *(f"model.layers.{i}.{name}" for i in range(2) for name in _LLAMA_MLP),
+    ]
+    assert [n for n, _ in resolve_targets(model, r"layers\.1\..*o_proj$")] == ["model.layers.1.self_attn.o_proj"]
+
+
+@pytest.mark.parametrize("targets", ["no_such_layer", ["no_such_layer"], [], "("])
+def test_unmatched_targets_raise_config_error(targets: Any) -> None:
+    with pytest.raises(ConfigError) as info:
+        resolve_targets(build_model("llama"), targets)
+    assert info.value.key == "targets"
+
+
+def test_lora_unmatched_target_raises_before_touching_model() -> None:
+    model = build_model("gpt2")
+    with pytest.raises(ConfigError) as info:
+        LoRA().apply(model, LoRAConfig(targets=["q_proj"]))
+    assert info.value.key == "targets"
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_every_kind_is_covered() -> None:
+    assert set(MODEL_KINDS) == set(BLOCK_PREFIX) == set(IN_BLOCK)
