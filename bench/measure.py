@@ -23,10 +23,11 @@ def tensor_bytes(t: torch.Tensor) -> int:
 
 
 def _unique(tensors) -> dict[int, torch.Tensor]:
+    """One tensor per storage (tied weights count once); meta tensors, which have no storage, by identity."""
     out: dict[int, torch.Tensor] = {}
     for t in tensors:
-        if t is not None and t.device.type != "meta":
-            out.setdefault(t.untyped_storage().data_ptr(), t)
+        if t is not None:
+            out.setdefault(id(t) if t.device.type == "meta" else t.untyped_storage().data_ptr(), t)
     return out
 
 

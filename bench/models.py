@@ -140,10 +140,33 @@ def load(spec: dict[str, Any], seed: int = 0) -> Loaded:
         model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, num_labels=spec.get("num_labels", 2))
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    _own_memory(model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return Loaded(model, tokenizer, False, time.perf_counter() - start, str(path))
+
+
+def _own_memory(model: nn.Module) -> None:
+    """Copy weights out of the memory-mapped checkpoint. Mapped pages enter the resident set
+    only when first touched, which would put the weights inside the training peak of one
+    method and outside that of another (the frozen baseline never touches them)."""
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            t.data = t.data.clone()
+
+
+def load_tokenizer(spec: dict[str, Any]):
+    """The tokenizer alone (no weights), e.g. to size a sweep."""
+    from transformers import AutoTokenizer
+
+    name = spec["name"]
+    if name.startswith("synthetic:"):
+        return _tiny_tokenizer(config_of(spec).vocab_size)
+    tokenizer = AutoTokenizer.from_pretrained(PACKAGED[name]() if name in PACKAGED else name)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def known() -> list[str]:

@@ -8,6 +8,7 @@ holds a lock on the folder so two runners cannot race for the same trial.
 from __future__ import annotations
 
 import fcntl
+import json
 import multiprocessing as mp
 import os
 import signal
@@ -154,17 +155,28 @@ def run(suite: Suite, results_root: Path, force: bool = False, progress: bool = 
 
 
 def estimate(suite: Suite) -> list[dict[str, Any]]:
-    """A rough cost per trial for --dry-run, from parameter counts and token counts.
+    """A rough cost per trial for --dry-run, from parameter and token counts.
 
     Compute per token: forward 2N FLOPs, backward to the inputs 2N more, and weight gradients
-    2N more only for trained weights. The throughput is a conservative CPU figure; it ranks
-    trials and sizes a sweep, it does not predict to the second."""
+    2N more only for trained weights; lm-eval scores each choice with one forward. The
+    throughput (PEFTBENCH_FLOPS, default 1e11 FLOP/s, about this 2-core CPU in fp32) sizes a
+    sweep and ranks its trials; it does not predict to the second."""
     import methods
-    from bench import models
+    from bench import data, models
     from bench.measure import param_counts
     from bench.train import total_steps
 
-    flops_per_s = float(os.environ.get("PEFTBENCH_FLOPS", 1.2e11))
+    flops_per_s = float(os.environ.get("PEFTBENCH_FLOPS", 1e11))
+    lengths: dict[str, float] = {}
+
+    def mean_tokens(s: dict[str, Any]) -> float:
+        key = json.dumps([s["model"], s["data"]], sort_keys=True)
+        if key not in lengths:
+            tokenizer = models.load_tokenizer(s["model"])
+            rows = data.tokenized(s["data"]["task"], tokenizer, s["data"]["max_length"], s["data"]["train_examples"])
+            lengths[key] = sum(len(r) for r in rows["input_ids"]) / len(rows)
+        return lengths[key]
+
     rows = []
     for trial in suite.trials:
         s = trial.spec
@@ -174,10 +186,13 @@ def estimate(suite: Suite) -> list[dict[str, Any]]:
         counts = param_counts(model, adapted.trainable)
         t = s["train"]
         steps = total_steps(s["data"]["train_examples"], t) if adapted.trainable else 0
-        tokens = steps * t["batch_size"] * t["grad_accum"] * s["data"]["max_length"]
+        length = mean_tokens(s)
+        tokens = steps * t["batch_size"] * t["grad_accum"] * length
         flops = tokens * (4 * counts["total"] + 2 * counts["trainable"])
-        eval_rows = (s["eval"]["limit"] or 500) * len(s["eval"]["tasks"])
-        eval_flops = eval_rows * 2 * 2 * counts["total"] * s["data"]["max_length"]
+        for task in s["eval"]["tasks"]:
+            rows_eval = len(data.examples(task, "eval"))
+            n = min(rows_eval, s["eval"]["limit"] or rows_eval)
+            flops += n * 2 * length * 2 * counts["total"]  # two choices a row, one forward each
         rows.append({"trial_id": trial.id, "label": trial.label, "trainable": counts["trainable"],
-                     "steps": steps, "est_s": (flops + eval_flops) / flops_per_s})
+                     "steps": steps, "est_s": flops / flops_per_s})
     return rows

@@ -56,6 +56,8 @@ def _status_of(exc: BaseException) -> str:
 
 def main(trial, out_path: str, adapters_dir: str | None, show_progress: bool, runner_pid: int) -> None:
     _die_with_runner(runner_pid)
+    # Library progress bars (weights loading, lm-eval requests) drown the sweep's own two bars.
+    os.environ["TQDM_DISABLE"] = "1"
     out = Path(out_path)
     result = results.skeleton(trial, "failed")
     try:
@@ -127,7 +129,7 @@ def run(trial, result: dict[str, Any], adapters_dir: Path | None, show_progress:
     if show_progress:
         from tqdm import tqdm
 
-        bar = tqdm(desc="  steps", leave=False, position=1, dynamic_ncols=True)
+        bar = tqdm(desc="  steps", leave=False, position=1, dynamic_ncols=True, disable=False)
 
     def progress(step: int, total: int, loss: float) -> None:
         if bar is not None:
