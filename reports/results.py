@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import re
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -33,13 +37,18 @@ def files(*dirs: str | Path) -> list[Path]:
     return out
 
 
-def frame(*dirs: str | Path) -> pd.DataFrame:
+def frame(*dirs: str | Path, curves: bool = False) -> pd.DataFrame:
+    """One row per result file. `curves` keeps train.loss_curve (a list per row) for plotting."""
     rows = []
     for path in files(*dirs):
         result = load_file(path)
-        result.pop("train", None)  # loss curves and step times stay in the files
+        train = result.pop("train", None) or {}  # loss curves and step times stay in the files
         row = pd.json_normalize(result, sep=".").iloc[0].to_dict()
         row["path"] = str(path)
+        if curves:
+            row["train.loss_curve"] = list(train.get("loss_curve") or [])
+        # The raw spec, for matching trials that differ in one setting only (reports/analysis).
+        row["spec"] = result.get("spec") or {}
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -60,3 +69,119 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
     out = out.rename(columns={c: c.removeprefix("eval.lm_eval.") for c in score_cols})
     out["id"] = out["id"].str[:8]
     return out.sort_values("label").reset_index(drop=True)
+
+
+# ---- Tidy columns and seed groups for the HTML report -------------------------------------
+
+# Preferred lm-eval metric per task, in order; the score of a trial is their mean over its tasks.
+SCORE_METRICS = ("acc", "exact_match", "f1", "mcc")
+ACCOUNTED = ("weights", "grads", "optimizer", "activations")
+_SEED_SUFFIX = re.compile(r"\s*seed\d+$")
+
+
+def get_path(spec: dict, dotted: str) -> Any:
+    node: Any = spec
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _without(spec: dict, dotted: Sequence[str]) -> dict:
+    out = copy.deepcopy(spec)
+    for path in dotted:
+        *parents, leaf = path.split(".")
+        node = out
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return out
+
+
+def spec_key(spec: dict, drop: Sequence[str] = ()) -> str:
+    """Canonical text of a spec minus some settings; trials with equal keys differ only there."""
+    return json.dumps(_without(spec, ["train.seed", *drop]), sort_keys=True, default=str)
+
+
+def _targets_text(value: Any) -> str | None:
+    if value is None:
+        return None
+    return value if isinstance(value, str) else ",".join(map(str, value))
+
+
+def _score(row: pd.Series, metrics: dict[str, str]) -> float:
+    values = [row.get(f"eval.lm_eval.{task}.{metric}") for task, metric in metrics.items()]
+    values = [float(v) for v in values if v is not None and not pd.isna(v)]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def score_metrics(df: pd.DataFrame) -> dict[str, str]:
+    """task -> the metric used as its score, chosen from the columns present."""
+    found: dict[str, set[str]] = {}
+    for col in df.columns:
+        if col.startswith("eval.lm_eval.") and not col.endswith("_stderr"):
+            task, _, metric = col.removeprefix("eval.lm_eval.").rpartition(".")
+            found.setdefault(task, set()).add(metric)
+    return {task: next(m for m in SCORE_METRICS if m in ms) for task, ms in sorted(found.items())
+            if any(m in ms for m in SCORE_METRICS)}
+
+
+def tidy(df: pd.DataFrame) -> pd.DataFrame:
+    """Short columns for the settings the report compares, a score and a seed-free config key."""
+    out = df.copy()
+    if out.empty:
+        return out
+    specs = out["spec"]
+    out["id"] = out["trial_id"].astype(str).str[:8]
+    out["method"] = specs.map(lambda s: get_path(s, "method.name"))
+    out["r"] = specs.map(lambda s: get_path(s, "method.config.r"))
+    out["alpha"] = specs.map(lambda s: get_path(s, "method.config.alpha"))
+    out["targets"] = specs.map(lambda s: _targets_text(get_path(s, "method.config.targets")))
+    out["optimizer"] = specs.map(lambda s: get_path(s, "train.optimizer"))
+    out["epochs"] = specs.map(lambda s: get_path(s, "train.epochs"))
+    out["seed"] = specs.map(lambda s: get_path(s, "train.seed"))
+    out["model"] = specs.map(lambda s: get_path(s, "model.name"))
+    out["quant"] = specs.map(lambda s: get_path(s, "model.quant") or "none")
+    out["config"] = specs.map(spec_key)
+    out["config_label"] = out.get("label", out["id"]).fillna(out["id"]).astype(str).str.replace(_SEED_SUFFIX, "", regex=True)
+    metrics = score_metrics(out)
+    out["score"] = out.apply(_score, axis=1, metrics=metrics) if metrics else float("nan")
+    out["score_name"] = ", ".join(f"{t} {m}" for t, m in metrics.items()) or None
+    for col in ("memory.peak_bytes", "runtime.train_s", "params.trainable", "params.total",
+                *(f"memory.accounted.{k}" for k in ACCOUNTED)):
+        if col not in out:
+            out[col] = float("nan")
+        out[col] = pd.to_numeric(out[col], errors="coerce")
+    if "synthetic" not in out:
+        out["synthetic"] = False
+    return out
+
+
+def seed_groups(df: pd.DataFrame) -> pd.DataFrame:
+    """Successful trials grouped by config (same spec except train.seed): one row per config,
+    the per-seed values kept as lists so that stats can compute intervals and tests."""
+    ok = df[df["status"] == "success"]
+    rows = []
+    for _, g in ok.groupby("config", sort=False):
+        first = g.iloc[0]
+        row = {k: first[k] for k in ("config", "config_label", "method", "r", "alpha", "targets", "optimizer",
+                                      "epochs", "model", "quant", "suite", "synthetic", "spec", "params.trainable",
+                                      "params.total", "memory.peak_source") if k in g}
+        # A repeat of the same seed (a rerun, or the same trial in two suites) is not another sample:
+        # repeats are averaged first, so n counts distinct seeds.
+        by_seed = g.groupby("seed", dropna=False, sort=True)
+        row["n"] = by_seed.ngroups
+        row["seeds"] = sorted(g["seed"].dropna().unique().tolist())
+        row["ids"] = g["id"].tolist()
+        for col, name in [("score", "score"), ("memory.peak_bytes", "peak"), ("runtime.train_s", "train_s"),
+                          *((f"memory.accounted.{k}", f"{k}_bytes") for k in ACCOUNTED)]:
+            values = [float(v) for v in by_seed[col].mean() if not pd.isna(v)]
+            row[f"{name}_values"] = values
+            row[name] = sum(values) / len(values) if values else float("nan")
+        if "eval.forgetting" in g:
+            vals = pd.to_numeric(g["eval.forgetting"], errors="coerce").dropna()
+            row["forgetting"] = float(vals.mean()) if len(vals) else float("nan")
+        rows.append(row)
+    return pd.DataFrame(rows)

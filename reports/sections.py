@@ -1,0 +1,563 @@
+"""The report's sections, built from the trials DataFrame and the published numbers.
+
+Every number a section shows comes from a result file (through reports.results) or from
+published.toml; where the data is missing a section says so instead of showing anything else.
+A section is a title and a list of blocks (paragraphs, tables, figures) that the template lays out.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from itertools import product
+from typing import Any
+
+import pandas as pd
+
+from reports import figures, stats
+from reports.blocks import (Cell, Section, Table, c_bytes, c_change, c_int, c_mem, c_num, c_pct, c_score, c_signed, c_text,
+                            cite, missing, published_table)
+from reports.results import ACCOUNTED, seed_groups, spec_key
+
+SURGICAL_METHODS = ("surgical", "auto_rgn")  # names a surgical fine-tuning method will register under
+BUDGETS_GIB = (0.25, 0.5, 0.75, 1, 1.5, 2, 2.5, 3, 4, 6, 8, 12, 16, 24, 32, 40, 48, 64, 80, 96, 141, 192)
+
+
+# ---- Helpers ------------------------------------------------------------------------------------
+
+def with_ci(groups: pd.DataFrame) -> pd.DataFrame:
+    """score_lo / score_hi columns for the figures' error bars (NaN with a single seed)."""
+    if groups.empty:
+        return groups.assign(score_lo=[], score_hi=[])
+    ests = groups["score_values"].map(stats.estimate)
+    lo = ests.map(lambda e: e.lo if e is not None and e.has_ci else float("nan"))
+    hi = ests.map(lambda e: e.hi if e is not None and e.has_ci else float("nan"))
+    return groups.assign(score_lo=lo.astype(float), score_hi=hi.astype(float))
+
+
+def setting(row: pd.Series, fields: tuple[str, ...]) -> str:
+    """A short name for the settings a compared pair shares."""
+    parts = []
+    for f in fields:
+        v = row.get(f)
+        if missing(v):
+            continue
+        if f == "r":
+            parts.append(f"r={int(v)}" + ("" if missing(row.get("alpha")) else f" α={row['alpha']:g}"))
+        elif f == "epochs":
+            parts.append(f"{int(v)} ep")
+        elif f == "quant" and v == "none":
+            continue
+        elif f != "alpha":
+            parts.append(str(v))
+    return ", ".join(parts) or "—"
+
+
+# ---- Pairs: trials that differ in one setting only --------------------------------------------
+
+@dataclass
+class Pair:
+    a: pd.Series  # seed group rows (see results.seed_groups)
+    b: pd.Series
+    setting: str
+
+
+def pairs(groups: pd.DataFrame, column: str, path: str, a: Any, b: Any, fields: tuple[str, ...],
+          ignore: tuple[str, ...] = ()) -> list[Pair]:
+    """Seed groups whose specs are equal except at `path` (and the coupled `ignore` paths),
+    with `column` equal to a on one side and b on the other."""
+    if groups.empty:
+        return []
+    keys = groups["spec"].map(lambda s: spec_key(s, [path, *ignore]))
+    out = []
+    for _, g in groups.groupby(keys, sort=False):
+        side_a, side_b = g[g[column] == a], g[g[column] == b]
+        for (_, ra), (_, rb) in product(side_a.iterrows(), side_b.iterrows()):
+            out.append(Pair(ra, rb, setting(ra, fields)))
+    fields_model = ("model", *fields) if groups["model"].nunique() > 1 else fields
+    for p in out:
+        p.setting = setting(p.a, fields_model)
+    return sorted(out, key=lambda p: (str(p.a.get("model")), _num(p.a.get("r")), p.setting))
+
+
+def _num(v: Any) -> float:
+    return float("inf") if missing(v) else float(v)
+
+
+def verdict_cell(a: list[float], b: list[float]) -> Cell:
+    v = stats.compare(a, b)
+    return Cell(v.text, {True: 1, False: 0, None: -1}[v.real])
+
+
+def pairs_frame(ps: list[Pair], column: str, cols: tuple[str, ...]) -> pd.DataFrame:
+    """Long form for figures.paired_bars: one row per side of each pair."""
+    rows = []
+    for p in ps:
+        for side in (p.a, p.b):
+            rows.append({"setting": p.setting, column: str(side[column]), **{c: side.get(c) for c in cols}})
+    return pd.DataFrame(rows)
+
+
+# ---- Sections ----------------------------------------------------------------------------------
+
+def overview(trials: pd.DataFrame, groups: pd.DataFrame) -> Section:
+    s = Section("overview", "Overview")
+    if trials.empty:
+        s.p("No results: the folders hold no result files.")
+        return s
+    counts = trials["status"].value_counts()
+    s.p(f"{len(trials)} trials from suite(s) {', '.join(sorted(map(str, trials['suite'].dropna().unique())))}; "
+        + ", ".join(f"{n} {status}" for status, n in counts.items()) + ". "
+        + f"{len(groups)} distinct successful configurations (trials that differ only in train.seed are one "
+          "configuration; their scores are averaged with a 95% t-distribution confidence interval).")
+    names = trials["score_name"].dropna().unique()
+    s.p("Score: " + (", ".join(names) if len(names) else "none (no lm-eval results in these files)")
+        + " (lm-eval; the mean over tasks when there are several). Peak memory is memory.peak_bytes "
+        + f"(source: {', '.join(sorted(map(str, trials.get('memory.peak_source', pd.Series()).dropna().unique()))) or 'unknown'}).")
+    s.table(trials_table(trials))
+
+    scored = groups.dropna(subset=["score", "peak"]) if not groups.empty else groups
+    if scored.empty:
+        s.p("Best configuration per memory budget, Pareto front: no results with both a score and a peak memory "
+            "(synthetic models never report scores).")
+        return s
+    front = pareto_front(scored)
+    s.table(budget_table(scored))
+    s.figure(figures.pareto(scored, front), "Peak memory against score, one point per configuration (seed means); "
+             "the line joins the Pareto front: no other configuration scores higher with less memory.")
+    s.table(Table(["model", "configuration", "seeds", "score", "peak memory", "trainable"],
+                  [[c_text(r["model"]), c_text(r["config_label"]), c_int(r["n"]), c_score(r["score_values"]),
+                    c_mem(r["peak_values"]), c_int(r["params.trainable"])] for _, r in front.iterrows()],
+                  caption="The Pareto front of peak memory against score"))
+    return s
+
+
+def trials_table(trials: pd.DataFrame) -> Table:
+    rows, classes = [], []
+    for _, r in trials.sort_values(["suite", "config_label", "seed"], na_position="last").iterrows():
+        classes.append(f"status-{r['status']}")
+        curve = r.get("train.loss_curve")
+        final = curve[-1] if isinstance(curve, list) and curve else float("nan")
+        rows.append([c_text(r["id"]), c_text(r.get("suite")), c_text(r["method"]), c_text(r["config_label"]),
+                     c_text(r["seed"]), c_text(r["status"]), c_int(r["params.trainable"]), c_bytes(r["memory.peak_bytes"]),
+                     c_num(r["runtime.train_s"], 1, " s"), c_pct(r["score"]), c_num(r.get("eval.forgetting"), 3),
+                     c_num(final, 3)])
+    return Table(["id", "suite", "method", "configuration", "seed", "status", "trainable", "peak memory", "train time",
+                  "score", "forgetting", "final loss"], rows,
+                 caption="Every trial (click a header to sort; type to filter). Forgetting: the held-out LM loss change "
+                         "against the base model.", filterable=True, row_class=classes)
+
+
+def pareto_front(scored: pd.DataFrame) -> pd.DataFrame:
+    """Per model: configurations that no other beats on both score (higher) and peak memory (lower)."""
+    keep = []
+    for _, g in scored.groupby("model", sort=False):
+        best = -math.inf
+        for idx, row in g.sort_values(["peak", "score"], ascending=[True, False]).iterrows():
+            if row["score"] > best:
+                keep.append(idx)
+                best = row["score"]
+    return scored.loc[keep]
+
+
+def budget_table(scored: pd.DataFrame) -> Table:
+    rows = []
+    for model, g in scored.groupby("model", sort=False):
+        lo, hi = g["peak"].min() / 2**30, g["peak"].max() / 2**30
+        ladder = [b for b in BUDGETS_GIB if b >= lo]
+        ladder = ladder[: next((i + 1 for i, b in enumerate(ladder) if b >= hi), len(ladder))]
+        for budget in ladder:
+            fits = g[g["peak"] <= budget * 2**30]
+            if fits.empty:
+                continue
+            best = fits.sort_values(["score", "peak"], ascending=[False, True]).iloc[0]
+            rows.append([c_text(model), Cell(f"{budget:g} GiB", budget), c_text(best["config_label"]),
+                         c_score(best["score_values"]), c_mem(best["peak_values"]), c_int(len(fits))])
+    return Table(["model", "memory budget", "best configuration", "score", "peak memory", "configurations that fit"],
+                 rows, caption="The best configuration per memory budget (highest mean score whose mean peak fits)")
+
+
+def rank_sweep(groups: pd.DataFrame, pub: dict) -> Section:
+    s = Section("rank", "Rank sweep")
+    claim = pub["rank"]
+    s.note(f"Published: {claim['claim']} ({cite(pub, claim['source'])})")
+    ranked = groups[groups["r"].notna()] if not groups.empty else groups
+    if ranked.empty:
+        s.p("No results: no successful trial has a rank (method.config.r).")
+        return s
+    ranked = with_ci(ranked)
+    fields = ("model", "method", "targets", "optimizer", "epochs") if ranked["model"].nunique() > 1 else \
+        ("method", "targets", "optimizer", "epochs")
+    ranked = ranked.assign(variant=ranked.apply(lambda r: setting(r, fields), axis=1)).sort_values(["variant", "r"])
+    s.figure(figures.rank_sweep(ranked), "Score (left) and peak memory (right) against the rank r, one line per "
+             "variant; error bars are 95% t intervals over seeds where there is more than one seed.")
+    rows = [[c_text(r["variant"]), c_int(r["r"]), c_num(r["alpha"], 0), c_num(r["alpha"] / r["r"], 2), c_int(r["n"]),
+             c_score(r["score_values"]), c_mem(r["peak_values"]), c_int(r["params.trainable"])]
+            for _, r in ranked.iterrows()]
+    s.table(Table(["variant", "r", "alpha", "alpha / r", "seeds", "score", "peak memory", "trainable"], rows,
+                  caption="Every rank and alpha tried"))
+    best = ranked.dropna(subset=["score"]).sort_values("score", ascending=False)
+    if not best.empty:
+        top = best.iloc[0]
+        s.p(f"Highest mean score: r={int(top['r'])}, alpha={top['alpha']:g} ({top['variant']}), "
+            f"{c_score(top['score_values']).text}. Published best in one case: r={claim['best_r']}, "
+            f"alpha={claim['best_alpha']}.")
+    return s
+
+
+def targets(groups: pd.DataFrame, pub: dict) -> Section:
+    s = Section("targets", "Layer targets: qv against all-linear")
+    t = pub["targets"]
+    s.published(Table(["targets", "trainable (millions)", "memory (GB)"],
+                      [[Cell("qv"), c_num(t["qv_trainable_m"], 2), c_num(t["qv_memory_gb"], 2)],
+                       [Cell("all layers"), c_num(t["all_trainable_m"], 2), c_num(t["all_memory_gb"], 2)]]),
+                cite(pub, t["source"]))
+    s.note(f"Published: {t['claim']} Published ratios, all / qv: trainable "
+           f"{t['all_trainable_m'] / t['qv_trainable_m']:.2f}×, memory {t['all_memory_gb'] / t['qv_memory_gb']:.2f}×.")
+    ps = pairs(groups, "targets", "method.config.targets", "qv", "all-linear", ("method", "r", "optimizer", "epochs"))
+    if not ps:
+        s.p("No results: no pair of successful trials that differ only in targets qv / all-linear.")
+        return s
+    rows = []
+    for p in ps:
+        rows.append([Cell(p.setting), c_int(p.a["params.trainable"]), c_int(p.b["params.trainable"]),
+                     c_num(p.b["params.trainable"] / p.a["params.trainable"] if p.a["params.trainable"] else None, 2, "×"),
+                     c_mem(p.a["peak_values"]), c_mem(p.b["peak_values"]), c_change(p.b["peak"], p.a["peak"]),
+                     c_score(p.a["score_values"]), c_score(p.b["score_values"]),
+                     c_signed(100 * (p.b["score"] - p.a["score"]), " pts"),
+                     verdict_cell(p.a["score_values"], p.b["score_values"])])
+    s.table(Table(["setting", "trainable qv", "trainable all-linear", "ratio", "peak qv", "peak all-linear",
+                   "memory change", "score qv", "score all-linear", "score difference", "is the score difference real?"],
+                  rows, caption="Matched pairs: the same trial except for the layer targets"))
+    data = pairs_frame(ps, "targets", ("params.trainable", "peak", "score"))
+    data = data.rename(columns={"peak": "peak_bytes"}).assign(score=data["score"] * 100)
+    s.figure(figures.paired_bars(data, "targets", [("params.trainable", "trainable parameters"),
+                                                   ("peak_bytes", "peak memory"), ("score", "score (%)")]),
+             "Trainable parameters, peak memory and score (seed means) for qv and all-linear")
+    return s
+
+
+def optimizer(groups: pd.DataFrame, pub: dict) -> Section:
+    s = Section("optimizer", "Optimizer: AdamW against SGD")
+    s.published(published_table(pub["optimizer"]["raschka"], {"r": "r", "adamw_memory_gb": "AdamW memory (GB)",
+                                                             "sgd_memory_gb": "SGD memory (GB)"}),
+                cite(pub, pub["optimizer"]["claim"]["source"]))
+    s.note("Published: " + pub["optimizer"]["claim"]["text"] + " Published AdamW / SGD change: " + ", ".join(
+        f"r={row['r']}: {100 * (row['adamw_memory_gb'] / row['sgd_memory_gb'] - 1):+.1f}%"
+        for row in pub["optimizer"]["raschka"]) + ".")
+    # The learning rate (and SGD's momentum) travel with the optimizer in a sweep: not a difference to hold fixed.
+    ps = pairs(groups, "optimizer", "train.optimizer", "sgd", "adamw", ("method", "r", "targets", "epochs"),
+               ignore=("train.lr", "train.momentum", "train.weight_decay"))
+    if not ps:
+        s.p("No results: no pair of successful trials that differ only in the optimizer (AdamW / SGD).")
+        return s
+    rows = []
+    for p in ps:
+        rows.append([Cell(p.setting), c_mem(p.b["peak_values"]), c_mem(p.a["peak_values"]),
+                     c_change(p.b["peak"], p.a["peak"]), c_bytes(p.b["optimizer_bytes"]), c_bytes(p.a["optimizer_bytes"]),
+                     c_bytes(p.b["activations_bytes"]), c_score(p.b["score_values"]), c_score(p.a["score_values"]),
+                     verdict_cell(p.a["score_values"], p.b["score_values"])])
+    s.table(Table(["setting", "peak AdamW", "peak SGD", "AdamW against SGD", "optimizer state AdamW",
+                   "optimizer state SGD", "activations (AdamW)", "score AdamW", "score SGD",
+                   "is the score difference real?"], rows, caption="Matched pairs: the same trial except for the optimizer "
+                                                                   "and its learning rate"))
+    ranked = [p for p in ps if not missing(p.a.get("r"))]
+    if ranked:
+        low, high = min(ranked, key=lambda p: p.a["r"]), max(ranked, key=lambda p: p.a["r"])
+        ends = [("Lowest rank", low), ("Highest rank", high)] if low.a["r"] != high.a["r"] else [("Only rank", low)]
+        for label, p in ends:
+            s.p(f"{label} ({p.setting}): AdamW peak {c_bytes(p.b['peak']).text} against SGD {c_bytes(p.a['peak']).text} "
+                f"({c_change(p.b['peak'], p.a['peak']).text}); AdamW's state is {c_bytes(p.b['optimizer_bytes']).text} against "
+                f"{c_bytes(p.b['activations_bytes']).text} of activations saved for backward.")
+        rows = []
+        for p in ranked:
+            for side in (p.a, p.b):
+                rows.append({"r": side["r"], "optimizer": side["optimizer"], "variant": setting(side, ("targets", "epochs")),
+                             "peak": side["peak"], "optimizer_state": side["optimizer_bytes"]})
+        s.figure(figures.lines_by(pd.DataFrame(rows), "r", "optimizer", [("peak", "peak memory"),
+                                                                          ("optimizer_state", "optimizer state")]),
+                 "Peak memory and accounted optimizer state against r, AdamW and SGD")
+    return s
+
+
+def epochs(groups: pd.DataFrame, pub: dict) -> Section:
+    s = Section("epochs", "Epochs: one against two")
+    s.note(f"Published: {pub['epochs']['claim']} ({cite(pub, pub['epochs']['source'])})")
+    ps = pairs(groups, "epochs", "train.epochs", 1, 2, ("method", "r", "targets", "optimizer"))
+    if not ps:
+        s.p("No results: no pair of successful trials that differ only in the number of epochs (1 / 2).")
+        return s
+    rows, worse, real_worse = [], 0, 0
+    for p in ps:
+        v = stats.compare(p.a["score_values"], p.b["score_values"])
+        worse += p.b["score"] < p.a["score"]
+        real_worse += bool(v.real) and p.b["score"] < p.a["score"]
+        rows.append([Cell(p.setting), c_score(p.a["score_values"]), c_score(p.b["score_values"]),
+                     c_signed(100 * (p.b["score"] - p.a["score"]), " pts"), verdict_cell(p.a["score_values"], p.b["score_values"]),
+                     c_num(p.a["train_s"], 1, " s"), c_num(p.b["train_s"], 1, " s")])
+    s.table(Table(["setting", "score 1 epoch", "score 2 epochs", "difference", "is the difference real?",
+                   "train time 1 epoch", "train time 2 epochs"], rows,
+                  caption="Matched pairs: the same trial except for the number of epochs"))
+    scored = [p for p in ps if not (missing(p.a["score"]) or missing(p.b["score"]))]
+    s.p(f"Two epochs scored lower than one in {worse} of {len(scored)} scored pairs; the statistics support a real "
+        f"drop in {real_worse} of them.")
+    return s
+
+
+def methods_section(groups: pd.DataFrame, pub: dict) -> Section:
+    s = Section("methods", "Method comparison")
+    if groups.empty:
+        s.p("No results: no successful trials.")
+    else:
+        g = with_ci(groups)
+        best = (g.sort_values(["score", "peak"], ascending=[False, True], na_position="last")
+                 .groupby(["model", "method"], sort=False).head(1))
+        best = best.sort_values(["model", "score"], ascending=[True, False], na_position="last")
+        rows = [[c_text(r["model"]), c_text(r["method"]), c_text(r["config_label"]), c_int(r["n"]),
+                 c_score(r["score_values"]), c_mem(r["peak_values"]), c_num(r["train_s"], 1, " s"),
+                 c_int(r["params.trainable"]),
+                 c_num(100 * r["params.trainable"] / r["params.total"] if r["params.total"] else None, 3, "%"),
+                 c_num(r.get("forgetting"), 3)] for _, r in best.iterrows()]
+        s.table(Table(["model", "method", "best configuration", "seeds", "score", "peak memory", "train time",
+                       "trainable", "trainable share", "forgetting"], rows,
+                      caption="Each method's best configuration (highest mean score; lowest memory without scores)"))
+        for model, bm in best.groupby("model", sort=False):
+            scored = bm.dropna(subset=["score"])
+            if len(scored) >= 2:
+                first, second = scored.iloc[0], scored.iloc[1]
+                v = stats.compare(second["score_values"], first["score_values"])
+                s.p(f"{model}: best {first['method']} ({c_score(first['score_values']).text}) against runner-up "
+                    f"{second['method']} ({c_score(second['score_values']).text}): {v.text}.")
+        one = best[best["model"] == best["model"].iloc[0]]
+        s.figure(figures.methods(one), f"Best configuration per method on {one['model'].iloc[0]}: score and peak memory")
+        full, lora = one[one["method"] == "full"], one[one["method"] == "lora"]
+        if len(full) and len(lora):
+            published = {r["method"]: r for r in pub["methods"]["peft_comparison"]}
+            ratio_pub = published["Full fine-tuning"]["memory_gib"] / published["LoRA r=32"]["memory_gib"]
+            s.p(f"Peak memory, full fine-tuning against the best LoRA: {full['peak'].iloc[0] / lora['peak'].iloc[0]:.2f}× "
+                f"here, {ratio_pub:.2f}× in the published comparison below (at this scale the frozen weights and the "
+                f"process baseline take a larger share).")
+    s.published(published_table(pub["methods"]["peft_comparison"], {
+        "method": "method", "gsm8k_pct": "GSM8K (%)", "memory_gib": "peak memory (GiB)", "train_s": "train time (s)"}),
+        cite(pub, "peft_comparison"))
+    notes = pub["methods"]["peft_comparison_notes"]
+    s.note(f"Published: {notes['lora_fa']} Prompt tuning depends heavily on its initialisation: "
+           f"{notes['prompt_tuning_init_low_pct']}% against {notes['prompt_tuning_init_high_pct']}%.")
+    s.published(Table(["claim", "published", "source"], [[Cell(r["claim"]), Cell(r["value"]),
+                                                          Cell(pub["sources"][r["source"]]["cite"])]
+                                                         for r in pub["methods"]["parameters"]]),
+                "Published parameter counts of other methods (no results here until those methods are run)")
+    return s
+
+
+def lora_vs_qlora(groups: pd.DataFrame, pub: dict) -> Section:
+    s = Section("qlora", "LoRA against QLoRA")
+    q = pub["lora_vs_qlora"]
+    claims, tol = q["claims"], q["tolerance"]
+    s.published(published_table(q["raschka"], {"setting": "setting", "quant": "quantization", "memory_gb": "memory (GB)",
+                                               "train_s": "train time (s)"}), cite(pub, "raschka"))
+    s.note(f"Published changes, NF4 QLoRA against bf16 LoRA: memory {claims['memory_change_pct']:+d}%, time "
+           f"{claims['time_change_pct']:+d}% (FP4: time {claims['fp4_time_change_pct']:+d}%). {claims['note']}")
+    s.published(published_table(q["litgpt"], {"quant": "quantization", "memory_gb": "memory (GB)"}), cite(pub, "litgpt"))
+    s.note(f"Storage per parameter: NF4 {q['bits']['nf4_bits_per_param']} bits, NF4 with double quantization "
+           f"{q['bits']['nf4_dq_bits_per_param']} bits ({cite(pub, q['bits']['source'])}).")
+    s.note(q["caveat"]["text"])
+    quantized = groups[groups["quant"] != "none"] if not groups.empty else groups
+    if quantized.empty:
+        s.p("No results yet: no trial in these results has a quantized base model (spec.model.quant), so there is "
+            "nothing to set against the published numbers above.")
+        return s
+    expected = _qlora_expected(q)
+    rows, inversions, shown = [], [], []
+    for quant in sorted(quantized["quant"].unique()):
+        for p in pairs(groups, "quant", "model.quant", "none", quant, ("method", "r", "targets", "optimizer", "epochs")):
+            exp = expected.get(quant, {})
+            mem_change = 100 * (p.b["peak"] / p.a["peak"] - 1)
+            time_change = 100 * (p.b["train_s"] / p.a["train_s"] - 1) if p.a["train_s"] else float("nan")
+            rows.append([Cell(p.setting), Cell(quant), c_mem(p.a["peak_values"]), c_mem(p.b["peak_values"]),
+                         c_signed(mem_change), _expected_cell(exp.get("memory")),
+                         _agree(mem_change, exp.get("memory"), tol["memory_pct_points"]),
+                         c_num(p.a["train_s"], 1, " s"), c_num(p.b["train_s"], 1, " s"), c_signed(time_change),
+                         _expected_cell(exp.get("time")), _agree(time_change, exp.get("time"), tol["time_pct_points"]),
+                         c_score(p.a["score_values"]), c_score(p.b["score_values"]),
+                         verdict_cell(p.a["score_values"], p.b["score_values"])])
+            shown += [p.a, p.b]
+            if p.b["peak"] > p.a["peak"]:
+                inversions.append(p)
+    if not rows:
+        s.p(f"Quantized results exist ({', '.join(sorted(quantized['quant'].unique()))}) but none has an unquantized "
+            "LoRA trial with otherwise identical settings to compare against.")
+        return s
+    s.table(Table(["setting", "quant", "peak LoRA", "peak QLoRA", "memory change", "expected", "verdict (memory)",
+                   "time LoRA", "time QLoRA", "time change", "expected", "verdict (time)", "score LoRA", "score QLoRA",
+                   "is the score difference real?"], rows,
+                  caption=f"Expected against observed; a change within ±{tol['memory_pct_points']} points (memory) or "
+                          f"±{tol['time_pct_points']} points (time) of the published change reproduces it"))
+    for p in inversions:
+        s.p(_inversion_text(p))
+    s.figure(figures.breakdown(pd.DataFrame(shown).assign(config_label=[
+        f"{r['config_label']} [{r['quant']}]" for r in shown])),
+        "Accounted memory of the compared LoRA and QLoRA trials, with the measured peak")
+    return s
+
+
+def _qlora_expected(q: dict) -> dict[str, dict[str, tuple[float, str]]]:
+    """quant -> {"memory"|"time": (expected change in %, where it comes from)} from published.toml."""
+    claims = q["claims"]
+    out: dict[str, dict[str, tuple[float, str]]] = {
+        "nf4": {"memory": (claims["memory_change_pct"], "Raschka"), "time": (claims["time_change_pct"], "Raschka")},
+        "fp4": {"time": (claims["fp4_time_change_pct"], "Raschka")},
+    }
+    lit = {r["quant"]: r["memory_gb"] for r in q["litgpt"]}
+    if "none" in lit:
+        for quant, gb in lit.items():
+            if quant != "none":
+                out.setdefault(quant, {}).setdefault("memory", (100 * (gb / lit["none"] - 1), "LitGPT"))
+    return out
+
+
+def _expected_cell(exp: tuple[float, str] | None) -> Cell:
+    return Cell("no published figure", "") if exp is None else Cell(f"{exp[0]:+.0f}% ({exp[1]})", exp[0])
+
+
+def _agree(observed: float, exp: tuple[float, str] | None, tolerance: float) -> Cell:
+    if exp is None or missing(observed):
+        return Cell("—", "")
+    gap = observed - exp[0]
+    ok = abs(gap) <= tolerance
+    return Cell(f"{'reproduces' if ok else 'does not reproduce'} ({gap:+.0f} pts)", abs(gap))
+
+
+def _inversion_text(p: Pair) -> str:
+    parts = {k: (p.b[f"{k}_bytes"] - p.a[f"{k}_bytes"]) for k in ACCOUNTED
+             if not (missing(p.a[f"{k}_bytes"]) or missing(p.b[f"{k}_bytes"]))}
+    unaccounted = ((p.b["peak"] - sum(p.b[f"{k}_bytes"] for k in parts))
+                   - (p.a["peak"] - sum(p.a[f"{k}_bytes"] for k in parts)))
+    saved = {k: -v for k, v in parts.items() if v < 0}
+    grew = {k: v for k, v in parts.items() if v > 0}
+    if unaccounted > 0:
+        grew["outside the accounted categories (temporary buffers, allocator caches, the process itself)"] = unaccounted
+    text = (f"Inversion ({p.setting}, {p.b['quant']}): QLoRA's peak is {c_bytes(p.b['peak'] - p.a['peak']).text} "
+            f"above LoRA's ({c_change(p.b['peak'], p.a['peak']).text}). ")
+    if saved:
+        text += "Quantizing saved " + ", ".join(f"{c_bytes(v).text} of {k}" for k, v in saved.items()) + ", "
+    text += ("but " if saved else "and ") + (", ".join(f"{c_bytes(v).text} more {k}" for k, v in grew.items())
+                                              or "no accounted category grew") + " outweighed it. "
+    text += ("The likely reason: at this scale the frozen weights are a small part of the peak, while each 4-bit layer "
+             "dequantizes its weight to the compute dtype in every forward and backward pass, and those buffers and "
+             "the activations saved for backward do not shrink with the weights. At 7B scale the weights dominate "
+             "and the published saving appears.")
+    return text
+
+
+def surgical(groups: pd.DataFrame, pub: dict) -> Section:
+    s = Section("surgical", "Surgical fine-tuning")
+    rules = pub["surgical"]["rules"]
+    s.published(published_table(pub["surgical"]["cifar10c"], {"setting": "tuned layers", "accuracy_pct": "accuracy (%)"}),
+                cite(pub, "surgical"))
+    s.note(f"Published rules: {rules['input_level']}; {rules['feature_level']}; {rules['output_level']}.")
+    found = groups[groups["method"].isin(SURGICAL_METHODS)] if not groups.empty else groups
+    if found.empty:
+        s.p(f"No results yet: no trial of a surgical fine-tuning method ({', '.join(SURGICAL_METHODS)}) in these "
+            "results. The published numbers are on image classification (CIFAR-10-C) and would not be directly "
+            "comparable with language-model scores in any case; top_k (train the top blocks) appears under the "
+            "method comparison.")
+        return s
+    rows = [[c_text(r["model"]), c_text(r["config_label"]), c_int(r["n"]), c_score(r["score_values"]),
+             c_mem(r["peak_values"]), c_int(r["params.trainable"])] for _, r in found.iterrows()]
+    baseline = groups[(groups["method"] == "full") & groups["model"].isin(found["model"])]
+    rows += [[c_text(r["model"]), c_text(r["config_label"] + " (baseline)"), c_int(r["n"]), c_score(r["score_values"]),
+              c_mem(r["peak_values"]), c_int(r["params.trainable"])] for _, r in baseline.iterrows()]
+    s.table(Table(["model", "configuration", "seeds", "score", "peak memory", "trainable"], rows,
+                  caption="Surgical fine-tuning trials, with full fine-tuning on the same model as the baseline"))
+    return s
+
+
+def memory_breakdown(groups: pd.DataFrame) -> Section:
+    s = Section("memory", "Memory breakdown")
+    cols = [f"{k}_bytes" for k in ACCOUNTED]
+    have = groups.dropna(subset=cols, how="all") if not groups.empty else groups
+    if have.empty:
+        s.p("No results: no successful trial records memory.accounted.")
+        return s
+    have = have.sort_values(["model", "method", "config_label"])
+    s.figure(figures.breakdown(have), "Accounted memory per configuration (seed means): weights, gradients, optimizer "
+             "state and activations saved for backward, stacked; the black tick is the measured peak.")
+    rows = [[c_text(r["config_label"]), *(c_bytes(r[c]) for c in cols), c_bytes(sum(r[c] for c in cols if not missing(r[c]))),
+             c_bytes(r["peak"]), c_text(r.get("memory.peak_source"))] for _, r in have.iterrows()]
+    s.table(Table(["configuration", *ACCOUNTED, "accounted total", "measured peak", "peak source"], rows,
+                  caption="memory.accounted and memory.peak_bytes (an RSS peak also counts the process itself: "
+                          "interpreter, libraries, data)"))
+    return s
+
+
+def loss_curves(trials: pd.DataFrame) -> Section:
+    s = Section("loss", "Loss curves")
+    rows = []
+    if "train.loss_curve" in trials:
+        for _, r in trials.iterrows():
+            curve = r["train.loss_curve"]
+            if isinstance(curve, list):
+                rows += [{"method": r["method"], "trial": f"{r['id']} {r['config_label']} seed{r['seed']}",
+                          "step": i + 1, "loss": v} for i, v in enumerate(curve) if v is not None]
+    if not rows:
+        s.p("No results: no trial records train.loss_curve.")
+        return s
+    s.figure(figures.loss_curves(pd.DataFrame(rows)), "Training loss per optimizer step, as recorded (not smoothed); "
+             "failed or diverged trials appear with the steps they completed.")
+    return s
+
+
+def failures(trials: pd.DataFrame) -> Section:
+    s = Section("failures", "Failed, out-of-memory, diverged and timed-out trials")
+    bad = trials[trials["status"] != "success"] if not trials.empty else trials
+    if bad.empty:
+        s.p("None: every trial succeeded." if not trials.empty else "No results.")
+        return s
+    rows = [[c_text(r["id"]), c_text(r.get("suite")), c_text(r["status"]), c_text(r["config_label"]),
+             c_text(r["seed"]), Cell(str(r.get("error") or "(no error recorded)"), pre=True), c_text(r["path"])]
+            for _, r in bad.sort_values(["status", "config_label"]).iterrows()]
+    s.table(Table(["id", "suite", "status", "configuration", "seed", "error", "file"], rows,
+                  caption=f"{len(bad)} trial(s) that did not succeed; they count in the overview and are never dropped"))
+    return s
+
+
+def provenance(trials: pd.DataFrame) -> Section:
+    s = Section("provenance", "Provenance")
+    if trials.empty:
+        s.p("No results.")
+        return s
+    pkg_cols = sorted(c for c in trials.columns if c.startswith("env.packages."))
+    cols = [c for c in ("env.git_sha", "env.git_dirty", "env.device", "env.host", "env.python", "env.cpus") if c in trials]
+    # Text with "" for missing values, so that groupby treats missing as one value.
+    env = trials[cols + pkg_cols].map(lambda v: "" if missing(v) else str(v))
+    env["synthetic"] = trials["synthetic"].map(str)
+    rows = []
+    for _, g in env.groupby(list(env.columns), sort=False):
+        first = g.iloc[0]
+        packages = ", ".join(f"{c.removeprefix('env.packages.')} {first[c]}" for c in pkg_cols if first[c])
+        sha = first.get("env.git_sha", "")
+        rows.append([c_int(len(g)), c_text(", ".join(sorted(set(trials.loc[g.index, "suite"].map(str))))),
+                     Cell(sha[:12] or "unknown"), c_text(first.get("env.git_dirty") or None),
+                     c_text(first.get("env.device")), c_text(first.get("env.host")), c_text(first.get("env.python")),
+                     c_text(first.get("env.cpus")), c_text(first["synthetic"]), Cell(packages)])
+    s.table(Table(["trials", "suites", "git sha", "dirty", "device", "host", "python", "cpus", "synthetic", "packages"],
+                  rows, caption="One row per distinct environment"))
+    shas = trials.get("env.git_sha", pd.Series(dtype=object)).dropna().unique()
+    if len(shas) > 1:
+        s.note(f"These results come from {len(shas)} different commits: compare across them with care.")
+    if trials.get("env.git_dirty", pd.Series(dtype=object)).fillna(False).astype(bool).any():
+        s.note("Some trials ran from a working tree with uncommitted changes (dirty): their code is not exactly "
+               "any commit.")
+    n_syn = int(trials["synthetic"].fillna(False).astype(bool).sum())
+    if n_syn:
+        s.note(f"{n_syn} trial(s) used synthetic models (a real architecture with random weights): their memory and "
+               "time are meaningful, their scores are not and are never reported.")
+    return s
+
+
+def build(trials: pd.DataFrame, pub: dict) -> list[Section]:
+    groups = pd.DataFrame() if trials.empty else seed_groups(trials)
+    return [overview(trials, groups), rank_sweep(groups, pub), targets(groups, pub), optimizer(groups, pub),
+            epochs(groups, pub), methods_section(groups, pub), lora_vs_qlora(groups, pub), surgical(groups, pub),
+            memory_breakdown(groups), loss_curves(trials), failures(trials), provenance(trials)]

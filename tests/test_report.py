@@ -1,0 +1,290 @@
+"""The HTML report: sections, statistics, published numbers, self-containment, bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from reports import render, results, sections
+
+ROOT = Path(__file__).resolve().parents[1]
+GIB = 2**30
+SECTION_IDS = ("overview", "rank", "targets", "optimizer", "epochs", "methods", "qlora", "surgical", "memory", "loss",
+               "failures", "provenance")
+FAILED_ERROR = "RuntimeError: shape mismatch in block 7 (unique-error-3141)"
+
+
+def write_result(folder: Path, *, method: str = "lora", r: int | None = 8, targets: str = "qv", optimizer: str = "adamw",
+                 epochs: int = 1, seed: int = 0, quant: str | None = None, status: str = "success",
+                 error: str | None = None, score: float | None = 0.8, peak: float = 2.0 * GIB,
+                 accounted: tuple[float, float, float, float] = (0.5 * GIB, 0.01 * GIB, 0.02 * GIB, 0.6 * GIB),
+                 train_s: float = 50.0, trainable: int = 100_000, model: str = "smollm2-135m",
+                 curve: list[float] | None = None) -> Path:
+    """One result file with every key of DESIGN.md section 4."""
+    config = {"r": r, "alpha": 2 * r, "targets": targets} if r is not None else {}
+    spec = {"model": {"name": model, "dtype": "float32", **({"quant": quant} if quant else {})},
+            "data": {"task": "sst2", "train_examples": 256, "max_length": 128},
+            "method": {"name": method, "version": "1", "config": config},
+            "train": {"optimizer": optimizer, "lr": 1e-3 if optimizer == "adamw" else 5e-2, "epochs": epochs, "seed": seed},
+            "eval": {"tasks": ["sst2"]}}
+    trial_id = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    ok = status == "success"
+    weights, grads, opt, acts = accounted
+    cfg_text = ",".join(f"{k}={v}" for k, v in config.items())
+    result = {
+        "schema": 1, "trial_id": trial_id, "suite": folder.name, "status": status, "error": error,
+        "label": f"{method}({cfg_text}) {optimizer} ep{epochs} seed{seed}",
+        "spec": spec, "synthetic": False,
+        "params": {"trainable": trainable if ok else None, "total": 135_000_000 if ok else None, "adapter_bytes": None},
+        "memory": {"peak_bytes": peak if ok else None, "peak_source": "rss" if ok else None,
+                   "accounted": ({"weights": weights, "grads": grads, "optimizer": opt, "activations": acts} if ok else
+                                 {"weights": None, "grads": None, "optimizer": None, "activations": None})},
+        "runtime": {"train_s": train_s if ok else None, "step_s_median": 1.5 if ok else None, "tokens_per_s": 100.0,
+                    "eval_s": 20.0},
+        "eval": {"lm_eval": {"sst2": {"acc": score, "acc_stderr": 0.02}} if ok and score is not None else {},
+                 "forgetting": 0.1 if ok else None},
+        "train": {"loss_curve": curve if curve is not None else [2.0, 1.2, 0.8, 0.6, 0.5 + 0.01 * seed], "steps": 5},
+        "env": {"packages": {"torch": "2.13.0+cpu", "transformers": "5.24.0", "peftbench": "0.1.0"}, "python": "3.11.7",
+                "device": "cpu: Test CPU", "git_sha": "0123456789abcdef0123", "git_dirty": False, "host": "testhost",
+                "cpus": 2},
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{trial_id}.json"
+    path.write_text(json.dumps(result, indent=1))
+    return path
+
+
+def make_sweep(folder: Path) -> Path:
+    """Several methods and ranks, two seeds each, one single-seed config, a failed and an OOM trial."""
+    for seed in (0, 1):
+        noise = 0.004 * seed
+        for r in (4, 16):
+            for targets, base in (("qv", 0.70), ("all-linear", 0.85)):
+                trainable = r * (1_000 if targets == "qv" else 5_000)
+                acts = (0.60 if targets == "qv" else 0.65) * GIB
+                for optimizer in ("adamw", "sgd"):
+                    opt_state = (2 if optimizer == "adamw" else 0) * trainable * 4
+                    write_result(folder, r=r, targets=targets, optimizer=optimizer, seed=seed, score=base + noise + r / 1000,
+                                 trainable=trainable, peak=2.0 * GIB + acts - 0.6 * GIB + opt_state,
+                                 accounted=(0.5 * GIB, trainable * 4, opt_state, acts))
+        # Two epochs: a hair lower, within seed noise.
+        write_result(folder, r=4, targets="qv", epochs=2, seed=seed, score=0.70 + 0.004 * (1 - seed) + 0.003,
+                     trainable=4_000, peak=2.0 * GIB, train_s=100.0)
+        write_result(folder, method="full", r=None, seed=seed, score=0.86 + noise, trainable=135_000_000, peak=3.2 * GIB,
+                     accounted=(0.5 * GIB, 0.5 * GIB, 1.0 * GIB, 0.8 * GIB), train_s=110.0)
+    write_result(folder, method="frozen", r=None, score=0.60, trainable=0, peak=0.45 * GIB, train_s=0.0,
+                 accounted=(0.5 * GIB, 0, 0, 0), curve=[])
+    write_result(folder, method="top_k", r=None, score=0.75, trainable=7_000_000, peak=2.4 * GIB)  # single seed
+    write_result(folder, r=64, targets="all-linear", status="failed", error=FAILED_ERROR, curve=[2.0, 1.5])
+    write_result(folder, r=64, targets="all-linear", optimizer="sgd", status="oom",
+                 error="trial process killed by the kernel's OOM killer (cgroup oom_kill count rose)", curve=[])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> tuple[Path, str]:
+    folder = make_sweep(tmp_path_factory.mktemp("res") / "lora_sweep")
+    out = render.write([folder], tmp_path_factory.mktemp("out") / "report.html")
+    return folder, out.read_text()
+
+
+def section_text(html: str, sid: str) -> str:
+    match = re.search(rf'<section id="{sid}">(.*?)</section>', html, re.S)
+    assert match, f"section {sid} missing"
+    return match.group(1)
+
+
+def test_every_section_is_there(report):
+    _, html = report
+    for sid in SECTION_IDS:
+        section_text(html, sid)
+
+
+def test_failed_trials_are_listed_with_their_error(report):
+    _, html = report
+    failures = section_text(html, "failures")
+    assert "unique-error-3141" in failures and "OOM killer" in failures
+    assert "oom" in failures and "failed" in failures
+    overview = section_text(html, "overview")
+    assert "status-failed" in overview and "status-oom" in overview  # in the main table, not dropped
+
+
+def test_published_numbers_are_printed_and_come_from_the_data_file(report):
+    _, html = report
+    qlora, surgical = section_text(html, "qlora"), section_text(html, "surgical")
+    for number in ("21.33", "14.18", "6,685", "10,060", "21.3", "14.14", "13.84", "-33%", "+50%", "+39%"):
+        assert number in qlora, number
+    for number in ("82.8", "79.9", "81.4", "2210.11466"):
+        assert number in surgical, number
+    template = (ROOT / "reports" / "templates" / "report.html.j2").read_text()
+    for number in ("21.33", "14.18", "82.8", "79.9", "13.84"):
+        assert number not in template
+
+
+def test_sections_without_results_say_so(report):
+    _, html = report
+    assert "No results yet" in section_text(html, "qlora")
+    assert "No results yet" in section_text(html, "surgical")
+
+
+def test_statistics_over_seeds(report):
+    _, html = report
+    targets = section_text(html, "targets")
+    assert "95% CI" in targets and "real difference (Welch t-test" in targets  # qv 0.70 against all-linear 0.85
+    assert "not distinguishable from seed noise" in section_text(html, "epochs")
+    assert "single seed, no CI" in section_text(html, "methods")  # top_k ran once
+
+
+def test_overview_has_budget_and_pareto_tables(report):
+    _, html = report
+    overview = section_text(html, "overview")
+    assert "best configuration per memory budget" in overview and "Pareto front" in overview
+    assert 'class="filter"' in overview and 'class="sortable"' in overview
+
+
+def test_self_contained_with_valid_svg(report):
+    _, html = report
+    assert not re.search(r'(src|href)\s*=\s*["\']?\s*(https?:)?//', html, re.I)
+    assert "<link" not in html and "@import" not in html and "<script src" not in html
+    svgs = re.findall(r"<svg\b.*?</svg>", html, re.S)
+    # pareto, rank sweep, targets, optimizer, methods, memory breakdown, loss curves
+    assert len(svgs) == html.count("<svg") == 7
+    for svg in svgs:
+        ET.fromstring(svg)
+
+
+def test_report_never_imports_torch():
+    code = "import reports.render, reports.sections, reports.figures; import sys; assert 'torch' not in sys.modules"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_qlora_results_are_compared_and_an_inversion_explained(tmp_path):
+    folder = tmp_path / "q"
+    for seed in (0, 1):
+        write_result(folder, seed=seed, score=0.80 + 0.01 * seed, peak=2.0 * GIB, train_s=50.0,
+                     accounted=(0.5 * GIB, 0.01 * GIB, 0.02 * GIB, 0.6 * GIB))
+        # At small scale the 4-bit base can use more: weights shrink, dequantization buffers grow.
+        write_result(folder, seed=seed, quant="nf4", score=0.79 + 0.01 * seed, peak=2.2 * GIB, train_s=80.0,
+                     accounted=(0.15 * GIB, 0.01 * GIB, 0.02 * GIB, 0.9 * GIB))
+    trials = results.tidy(results.frame(folder, curves=True))
+    section = sections.lora_vs_qlora(results.seed_groups(trials), render.published())
+    text = " ".join(b.text for b in section.blocks)
+    cells = " ".join(c.text for b in section.blocks if b.table for row in b.table.rows for c in row)
+    assert "No results yet" not in text
+    assert "+10.0%" in cells and "-33% (Raschka)" in cells and "does not reproduce" in cells
+    assert "+60.0%" in cells and "+50% (Raschka)" in cells and "reproduces (+10 pts)" in cells
+    assert "Inversion" in text and "weights" in text and "more activations" in text
+    assert any(b.kind == "figure" for b in section.blocks)
+
+
+def test_corrupt_file_exits_2_naming_it(tmp_path, capsys):
+    from bench import cli
+
+    folder = tmp_path / "bad"
+    write_result(folder)
+    (folder / "broken.json").write_text('{"schema": 1, "status": "succ')
+    assert cli.main(["report", str(folder), "-o", str(tmp_path / "x.html")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "broken.json" in err
+    assert not (tmp_path / "x.html").exists()
+
+
+def test_missing_folder_exits_2(tmp_path, capsys):
+    assert render.main([str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "nowhere" in err
+
+
+def test_default_output_is_named_after_the_folder(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "results" / "reference" / "tiny_sweep"
+    write_result(folder, method="frozen", r=None)
+    monkeypatch.chdir(tmp_path)
+    assert render.main([str(folder)]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out == str(Path("reports") / "tiny_sweep.html")
+    assert (tmp_path / "reports" / "tiny_sweep.html").exists()
+
+
+def test_empty_folder_renders_no_results(tmp_path):
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    html = render.html([folder])
+    assert "No results" in section_text(html, "overview") and "<svg" not in html
+
+
+def test_only_failed_trials_still_render(tmp_path):
+    folder = tmp_path / "allbad"
+    write_result(folder, status="timeout", error="trial ran past its timeout of 10 s and was killed", curve=[])
+    html = render.html([folder])
+    assert "past its timeout" in section_text(html, "failures")
+    assert "No results" in section_text(html, "methods") and "No results" in section_text(html, "rank")
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def test_report_opens_in_a_browser_without_errors(report, tmp_path):
+    if not CHROMIUM.exists():
+        pytest.skip("no /usr/bin/chromium")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    folder, html = report
+    page_file = tmp_path / "report.html"
+    page_file.write_text(html)
+    errors: list[str] = []
+    requests: list[str] = []
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        try:
+            page = browser.new_page()
+            page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.on("request", lambda req: requests.append(req.url))
+            page.goto(page_file.as_uri())
+            table = page.locator("#overview table.sortable").first
+            seed_col = table.locator("th", has_text="trainable")
+            seed_col.click()
+            values = [float(v) for v in table.locator("tbody tr td:nth-child(7)").evaluate_all(
+                "cells => cells.map(c => c.getAttribute('data-sort'))") if v != ""]
+            assert values == sorted(values)
+            seed_col.click()
+            values = [float(v) for v in table.locator("tbody tr td:nth-child(7)").evaluate_all(
+                "cells => cells.map(c => c.getAttribute('data-sort'))") if v != ""]
+            assert values == sorted(values, reverse=True)
+            page.fill("#overview input.filter", "unique-nonexistent-word")
+            assert table.locator("tbody tr:visible").count() == 0
+            page.fill("#overview input.filter", "oom")
+            assert table.locator("tbody tr:visible").count() >= 1
+        finally:
+            browser.close()
+    assert errors == []
+    assert all(url.startswith(("file:", "data:", "about:")) for url in requests), requests
+
+
+NOX = shutil.which("nox") or shutil.which("nox", path=str(Path(sys.executable).parent))
+
+
+@pytest.mark.skipif(NOX is None, reason="nox not installed")
+def test_nox_has_a_report_session():
+    proc = subprocess.run([NOX, "-l"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert "report" in proc.stdout
+
+
+def test_a_repeated_seed_is_not_a_second_sample(tmp_path):
+    write_result(tmp_path / "a", seed=0, score=0.80)
+    write_result(tmp_path / "b", seed=0, score=0.82)  # the same trial again, in another suite
+    write_result(tmp_path / "b", seed=1, score=0.84)
+    groups = results.seed_groups(results.tidy(results.frame(tmp_path / "a", tmp_path / "b")))
+    assert len(groups) == 1
+    row = groups.iloc[0]
+    assert row["n"] == 2 and row["score_values"] == pytest.approx([0.81, 0.84])
