@@ -59,6 +59,8 @@ class Loaded:
     synthetic: bool
     load_s: float
     source: str
+    quant: dict[str, Any] | None = None
+    """What bench.quant did to the base (None: not quantized)."""
 
 
 def smollm2_dir() -> Path:
@@ -112,7 +114,8 @@ def _tiny_tokenizer(vocab_size: int):
     return fast
 
 
-def build_synthetic(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
+def build_synthetic(name: str, dtype: torch.dtype = torch.float32, seed: int = 0,
+                    device: torch.device | str = "cpu") -> nn.Module:
     from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
     if name not in SYNTHETIC:
@@ -121,30 +124,46 @@ def build_synthetic(name: str, dtype: torch.dtype = torch.float32, seed: int = 0
     arch = params.pop("arch")
     config = (LlamaConfig if arch == "llama" else GPT2Config)(**params)
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # Built where it runs: a 7B model initialised on the CPU and copied over takes minutes.
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
-def load(spec: dict[str, Any], seed: int = 0) -> Loaded:
-    """Load the model a trial names: spec has `name` and `dtype` (see the suite's [model])."""
+def load(spec: dict[str, Any], seed: int = 0, device: torch.device | str = "cpu") -> Loaded:
+    """Load the model a trial names onto `device`, then quantize its base if the spec says so:
+    spec has `name`, `dtype` and optionally `quant`, `double_quant`, `compute_dtype` (see the
+    suite's [model])."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     name: str = spec["name"]
     dtype = DTYPES[spec.get("dtype", "float32")]
     start = time.perf_counter()
     if name.startswith("synthetic:"):
-        model = build_synthetic(name.removeprefix("synthetic:"), dtype, seed)
+        model = build_synthetic(name.removeprefix("synthetic:"), dtype, seed, device)
         tokenizer = _tiny_tokenizer(model.config.vocab_size)
-        return Loaded(model, tokenizer, True, time.perf_counter() - start, name)
+        return Loaded(model, tokenizer, True, time.perf_counter() - start, name, _quantize(model, spec))
     path = PACKAGED[name]() if name in PACKAGED else name
     if name == "minilm-l6" or spec.get("head") == "classification":
         model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, num_labels=spec.get("num_labels", 2))
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     _own_memory(model)
+    model = model.to(device)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return Loaded(model, tokenizer, False, time.perf_counter() - start, str(path))
+    return Loaded(model, tokenizer, False, time.perf_counter() - start, str(path), _quantize(model, spec))
+
+
+def _quantize(model: nn.Module, spec: dict[str, Any]) -> dict[str, Any] | None:
+    """Quantize after loading, on the model's device: one path for checkpoints and synthetic models."""
+    quant = spec.get("quant", "none")
+    if quant == "none":
+        return None
+    from bench.quant import quantize
+
+    compute = spec.get("compute_dtype") or spec.get("dtype", "float32")
+    return quantize(model, quant, bool(spec.get("double_quant", False)), DTYPES[compute]).to_dict()
 
 
 def _own_memory(model: nn.Module) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import importlib.util
 import itertools
 import json
 import re
@@ -47,10 +48,40 @@ class ModelSpec(Config):
     """A packaged model (smollm2-135m, minilm-l6), synthetic:<config>, an HF id or a local path."""
     dtype: str = "float32"
     """Weights and compute dtype: float32, bfloat16 or float16."""
+    quant: str = "none"
+    """Base quantization with bitsandbytes (bench/quant.py): none, nf4, fp4 (4-bit) or int8
+    (LLM.int8()). Every linear layer but the output head. QLoRA is lora with quant = "nf4"."""
+    double_quant: bool = False
+    """4-bit only: quantize the per-block absmax constants again (QLoRA's double quantization)."""
+    compute_dtype: str | None = None
+    """4-bit only: the dtype 4-bit layers compute in (float32, bfloat16, float16); default: dtype."""
 
     def validate(self) -> None:
-        if self.dtype not in ("float32", "bfloat16", "float16"):
+        from bench.quant import FOUR_BIT, QUANTS
+
+        dtypes = ("float32", "bfloat16", "float16")
+        if self.dtype not in dtypes:
             raise ConfigError("dtype", f"must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.quant not in QUANTS:
+            raise ConfigError("quant", f"unknown quantization {self.quant!r}{_suggest(self.quant, QUANTS)}")
+        # Settings that would do nothing are errors: two spellings of one experiment would
+        # otherwise get two trial ids.
+        if self.double_quant and self.quant not in FOUR_BIT:
+            raise ConfigError("double_quant", f"applies to 4-bit quant (nf4, fp4) only, quant is {self.quant!r}")
+        if self.compute_dtype is not None:
+            if self.quant not in FOUR_BIT:
+                raise ConfigError("compute_dtype", f"applies to 4-bit quant (nf4, fp4) only, quant is {self.quant!r}")
+            if self.compute_dtype not in dtypes:
+                raise ConfigError("compute_dtype", f"must be float32, bfloat16 or float16, got {self.compute_dtype!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        # The quantization fields postdate the first results: left out while unset, so the
+        # trial ids of unquantized trials stay what they were and finished trials are kept.
+        out = super().to_dict()
+        if self.quant == "none":
+            for key in ("quant", "double_quant", "compute_dtype"):
+                out.pop(key)
+        return out
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,7 +103,8 @@ class DataSpec(Config):
 @dataclass(frozen=True, kw_only=True)
 class TrainSpec(Config):
     optimizer: str = "adamw"
-    """adamw, sgd (with momentum) or adamw-8bit (bitsandbytes)."""
+    """adamw, sgd (with momentum), or bitsandbytes' adamw-8bit, paged-adamw, paged-adamw-8bit
+    (paged needs CUDA: elsewhere the non-paged optimizer runs and the result says so)."""
     lr: float = 1e-4
     """Peak learning rate."""
     batch_size: int = 4
@@ -177,7 +209,13 @@ class Trial:
         m = self.spec["method"]
         cfg = ",".join(f"{k}={_short(v)}" for k, v in m["config"].items())
         t = self.spec["train"]
-        return f"{m['name']}({cfg}) {t['optimizer']} ep{t['epochs']} seed{t['seed']}"
+        base = self.spec["model"]
+        # The base's precision only when it is not the default, so older labels read as before.
+        quant = base.get("quant", "none")
+        precision = "" if quant == "none" else f" {quant}{'-dq' if base.get('double_quant') else ''}"
+        if base["dtype"] != "float32" or precision:
+            precision = f" [{base['dtype']}{precision}]"
+        return f"{m['name']}({cfg}){precision} {t['optimizer']} ep{t['epochs']} seed{t['seed']}"
 
 
 def _short(v: Any) -> str:
@@ -318,6 +356,8 @@ def _check_against_models(path: Path, trials: list[Trial]) -> None:
             skeleton = models.skeleton(spec["model"])
         except models.ModelError as exc:
             raise SuiteError(path, "model.name", str(exc)) from None
+        if spec["model"].get("quant", "none") != "none" and importlib.util.find_spec("bitsandbytes") is None:
+            raise SuiteError(path, "model.quant", f"{spec['model']['quant']!r} needs bitsandbytes, which is not installed")
         method = methods.get(spec["method"]["name"])
         cfg = method.Config.from_dict(spec["method"]["config"])
         try:

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-from torch import nn
 
 from bench.measure import StepTimer, grad_bytes, optimizer_bytes, saved_for_backward
 from methods.base import Adapted
@@ -34,10 +33,31 @@ def _adamw_8bit(groups, t: dict[str, Any]) -> torch.optim.Optimizer:
     return bnb.optim.AdamW8bit(groups, lr=t["lr"], weight_decay=t["weight_decay"])
 
 
+def _paged(name: str) -> Callable[[Any, dict[str, Any]], torch.optim.Optimizer]:
+    """A bitsandbytes paged optimizer (state in CUDA unified memory, evicted to the host under
+    memory pressure). Paging needs CUDA: elsewhere bitsandbytes warns and runs unpaged, so we
+    build the unpaged one ourselves and leave a note that the result records."""
+
+    def build(groups, t: dict[str, Any]) -> torch.optim.Optimizer:
+        import bitsandbytes as bnb
+
+        device = groups[0]["params"][0].device
+        paged = device.type == "cuda"
+        optimizer = getattr(bnb.optim, f"Paged{name}" if paged else name)(groups, lr=t["lr"], weight_decay=t["weight_decay"])
+        optimizer.peftbench_note = (  # read by train(): see TrainResult.optimizer_note
+            "paged: state in CUDA unified memory, outside torch's allocator peak (counted in memory.accounted.optimizer)"
+            if paged else f"paged optimizers need CUDA: ran unpaged bitsandbytes {name} on {device.type}")
+        return optimizer
+
+    return build
+
+
 OPTIMIZERS: dict[str, Callable[[Any, dict[str, Any]], torch.optim.Optimizer]] = {
     "adamw": _adamw,
     "sgd": _sgd,
     "adamw-8bit": _adamw_8bit,
+    "paged-adamw": _paged("AdamW"),
+    "paged-adamw-8bit": _paged("AdamW8bit"),
 }
 
 
@@ -77,6 +97,10 @@ class TrainResult:
     step_s_median: float | None = None
     accounted: dict[str, int] = field(default_factory=dict)
     """grads, optimizer and activations bytes measured on the first step."""
+    optimizer_class: str | None = None
+    """The optimizer that actually ran (a paged one falls back to unpaged off CUDA)."""
+    optimizer_note: str | None = None
+    """Why the optimizer that ran differs from the one asked for, or what its numbers mean."""
 
 
 def total_steps(n_examples: int, t: dict[str, Any]) -> int:
@@ -107,6 +131,8 @@ def train(adapted: Adapted, dataset, t: dict[str, Any], collate, device: torch.d
     model.train()
     groups = adapted.hooks.param_groups(adapted.trainable) if adapted.hooks.param_groups else [{"params": adapted.trainable}]
     optimizer = OPTIMIZERS[t["optimizer"]](groups, t)
+    result.optimizer_class = f"{type(optimizer).__module__}.{type(optimizer).__name__}"
+    result.optimizer_note = getattr(optimizer, "peftbench_note", None)
     steps = total_steps(len(dataset), t)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t["schedule"], t["warmup_steps"], steps))
     timer = StepTimer()

@@ -13,6 +13,9 @@ REGISTRY: dict[str, str] = {
     "frozen": "methods.frozen:Frozen",
     "top_k": "methods.top_k:TopK",
     "lora": "methods.lora:LoRA",
+    "loftq": "methods.loftq:LoftQ",
+    "qalora": "methods.qalora:QALoRA",
+    "lqlora": "methods.lqlora:LQLoRA",
 }
 
 

@@ -66,6 +66,14 @@ class LoRAConfig(MethodConfig):
         return self.alpha / math.sqrt(self.r) if self.rslora else self.alpha / self.r
 
 
+def features(layer: nn.Module) -> tuple[int, int]:
+    """(in, out) of a Linear, a Conv1D or a quantized Linear (whose weight is packed: 4-bit
+    weights are stored as a (n / 2, 1) byte tensor, so its shape says nothing)."""
+    if isinstance(layer, Conv1D):
+        return tuple(layer.weight.shape)
+    return layer.in_features, layer.out_features
+
+
 class LoRALinear(nn.Module):
     """A frozen nn.Linear or transformers Conv1D plus a trainable low-rank branch."""
 
@@ -75,7 +83,7 @@ class LoRALinear(nn.Module):
         # Conv1D stores its weight as (in, out), the transpose of nn.Linear's.
         self.fan_in_fan_out = isinstance(base_layer, Conv1D)
         weight = base_layer.weight
-        self.in_features, self.out_features = weight.shape if self.fan_in_fan_out else weight.shape[::-1]
+        self.in_features, self.out_features = features(base_layer)
         # Half-precision adapters train poorly; keep them in float32 (as peft does by default).
         dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=dtype, device=weight.device))
@@ -94,9 +102,11 @@ class LoRALinear(nn.Module):
         result = self.base_layer(x)
         if self.merged:
             return result
-        # Two thin matmuls: never materialise the (out x in) product B A while training.
-        branch = F.linear(F.linear(self.dropout(x.to(self.lora_A.dtype)), self.lora_A), self.lora_B)
-        return (result + branch * self.scaling).to(result.dtype)
+        # Two thin matmuls: never materialise the (out x in) product B A while training. The
+        # scaling goes on B (out x r), not on the (tokens x out) branch: one full-size
+        # elementwise op less per layer, forward and backward.
+        branch = F.linear(F.linear(self.dropout(x.to(self.lora_A.dtype)), self.lora_A), self.lora_B * self.scaling)
+        return result + branch.to(result.dtype)
 
     def delta_weight(self) -> Tensor:
         """scaling * B A, laid out like the base weight."""
@@ -107,6 +117,8 @@ class LoRALinear(nn.Module):
     def merge(self) -> None:
         if not self.merged:
             weight = self.base_layer.weight
+            if not weight.is_floating_point():  # packed 4-bit or int8: adding would corrupt it
+                raise NotImplementedError(f"cannot merge into a quantized base weight ({type(self.base_layer).__name__})")
             weight.add_(self.delta_weight().to(weight.dtype))
             self.merged = True
 
@@ -269,4 +281,4 @@ class LoRA:
 
     def expected_trainable(self, model: nn.Module, cfg: LoRAConfig) -> int:
         """r * (in + out) per target; a weight's two dims are in and out for Linear and Conv1D alike."""
-        return sum(cfg.r * sum(layer.weight.shape) for _, layer in resolve_targets(model, cfg.targets))
+        return sum(cfg.r * sum(features(layer)) for _, layer in resolve_targets(model, cfg.targets))

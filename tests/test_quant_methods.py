@@ -1,0 +1,383 @@
+"""LoftQ, QA-LoRA and LQ-LoRA beyond the shared battery: the quantizers, LoftQ's init error,
+QA-LoRA's exact merge against merge-then-quantize, LQ-LoRA's budgeted plan."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import build_model, make_batch
+from torch import Tensor, nn
+
+import methods
+from methods.base import AdapterFileError, ConfigError
+from methods.layers import resolve_targets
+from methods.loftq import LoftQ, LoftQConfig, decompose, plain_quantization_error
+from methods.lqlora import LQLoRA, LQLoRAConfig, _greedy, average_bits, solve
+from methods.lora import LoRA, LoRAConfig, lora_layers
+from methods.qalora import QALoRA, QALoRAConfig, merge_then_quantize, merge_then_quantize_error, qalora_merge_error
+from methods.quantizers import (
+    PackedWeight,
+    nf_codebook,
+    pack,
+    quant_lora_layers,
+    quantize,
+    unpack,
+    weight_of,
+)
+
+
+def logits(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def randomise_b(model: nn.Module, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in quant_lora_layers(model).values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.1)
+
+
+def original_weights(kind: str, targets: str) -> dict[str, Tensor]:
+    return {n: weight_of(m) for n, m in resolve_targets(build_model(kind), targets)}
+
+
+# ---------------------------------------------------------------- quantizers
+
+
+def test_nf4_matches_bitsandbytes() -> None:
+    bnb = pytest.importorskip("bitsandbytes.functional")
+    torch.testing.assert_close(nf_codebook(4), bnb.get_4bit_type("nf4", device="cpu"), atol=1e-6, rtol=0)
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(0))
+    ours = quantize(w, "nf", 4, 64)
+    packed, state = bnb.quantize_4bit(w.clone(), blocksize=64, quant_type="nf4")
+    flat = packed.reshape(-1).long()
+    theirs = torch.stack([flat >> 4, flat & 15], 1).reshape(-1)  # bnb: first code in the high nibble
+    assert torch.equal(ours.codes().reshape(-1), theirs)
+    torch.testing.assert_close(ours.scale, state.absmax)
+    torch.testing.assert_close(ours.dequantize(), bnb.dequantize_4bit(packed, state), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_pack_roundtrip_and_size(bits: int) -> None:
+    codes = torch.randint(0, 2**bits, (1001,), generator=torch.Generator().manual_seed(bits))
+    packed = pack(codes, bits)
+    assert packed.dtype == torch.uint8
+    assert packed.numel() == (1001 if bits == 8 else -(-1001 // 8) * bits)
+    assert torch.equal(unpack(packed, bits, 1001), codes)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_int_quantizer_is_min_max_round_to_nearest(bits: int) -> None:
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
+    q = quantize(w, "int", bits, 32)
+    blocks = w.reshape(-1, 32)
+    torch.testing.assert_close(q.offset, blocks.amin(1))
+    torch.testing.assert_close(q.scale, (blocks.amax(1) - blocks.amin(1)) / (2**bits - 1))
+    err = (q.dequantize().reshape(-1, 32) - blocks).abs()
+    assert (err <= q.scale.unsqueeze(1) / 2 + 1e-6).all()
+    assert q.codes().max() <= 2**bits - 1
+    # More bits, less error (nf and int alike).
+    for kind in ("nf", "int"):
+        errors = [float((quantize(w, kind, b, 64).dequantize() - w).norm()) for b in (2, 3, 4, 8)]
+        assert errors == sorted(errors, reverse=True)
+
+
+def test_stored_bytes_and_counts_as_bench_measures_them() -> None:
+    from bench.measure import param_counts, weight_bytes
+
+    base = build_model("llama")
+    total = sum(p.numel() for p in base.parameters())
+    adapted = LoftQ().apply(build_model("llama"), LoftQConfig(r=4, targets="qv"))
+    targets = dict(resolve_targets(build_model("llama"), "qv"))
+    packed = [p for p in adapted.model.parameters() if isinstance(p, PackedWeight)]
+    assert len(packed) == len(targets)
+    assert weight_bytes(adapted.model)["uint8"] == sum(m.weight.numel() // 2 for m in targets.values())
+    # Quantized weights count as weights, not bytes; the adapter adds r * (in + out) each.
+    counts = param_counts(adapted.model, adapted.trainable)
+    assert counts["total"] == total + counts["trainable"]
+
+
+def test_a_quantized_base_is_refused() -> None:
+    bnb = pytest.importorskip("bitsandbytes")
+    model = build_model("llama")
+    layer = model.model.layers[0].self_attn.q_proj
+    q4 = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    q4.weight = bnb.nn.Params4bit(layer.weight.data.clone(), requires_grad=False, quant_type="nf4").to("cpu")
+    model.model.layers[0].self_attn.q_proj = q4
+    for method, cfg in [(LoftQ(), LoftQConfig(targets="qv")), (QALoRA(), QALoRAConfig(targets="qv"))]:
+        with pytest.raises(ConfigError) as info:
+            method.apply(model, cfg)
+        assert info.value.key == "targets"
+
+
+# ---------------------------------------------------------------- LoftQ
+
+
+def test_loftq_init_beats_plain_quantization(kind: str) -> None:
+    cfg = LoftQConfig(r=4, targets="all-linear")
+    originals = original_weights(kind, cfg.targets)
+    adapted = LoftQ().apply(build_model(kind), cfg)
+    for name, layer in quant_lora_layers(adapted.model).items():
+        w = originals[name]
+        approx = layer.base_layer.dequantized_weight() + layer.delta_weight()
+        err = float((w - approx).detach().norm())
+        assert err == pytest.approx(layer.loftq_errors[0], rel=1e-4)
+        assert err < 0.95 * plain_quantization_error(w, cfg), name
+    # B is not zero: training starts from Q + s B A ~= W, not from Q.
+    assert all(layer.lora_B.abs().sum() > 0 for layer in quant_lora_layers(adapted.model).values())
+
+
+@pytest.mark.parametrize(("quant_type", "bits"), [("nf4", 4), ("nf", 2), ("int", 3)])
+def test_loftq_error_does_not_increase_with_iterations(quant_type: str, bits: int) -> None:
+    cfg = LoftQConfig(r=4, quant_type=quant_type, bits=bits)
+    improved = 0
+    for name, w in list(original_weights("llama", "all-linear").items())[:7]:
+        errors = [decompose(w, cfg.r, cfg.scaling, t, lambda x: quantize(x, cfg.kind, cfg.bits, cfg.blocksize)).error for t in range(1, 6)]
+        assert all(later <= earlier for earlier, later in zip(errors, errors[1:])), (name, errors)
+        assert errors[0] < plain_quantization_error(w, cfg)
+        improved += errors[-1] < errors[0]
+    assert improved >= 4, "more iterations should help most layers"
+
+
+def test_loftq_model_follows_the_kept_iterate() -> None:
+    cfg = LoftQConfig(r=4, targets="qv", iters=4)
+    originals = original_weights("llama", "qv")
+    adapted = LoftQ().apply(build_model("llama"), cfg)
+    for name, layer in quant_lora_layers(adapted.model).items():
+        err = float((originals[name] - layer.base_layer.dequantized_weight() - layer.delta_weight()).detach().norm())
+        assert err == pytest.approx(min(layer.loftq_errors), rel=1e-4)
+
+
+def test_loftq_merge_gives_float_weights_with_same_outputs() -> None:
+    adapted = LoftQ().apply(build_model("llama"), LoftQConfig(r=4, targets="qv"))
+    batch = make_batch("llama")
+    before = logits(adapted.model, batch)
+    adapted.merge()
+    torch.testing.assert_close(logits(adapted.model, batch), before, atol=1e-5, rtol=0)
+    adapted.unmerge()
+    assert torch.equal(logits(adapted.model, batch), before)
+
+
+def test_loftq_config_validation() -> None:
+    for values, key in [
+        ({"bits": 2}, "quant_type"),
+        ({"bits": 5, "quant_type": "int"}, "bits"),
+        ({"quant_type": "fp4"}, "quant_type"),
+        ({"iters": 0}, "iters"),
+        ({"r": 0}, "r"),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            LoftQConfig.from_dict(values)
+        assert info.value.key == key, values
+    with pytest.raises(ConfigError) as info:
+        LoftQ().apply(build_model("llama"), LoftQConfig(r=33, targets="qv"))
+    assert info.value.key == "r"
+
+
+# ---------------------------------------------------------------- QA-LoRA
+
+
+@pytest.mark.parametrize("pool", ["mean", "sum"])
+def test_qalora_merge_is_exact_and_stays_quantized(kind: str, pool: str) -> None:
+    adapted = QALoRA().apply(build_model(kind), QALoRAConfig(r=4, bits=4, group_size=16, targets="all-linear", pool=pool))
+    randomise_b(adapted.model)
+    layers = quant_lora_layers(adapted.model)
+    saved = {
+        n: (layer.base_layer.qweight.clone(), layer.base_layer.scale.clone(), layer.base_layer.offset.clone())
+        for n, layer in layers.items()
+    }
+    batch = make_batch(kind)
+    unmerged = logits(adapted.model, batch)
+
+    adapted.merge()
+    for name, layer in layers.items():
+        codes, scale, offset = saved[name]
+        assert torch.equal(layer.base_layer.qweight, codes) and torch.equal(layer.base_layer.scale, scale)
+        assert not torch.equal(layer.base_layer.offset, offset)
+        assert layer._merged_weight is None  # no float weight kept: the merged model is INT-k
+    torch.testing.assert_close(logits(adapted.model, batch), unmerged, atol=1e-5, rtol=0)
+
+    adapted.unmerge()
+    for name, layer in layers.items():
+        torch.testing.assert_close(layer.base_layer.offset, saved[name][2], atol=1e-6, rtol=0)
+    torch.testing.assert_close(logits(adapted.model, batch), unmerged, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("pool", ["mean", "sum"])
+def test_qalora_adapter_is_a_group_constant_update(pool: str) -> None:
+    adapted = QALoRA().apply(build_model("llama"), QALoRAConfig(r=4, group_size=16, targets="mlp", pool=pool))
+    randomise_b(adapted.model)
+    x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(2))
+    layer = adapted.model.model.layers[0].mlp.down_proj
+    assert layer.lora_A.shape == (4, 64 // 16)
+    dense = torch.nn.functional.linear(x, layer.base_layer.dequantized_weight() + layer.delta_weight())
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), dense, atol=1e-5, rtol=0)
+    delta = layer.delta_weight().view(layer.out_features, -1, 16)
+    assert torch.equal(delta, delta[..., :1].expand_as(delta))
+
+
+def test_merge_then_quantize_loses_what_qalora_keeps() -> None:
+    """Same tiny model, rank, scaling, bits and groups: a plain LoRA merged into the float
+    weights then quantized to INT-4 moves the outputs; QA-LoRA's merge into the offsets does not."""
+    batch = make_batch("llama")
+    qa = QALoRA().apply(build_model("llama"), QALoRAConfig(r=4, alpha=8, bits=4, group_size=16, targets="all-linear"))
+    randomise_b(qa.model)
+    qa_unmerged = logits(qa.model, batch)
+    assert qalora_merge_error(qa.model)["qalora_merge"] < 1e-6
+    qa.merge()
+    qa_gap = float((logits(qa.model, batch) - qa_unmerged).abs().max())
+
+    plain = LoRA().apply(build_model("llama"), LoRAConfig(r=4, alpha=8, targets="all-linear"))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in lora_layers(plain.model).values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.1)
+    plain_unmerged = logits(plain.model, batch)
+    errors = merge_then_quantize_error(plain.model, bits=4, group_size=16)
+    assert errors["merge_then_quantize"] > 1e-2
+    assert set(errors["layers"]) == set(lora_layers(plain.model))
+    posthoc = merge_then_quantize(plain.model, bits=4, group_size=16)
+    assert not lora_layers(posthoc) and lora_layers(plain.model)
+    posthoc_gap = float((logits(posthoc, batch) - plain_unmerged).abs().max())
+    assert qa_gap < 1e-5 and posthoc_gap > 1e-2, (qa_gap, posthoc_gap)
+
+
+def test_a_group_constant_update_survives_requantization() -> None:
+    """Why pooling works: re-quantizing a QA-LoRA merge with min-max groups loses nothing."""
+    qa = QALoRA().apply(build_model("llama"), QALoRAConfig(r=4, bits=3, group_size=16, targets="qv"))
+    randomise_b(qa.model)
+    assert merge_then_quantize_error(qa.model)["merge_then_quantize"] < 1e-5
+
+
+def test_qalora_group_size_must_divide_inputs() -> None:
+    model = build_model("llama")
+    with pytest.raises(ConfigError) as info:
+        QALoRA().apply(model, QALoRAConfig(group_size=24, targets="qv"))
+    assert info.value.key == "group_size"
+    assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises(ConfigError) as info:
+        QALoRAConfig.from_dict({"pool": "max"})
+    assert info.value.key == "pool"
+
+
+# ---------------------------------------------------------------- LQ-LoRA
+
+
+@pytest.fixture(scope="module")
+def lq_plan():
+    cfg = LQLoRAConfig(r=2, targets="all-linear", budget=3.0)
+    return cfg, LQLoRA().plan(build_model("llama"), cfg)
+
+
+def test_lqlora_budget_respected_and_more_budget_less_error(lq_plan) -> None:
+    cfg, plan = lq_plan
+    assert plan.solver == "milp"
+    total = sum(plan.numel)
+    costs = [[n * c[2] for c in plan.candidates] for n in plan.numel]
+    previous = None
+    for budget in [2.5, 2.75, 3.0, 3.25, 3.5, 4.0, 4.5, 8.25, 8.5]:
+        choice, _ = solve(plan.errors, costs, budget * total)
+        used = sum(costs[i][c] for i, c in enumerate(choice)) / total
+        err = sum(plan.errors[i][c] for i, c in enumerate(choice))
+        assert used <= budget + 1e-9
+        if previous is not None:
+            assert err <= previous * (1 + 1e-9)
+        previous = err
+    lowest = sum(plan.errors[i][min(range(len(plan.candidates)), key=lambda c: plan.candidates[c][2])] for i in range(len(plan.names)))
+    assert previous < 0.1 * lowest
+    # The plan from apply's budget mixes configurations.
+    assert plan.average_bits <= cfg.budget + 1e-9
+    assert len(set(plan.choice)) > 1
+
+
+def test_lqlora_ilp_is_exact_and_greedy_is_feasible(lq_plan) -> None:
+    _, plan = lq_plan
+    rows = list(range(4))
+    errors = [plan.errors[i] for i in rows]
+    costs = [[plan.numel[i] * c[2] for c in plan.candidates] for i in rows]
+    capacity = 3.1 * sum(plan.numel[i] for i in rows)
+    best = min(
+        (sum(errors[i][c] for i, c in enumerate(combo)), combo)
+        for combo in itertools.product(range(len(plan.candidates)), repeat=len(rows))
+        if sum(costs[i][c] for i, c in enumerate(combo)) <= capacity
+    )
+    choice, _ = solve(errors, costs, capacity)
+    assert sum(errors[i][c] for i, c in enumerate(choice)) == pytest.approx(best[0], rel=1e-9)
+    greedy = _greedy(errors, costs, capacity)
+    assert sum(costs[i][c] for i, c in enumerate(greedy)) <= capacity
+    assert sum(errors[i][c] for i, c in enumerate(greedy)) >= best[0] * (1 - 1e-9)
+
+
+def test_lqlora_apply_follows_plan(lq_plan) -> None:
+    cfg, plan = lq_plan
+    adapted = LQLoRA().apply(build_model("llama"), cfg)
+    layers = quant_lora_layers(adapted.model)
+    assert list(layers) == plan.names
+    for i, (name, layer) in enumerate(layers.items()):
+        assert (layer.base_layer.bits, layer.base_layer.blocksize) == plan.config(i)
+        assert layer.lora_A.numel() + layer.lora_B.numel() == cfg.r * (layer.in_features + layer.out_features)
+    assert average_bits(adapted.model) == pytest.approx(plan.average_bits)
+    assert average_bits(adapted.model) <= cfg.budget + 1e-9
+    assert sum(p.numel() for p in adapted.trainable) == methods.get("lqlora").expected_trainable(build_model("llama"), cfg)
+
+
+def test_lqlora_budget_validation() -> None:
+    with pytest.raises(ConfigError) as info:
+        LQLoRAConfig.from_dict({"budget": 2.0})
+    assert info.value.key == "budget"
+    with pytest.raises(ConfigError) as info:
+        LQLoRAConfig.from_dict({"bits_choices": [5]})
+    assert info.value.key == "bits_choices"
+
+
+def test_lqlora_load_refuses_another_plan(tmp_path: Path) -> None:
+    cfg = LQLoRAConfig(r=2, targets="qv", budget=3.0)
+    adapted = LQLoRA().apply(build_model("llama"), cfg)
+    adapted.save(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    first = next(iter(saved["layers"]))
+    saved["layers"][first]["bits"] = 8 if saved["layers"][first]["bits"] != 8 else 2
+    (tmp_path / "adapter_config.json").write_text(json.dumps(saved))
+    with pytest.raises(AdapterFileError, match="adapter_config.json"):
+        LQLoRA().apply(build_model("llama"), cfg).load(tmp_path)
+
+
+# ---------------------------------------------------------------- adapter files
+
+
+def _truncate(d: Path) -> Path:
+    path = d / "adapter.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+    return path
+
+
+def _other_rank(d: Path) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(d / "adapter.safetensors"))
+    key = next(k for k in state if k.endswith("lora_A"))
+    state[key] = torch.cat([state[key], state[key]])
+    save_file(state, str(d / "adapter.safetensors"))
+    return d / "adapter.safetensors"
+
+
+def _other_config(d: Path) -> Path:
+    saved = json.loads((d / "adapter_config.json").read_text())
+    saved["config"]["r"] += 1
+    (d / "adapter_config.json").write_text(json.dumps(saved))
+    return d / "adapter_config.json"
+
+
+@pytest.mark.parametrize("corrupt", [_truncate, _other_rank, _other_config], ids=lambda f: f.__name__.strip("_"))
+def test_corrupt_adapter_names_the_file(corrupt, tmp_path: Path) -> None:
+    cfg = QALoRAConfig(r=4, group_size=16, targets="qv")
+    QALoRA().apply(build_model("llama"), cfg).save(tmp_path)
+    bad = corrupt(tmp_path)
+    with pytest.raises(AdapterFileError, match=bad.name):
+        QALoRA().apply(build_model("llama"), cfg).load(tmp_path)
