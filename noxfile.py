@@ -1,4 +1,7 @@
-"""nox sessions: tests, bench, lint. Each installs the project from its own files."""
+"""nox sessions: tests, bench, report, lint. Each installs the project from its own files."""
+
+import shutil
+from pathlib import Path
 
 import nox
 
@@ -32,7 +35,78 @@ def bench(session: nox.Session) -> None:
     session.run("peftbench", "run", *session.posargs, env=OFFLINE)
 
 
+# The report reads result files only: the project without its dependencies (no torch), plus
+# what reports/ imports. scipy: the t-distribution and Welch's test.
+REPORT_DEPS = ["pandas==3.1.*", "seaborn==0.13.2", "jinja2", "scipy"]
+
+
+@nox.session
+def report(session: nox.Session) -> None:
+    """nox -s report -- RESULTS_DIR... [-o FILE.html]   (default: reports/<folder name>.html)"""
+    if not session.posargs:
+        session.error("usage: nox -s report -- results/reference/lora_sweep [-o FILE.html]")
+    session.install(*REPORT_DEPS)
+    session.install("--no-deps", "-e", ".")
+    session.run("peftbench", "report", *session.posargs)
+
+
 @nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff")
     session.run("ruff", "check", "bench", "methods", "reports", "tests", "noxfile.py")
+
+
+def machine_class(session: nox.Session) -> str:
+    """Baselines are stored per machine class (bench/calibrate.py), e.g. x86_64-2cpu-cpu."""
+    out = session.run("python", "-c", "from bench.calibrate import machine_class; print(machine_class())", silent=True)
+    return str(out).strip().splitlines()[-1]
+
+
+@nox.session
+def regression(session: nox.Session) -> None:
+    """Run suites/ci.toml into a fresh folder and compare it with this machine class's baseline.
+
+    nox -s regression                       exit 1 on a regression (see bench/compare.py)
+    nox -s regression -- --fail METRIC:PCT  other limits, passed on to `peftbench compare`
+    nox -s regression -- --update           record this run as the baseline, on purpose, then commit
+                                            results/baselines/<machine class>/
+    """
+    install(session)
+    machine = machine_class(session)
+    baseline = Path("results", "baselines", machine, "ci")
+    if not baseline.exists() and "--update" not in session.posargs:
+        session.skip(f"no baseline for machine class {machine} ({baseline}): nothing to compare with; "
+                     "record one on purpose with `nox -s regression -- --update`")
+    fresh = Path(session.create_tmp()) / "regression"
+    shutil.rmtree(fresh, ignore_errors=True)
+    session.run("peftbench", "run", "suites/ci.toml", "--results", str(fresh), "--no-progress", env=OFFLINE)
+    summary = session.env.get("GITHUB_STEP_SUMMARY")
+    markdown = ["--markdown", summary] if summary and "--update" not in session.posargs else []
+    session.run("peftbench", "compare", str(fresh / "ci"), str(baseline), *markdown, *session.posargs, env=OFFLINE)
+
+
+# The fastest round of each micro-benchmark may be this much slower than the stored one.
+MICROBENCH_FAIL = "min:30%"
+
+
+@nox.session
+def microbench(session: nox.Session) -> None:
+    """pytest-benchmark timings of the method layers, against this machine class's stored run.
+
+    nox -s microbench            fails when a layer got slower (see benchmarks/README.md)
+    nox -s microbench -- --save  replace the stored run on purpose, then commit benchmarks/baselines/
+    """
+    install(session, "[test]")
+    machine = machine_class(session)
+    storage = Path("benchmarks", "baselines", machine)
+    args = ["benchmarks", f"--benchmark-storage=file://{storage}", "--benchmark-warmup=on", "-p", "no:cacheprovider"]
+    if "--save" in session.posargs:
+        shutil.rmtree(storage, ignore_errors=True)  # one stored run per machine class: the baseline
+        args.append("--benchmark-save=baseline")
+    elif any(storage.glob("*/*.json")):
+        args += ["--benchmark-compare", f"--benchmark-compare-fail={MICROBENCH_FAIL}"]
+    else:
+        session.warn(f"no stored benchmarks for machine class {machine} ({storage}): timing without comparing; "
+                     "store a baseline with `nox -s microbench -- --save`")
+    extra = [a for a in session.posargs if a != "--save"]
+    session.run("pytest", *args, *extra, env={"OMP_NUM_THREADS": "1"})

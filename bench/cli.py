@@ -1,4 +1,4 @@
-"""`peftbench` command line: run, methods, assets, show."""
+"""`peftbench` command line: run, methods, assets, show, compare."""
 
 from __future__ import annotations
 
@@ -74,6 +74,18 @@ def cmd_show(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from bench import compare
+
+    return compare.main(args)
+
+
+def cmd_report(args) -> int:
+    from reports import render
+
+    return render.run(args.results_dirs, args.output)
+
+
 def cmd_methods(args) -> int:
     import dataclasses
 
@@ -110,6 +122,8 @@ def cmd_assets(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bench.compare import add_arguments as compare_arguments
+
     parser = argparse.ArgumentParser(prog="peftbench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run one or more suites")
@@ -122,6 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("show", help="a table of results")
     p.add_argument("results_dirs", nargs="+")
     p.set_defaults(fn=cmd_show)
+    p = sub.add_parser("compare", help="compare a results folder with a baseline: exit 1 on a regression, 2 on bad input")
+    compare_arguments(p)
+    p.set_defaults(fn=cmd_compare)
+    p = sub.add_parser("report", help="render result folders into one self-contained HTML file")
+    p.add_argument("results_dirs", nargs="+", metavar="RESULTS_DIR")
+    p.add_argument("-o", "--output", help="output file (default: reports/<folder name>.html)")
+    p.set_defaults(fn=cmd_report)
     sub.add_parser("methods", help="registered methods and their config fields").set_defaults(fn=cmd_methods)
     sub.add_parser("assets", help="install and convert the offline models and data").set_defaults(fn=cmd_assets)
     args = parser.parse_args(argv)

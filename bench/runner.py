@@ -22,8 +22,9 @@ from bench import results
 from bench.suite import Suite, Trial
 
 # Imported once by the fork server, so each trial process starts without paying for them.
-PRELOAD = ["bench.forkserver_guard", "torch", "transformers", "transformers.models.llama.modeling_llama", "transformers.models.gpt2.modeling_gpt2",
-           "datasets", "lm_eval", "lm_eval.models.huggingface", "bench.worker", "bench.data", "bench.evaluate", "bench.models"]
+PRELOAD = ["bench.forkserver_guard", "torch", "transformers", "transformers.models.llama.modeling_llama",
+           "transformers.models.gpt2.modeling_gpt2", "datasets", "lm_eval", "lm_eval.models.huggingface",
+           "bench.worker", "bench.data", "bench.evaluate", "bench.models"]
 
 
 class RunnerError(RuntimeError):

@@ -22,7 +22,7 @@ import torch  # noqa: F401  (imported here so the fork server preloads it)
 import transformers  # noqa: F401
 
 import methods
-from bench import results
+from bench import calibrate, compare, inject, results
 from bench.measure import PeakMemory, dir_bytes, param_counts, weight_bytes
 from bench.train import Diverged, train
 
@@ -58,6 +58,9 @@ def main(trial, out_path: str, adapters_dir: str | None, show_progress: bool, ru
     _die_with_runner(runner_pid)
     # Library progress bars (weights loading, lm-eval requests) drown the sweep's own two bars.
     os.environ["TQDM_DISABLE"] = "1"
+    import datasets  # its bars read their own switch, not tqdm's
+
+    datasets.disable_progress_bars()
     out = Path(out_path)
     result = results.skeleton(trial, "failed")
     try:
@@ -100,10 +103,12 @@ def run(trial, result: dict[str, Any], adapters_dir: Path | None, show_progress:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     result["env"] = results.environment(torch.cuda.get_device_name(device) if device.type == "cuda" else None)
     result["env"]["torch_threads"] = torch.get_num_threads()
+    result["env"]["machine_class"] = calibrate.machine_class()
 
     start = time.perf_counter()
-    loaded = models.load(spec["model"], seed=t["seed"])
-    model, tokenizer = loaded.model.to(device), loaded.tokenizer
+    loaded = models.load(spec["model"], seed=t["seed"], device=device)  # quantized there, if asked
+    model, tokenizer = loaded.model, loaded.tokenizer
+    result["quant"] = loaded.quant
     rt["load_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -121,6 +126,8 @@ def run(trial, result: dict[str, Any], adapters_dir: Path | None, show_progress:
     method = methods.get(spec["method"]["name"])
     torch.manual_seed(t["seed"])  # adapter init is part of the trial's seed
     adapted = method.apply(model, method.Config.from_dict(spec["method"]["config"]))
+    if injected := inject.apply(adapted):  # test-only, off by default: see bench/inject.py
+        result["test_injected"] = injected
     result["params"].update(param_counts(adapted.model, adapted.trainable))
     weights = weight_bytes(adapted.model)
     result["memory"]["weights_by_dtype"] = weights
@@ -131,7 +138,10 @@ def run(trial, result: dict[str, Any], adapters_dir: Path | None, show_progress:
 
         bar = tqdm(desc="  steps", leave=False, position=1, dynamic_ncols=True, disable=False)
 
+    calibration = calibrate.Calibration(device)
+
     def progress(step: int, total: int, loss: float) -> None:
+        calibration()  # between steps, outside the step timer: see bench/calibrate.py
         if bar is not None:
             bar.total = total
             bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
@@ -145,14 +155,17 @@ def run(trial, result: dict[str, Any], adapters_dir: Path | None, show_progress:
     finally:
         if bar is not None:
             bar.close()
-        rt["train_s"] = time.perf_counter() - start
+        rt["train_s"] = time.perf_counter() - start - calibration.spent
+        rt["calibration_s"] = calibration.times
         result["memory"].update(peak.stop())
     result["memory"]["accounted"] = {"weights": sum(weights.values()), "grads": trained.accounted.get("grads", 0),
                                      "optimizer": trained.accounted.get("optimizer", 0),
                                      "activations": trained.accounted.get("activations", 0)}
     result["train"] = {"steps": trained.steps, "loss_curve": trained.loss_curve, "tokens": trained.tokens,
-                       "step_times": trained.step_times, "examples": len(dataset)}
+                       "step_times": trained.step_times, "examples": len(dataset),
+                       "optimizer_class": trained.optimizer_class, "optimizer_note": trained.optimizer_note}
     rt["step_s_median"] = trained.step_s_median
+    rt["step_ratio"] = compare.step_ratio(trained.step_times, calibration.times)
     rt["tokens_per_s"] = trained.tokens / rt["train_s"] if trained.steps else None
 
     start = time.perf_counter()
