@@ -53,7 +53,7 @@ def report(session: nox.Session) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff")
-    session.run("ruff", "check", "bench", "methods", "reports", "tests", "noxfile.py")
+    session.run("ruff", "check", "bench", "methods", "reports", "tests", "benchmarks", "noxfile.py")
 
 
 def machine_class(session: nox.Session) -> str:

@@ -15,7 +15,6 @@ ours/peft <= 1.0 for step time and peak memory.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import multiprocessing as mp
 import os
