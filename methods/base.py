@@ -198,6 +198,19 @@ def write_json(path: Path, obj: Any) -> None:
     tmp.replace(path)
 
 
+def read_json(path: Path) -> dict[str, Any]:
+    """An adapter's JSON config, or an AdapterFileError naming the file."""
+    if not path.exists():
+        raise AdapterFileError(f"{path}: adapter config not found")
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterFileError(f"{path}: not readable JSON ({exc})") from exc
+    if not isinstance(saved, dict):
+        raise AdapterFileError(f"{path}: expected a JSON object, got {type(saved).__name__}")
+    return saved
+
+
 def freeze(model: nn.Module) -> None:
     for p in model.parameters():
         p.requires_grad_(False)

@@ -31,7 +31,8 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import Tensor, nn
 
-from methods.base import Adapted, ConfigError, MethodConfig, Targets
+from methods.base import Adapted, ConfigError, Targets
+from methods.lora import LowRankConfig
 from methods.layers import Conv1D
 from methods.quantizers import (
     BITS,
@@ -49,13 +50,7 @@ from methods.quantizers import (
 
 
 @dataclass(frozen=True, kw_only=True)
-class LoftQConfig(MethodConfig):
-    r: int = 8
-    """Rank of B A."""
-    alpha: float = 16
-    """The update is scaled by alpha / r (the init accounts for it)."""
-    dropout: float = 0.0
-    """Dropout on the input of the low-rank branch."""
+class LoftQConfig(LowRankConfig):
     targets: Targets = "all-linear"
     """Which linear layers are quantized and adapted (LoftQ quantizes every adapted layer)."""
     bits: int = 4
@@ -68,12 +63,7 @@ class LoftQConfig(MethodConfig):
     """Alternating steps T (peft's default 1; the paper's ablations use up to 5)."""
 
     def validate(self) -> None:
-        if self.r < 1:
-            raise ConfigError("r", f"must be >= 1, got {self.r}")
-        if self.alpha <= 0:
-            raise ConfigError("alpha", f"must be > 0, got {self.alpha}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError("dropout", f"must be in [0, 1), got {self.dropout}")
+        super().validate()
         if self.bits not in BITS:
             raise ConfigError("bits", f"must be one of {BITS}, got {self.bits}")
         if self.quant_type not in ("nf4", *KINDS):

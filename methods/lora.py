@@ -11,7 +11,6 @@ adapter_model.safetensors) so that `peft.PeftModel.from_pretrained` loads them u
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from methods.base import (
     Targets,
     freeze,
     load_safetensors,
+    read_json,
     save_safetensors,
     write_json,
 )
@@ -41,17 +41,17 @@ PEFT_PREFIX = "base_model.model."
 
 
 @dataclass(frozen=True, kw_only=True)
-class LoRAConfig(MethodConfig):
+class LowRankConfig(MethodConfig):
+    """The settings every method with a B A update shares (LoRA, LoftQ, QA-LoRA, LQ-LoRA)."""
+
     r: int = 8
     """Rank of the update B A."""
     alpha: float = 16
-    """Scale numerator: the update is multiplied by alpha / r (alpha / sqrt(r) with rslora)."""
+    """Scale numerator: the update is multiplied by alpha / r."""
     dropout: float = 0.0
     """Dropout on the input of the low-rank branch only."""
     targets: Targets = "qv"
     """Which linear layers get an adapter (see methods.layers.resolve_targets)."""
-    rslora: bool = False
-    """Rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023, arXiv 2312.03732)."""
 
     def validate(self) -> None:
         if self.r < 1:
@@ -60,6 +60,12 @@ class LoRAConfig(MethodConfig):
             raise ConfigError("alpha", f"must be > 0, got {self.alpha}")
         if not 0 <= self.dropout < 1:
             raise ConfigError("dropout", f"must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoRAConfig(LowRankConfig):
+    rslora: bool = False
+    """Rank-stabilised scaling alpha / sqrt(r) instead of alpha / r (Kalajdzievski 2023, arXiv 2312.03732)."""
 
     @property
     def scaling(self) -> float:
@@ -180,14 +186,7 @@ def adapter_state(layers: dict[str, LoRALinear]) -> dict[str, Tensor]:
 
 
 def read_adapter_config(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        raise AdapterFileError(f"{path}: adapter config not found")
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterFileError(f"{path}: not readable JSON ({exc})") from exc
-    if not isinstance(saved, dict):
-        raise AdapterFileError(f"{path}: expected a JSON object, got {type(saved).__name__}")
+    saved = read_json(path)
     if saved.get("peft_type") != "LORA":
         raise AdapterFileError(f"{path}: peft_type is {saved.get('peft_type')!r}, expected 'LORA'")
     return saved

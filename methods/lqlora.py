@@ -31,7 +31,8 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from methods.base import Adapted, ConfigError, MethodConfig, Targets
+from methods.base import Adapted, ConfigError, Targets
+from methods.lora import LowRankConfig
 from methods.loftq import adapted_layer, decompose
 from methods.quantizers import (
     BITS,
@@ -48,13 +49,7 @@ from methods.quantizers import (
 
 
 @dataclass(frozen=True, kw_only=True)
-class LQLoRAConfig(MethodConfig):
-    r: int = 8
-    """Rank of L1 L2."""
-    alpha: float = 16
-    """The update is scaled by alpha / r (the init accounts for it)."""
-    dropout: float = 0.0
-    """Dropout on the input of the low-rank branch."""
+class LQLoRAConfig(LowRankConfig):
     targets: Targets = "all-linear"
     """Which linear layers are decomposed and adapted."""
     budget: float = 3.0
@@ -69,12 +64,7 @@ class LQLoRAConfig(MethodConfig):
     """Alternating quantize / SVD steps per (matrix, config)."""
 
     def validate(self) -> None:
-        if self.r < 1:
-            raise ConfigError("r", f"must be >= 1, got {self.r}")
-        if self.alpha <= 0:
-            raise ConfigError("alpha", f"must be > 0, got {self.alpha}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError("dropout", f"must be in [0, 1), got {self.dropout}")
+        super().validate()
         if not self.bits_choices or any(b not in BITS for b in self.bits_choices):
             raise ConfigError("bits_choices", f"must be a non-empty list drawn from {BITS}, got {self.bits_choices}")
         if not self.block_choices or any(b < 2 for b in self.block_choices):

@@ -37,7 +37,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from methods.base import Adapted, ConfigError, MethodConfig, Targets
+from methods.base import Adapted, ConfigError, Targets
+from methods.lora import LowRankConfig
 from methods.layers import Conv1D
 from methods.lora import lora_layers
 from methods.quantizers import (
@@ -55,13 +56,7 @@ from methods.quantizers import (
 
 
 @dataclass(frozen=True, kw_only=True)
-class QALoRAConfig(MethodConfig):
-    r: int = 8
-    """Rank of B A."""
-    alpha: float = 16
-    """The update is scaled by alpha / r."""
-    dropout: float = 0.0
-    """Dropout on the pooled input of the low-rank branch (as the authors' code)."""
+class QALoRAConfig(LowRankConfig):
     targets: Targets = "all-linear"
     """Which linear layers are quantized and adapted."""
     bits: int = 4
@@ -72,12 +67,7 @@ class QALoRAConfig(MethodConfig):
     """"mean" (the authors' code, peft) or "sum" pooling of each group of inputs."""
 
     def validate(self) -> None:
-        if self.r < 1:
-            raise ConfigError("r", f"must be >= 1, got {self.r}")
-        if self.alpha <= 0:
-            raise ConfigError("alpha", f"must be > 0, got {self.alpha}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError("dropout", f"must be in [0, 1), got {self.dropout}")
+        super().validate()
         if self.bits not in BITS:
             raise ConfigError("bits", f"must be one of {BITS}, got {self.bits}")
         if self.group_size < 1:

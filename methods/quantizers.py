@@ -53,6 +53,7 @@ from methods.base import (
     MethodConfig,
     freeze,
     load_safetensors,
+    read_json,
     save_safetensors,
     write_json,
 )
@@ -441,18 +442,6 @@ def adapter_state(layers: dict[str, QuantLoRALinear]) -> dict[str, Tensor]:
     return state
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        raise AdapterFileError(f"{path}: adapter config not found")
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterFileError(f"{path}: not readable JSON ({exc})") from exc
-    if not isinstance(saved, dict):
-        raise AdapterFileError(f"{path}: expected a JSON object, got {type(saved).__name__}")
-    return saved
-
-
 def make_adapted(model: nn.Module, method: str, cfg: MethodConfig, layers: dict[str, QuantLoRALinear]) -> Adapted:
     """The Adapted for a model whose targets are QuantLoRALinear: merge, unmerge, save, load."""
     trainable = [p for layer in layers.values() for p in (layer.lora_A, layer.lora_B)]
@@ -483,7 +472,7 @@ def make_adapted(model: nn.Module, method: str, cfg: MethodConfig, layers: dict[
     def load(directory: Path) -> None:
         directory = Path(directory)
         path = directory / CONFIG_FILE
-        saved = _read_json(path)
+        saved = read_json(path)
         if saved.get("method") != method:
             raise AdapterFileError(f"{path}: method is {saved.get('method')!r}, expected {method!r}")
         # Everything but dropout shapes the base or the adapter.
