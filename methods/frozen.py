@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from dataclasses import dataclass
 
 from torch import nn
@@ -17,6 +19,7 @@ class FrozenConfig(MethodConfig):
 class Frozen:
     name = "frozen"
     version = "1"
+    init_atol: ClassVar[float] = 0.0
     Config = FrozenConfig
 
     def apply(self, model: nn.Module, cfg: FrozenConfig) -> Adapted:

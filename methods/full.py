@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from dataclasses import dataclass
 
 from torch import nn
@@ -17,6 +19,7 @@ class FullConfig(MethodConfig):
 class Full:
     name = "full"
     version = "1"
+    init_atol: ClassVar[float] = 0.0
     Config = FullConfig
 
     def apply(self, model: nn.Module, cfg: FullConfig) -> Adapted:

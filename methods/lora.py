@@ -208,9 +208,7 @@ def load_adapter(layers: dict[str, LoRALinear], cfg: LoRAConfig, directory: Path
     path = directory / WEIGHTS_FILE
     state = load_safetensors(path)
     params = {
-        f"{PEFT_PREFIX}{name}.lora_{which}.weight": getattr(layer, f"lora_{which}")
-        for name, layer in layers.items()
-        for which in "AB"
+        f"{PEFT_PREFIX}{name}.lora_{which}.weight": getattr(layer, f"lora_{which}") for name, layer in layers.items() for which in "AB"
     }
     for key, value in state.items():
         if key not in params:
@@ -237,6 +235,7 @@ def load_adapter(layers: dict[str, LoRALinear], cfg: LoRAConfig, directory: Path
 class LoRA:
     name = "lora"
     version = "1"
+    init_atol: ClassVar[float] = 0.0
     Config = LoRAConfig
     battery_configs: ClassVar[list[dict[str, Any]]] = [
         {"r": 4, "targets": "qv"},

@@ -29,6 +29,7 @@ class TopKConfig(MethodConfig):
 class TopK:
     name = "top_k"
     version = "1"
+    init_atol: ClassVar[float] = 0.0
     Config = TopKConfig
     battery_configs: ClassVar[list[dict[str, Any]]] = [{"k": 1}, {"k": 0}]
 
