@@ -30,6 +30,10 @@ INT8_THRESHOLD = 6.0
 paper's and transformers' default)."""
 
 
+class QuantError(ValueError):
+    """A layer this bitsandbytes build cannot quantize correctly on this device."""
+
+
 @dataclass(frozen=True)
 class QuantInfo:
     """What quantization did to a model, for the trial result."""
@@ -67,7 +71,10 @@ def quantize(model: nn.Module, quant: str, double_quant: bool = False, compute_d
     skipped = sorted({n for n, _ in linear_modules(model)} - set(names))
     params = 0
     for name in names:
-        new = _quantized_layer(model.get_submodule(name), quant, double_quant, compute_dtype)
+        try:
+            new = _quantized_layer(model.get_submodule(name), quant, double_quant, compute_dtype)
+        except QuantError as exc:
+            raise QuantError(f"{exc} (layer {name})") from None
         params += new.in_features * new.out_features
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, new)
@@ -102,6 +109,8 @@ def _quantized_layer(layer: nn.Module, quant: str, double_quant: bool, compute_d
         # repacks the weight for a fast inference kernel, and later training silently gets
         # wrong gradients. Never repack.
         new.support_avx512bf16_for_cpu = False
+        if device.type == "cpu":
+            _check_cpu_dequantize(new.weight, quant)
     else:
         new = bnb.nn.Linear8bitLt(in_features, out_features, bias=has_bias, has_fp16_weights=False,
                                   threshold=INT8_THRESHOLD, device="meta")
@@ -112,6 +121,40 @@ def _quantized_layer(layer: nn.Module, quant: str, double_quant: bool, compute_d
         new.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
     new.train(layer.training)
     return new
+
+
+def _check_cpu_dequantize(weight: nn.Parameter, quant: str) -> None:
+    """bitsandbytes 0.50.2's CPU dequantize kernel returns wrong weights for some layer shapes
+    (e.g. in_features 32 or 96; found here, not documented), while the stored codes are right:
+    decode the codes by hand (codebook value x block absmax) and refuse the layer if the kernel
+    disagrees, rather than train on silently wrong weights."""
+    import bitsandbytes.functional as F
+
+    state = weight.quant_state
+    packed = weight.data.reshape(-1).long()
+    codes = torch.stack([packed >> 4, packed & 15], 1).reshape(-1)  # first code in the high nibble
+    absmax = state.absmax
+    if state.nested:  # double quantization: the absmax constants are 8-bit codes themselves
+        absmax = F.dequantize_blockwise(absmax, state.state2) + state.offset
+    n = state.shape.numel()
+    values = F.get_4bit_type(quant, device="cpu")[codes[:n]]
+    blocks = torch.arange(n) // state.blocksize
+    reference = (values * absmax.float()[blocks]).reshape(state.shape)
+    got = F.dequantize_4bit(weight.data, state).float()
+    err = (got - reference).abs().max().item()
+    if err > 1e-3 * max(reference.abs().max().item(), 1e-12):
+        raise QuantError(
+            f"model.quant: bitsandbytes {_bnb_version()} cannot {quant}-quantize a linear layer of shape "
+            f"(out={state.shape[0]}, in={state.shape[1]}) correctly on CPU: its dequantized weight is off by up to "
+            f"{err:.3g} (its CPU kernel mis-handles this shape); use a model whose layer widths are multiples of "
+            f"{state.blocksize}, another quant, or a CUDA device"
+        )
+
+
+def _bnb_version() -> str:
+    import bitsandbytes
+
+    return bitsandbytes.__version__
 
 
 def no_repacking(model: nn.Module) -> int:

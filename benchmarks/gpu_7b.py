@@ -258,6 +258,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     clock = Clock(args.budget_s)
     report: dict[str, Any] = {
+        "benchmark": "gpu_7b",  # how reports/results.py tells it from trial results
         "settings": vars(s) | {"device": str(device), "budget_s": args.budget_s},
         "env": results.environment(torch.cuda.get_device_name(device) if device.type == "cuda" else None),
         "variants": [], "methods": [], "skipped": [],

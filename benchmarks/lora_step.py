@@ -111,6 +111,7 @@ def main() -> None:
 
     med = {v: statistics.median(times[v]) for v in variants}
     out = {
+        "benchmark": "lora_step",  # how reports/results.py tells it from trial results
         "config": vars(args) | {"threads": torch.get_num_threads(), "model": "smollm2-135m", "dtype": "float32"},
         "step_s_median": med,
         "step_s_min": {v: min(times[v]) for v in variants},

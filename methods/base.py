@@ -11,7 +11,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Protocol
+from typing import Any, Callable, ClassVar, Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -94,6 +94,9 @@ class TrainHooks:
     """Turn the trainable list into optimizer param groups (per-tensor learning rates)."""
     on_step: Callable[[int, torch.optim.Optimizer], None] | None = None
     """Called after every optimizer step with the global step (restarts, lr rescaling)."""
+    lr_multiplier: Callable[[int], float] | None = None
+    """A factor on the loop's schedule for the step with this (0-based) global index: jagged
+    schedules with restarts multiply the suite's schedule instead of replacing it."""
 
 
 @dataclass
@@ -145,6 +148,21 @@ class Adapted:
         load_into(self.model, state, source=directory / "adapter.safetensors")
 
 
+@dataclass(frozen=True)
+class MethodContext:
+    """What a method gets besides the model and its config when its class sets
+    `needs_context = True`: the runner passes it as `apply(model, cfg, context=...)`. Suite
+    validation applies methods to a weightless skeleton without one (context=None)."""
+
+    tokenizer: Any
+    """The model's tokenizer (a transformers tokenizer)."""
+    train: Sequence[tuple[str, str]] = ()
+    """The trial task's train split as (prompt, answer) texts, in the format training and
+    evaluation use; never eval rows."""
+    seed: int = 0
+    """The trial's seed, for anything drawn from `train`."""
+
+
 class Method(Protocol):
     name: ClassVar[str]
     """Registry key, e.g. "lora"."""
@@ -152,7 +170,9 @@ class Method(Protocol):
     """Bump when behaviour changes: part of the trial id."""
     Config: ClassVar[type[MethodConfig]]
 
-    def apply(self, model: nn.Module, cfg: MethodConfig) -> Adapted: ...
+    def apply(self, model: nn.Module, cfg: MethodConfig) -> Adapted:
+        """A class with `needs_context: ClassVar[bool] = True` takes `context: MethodContext | None` too."""
+        ...
 
 
 class AdapterFileError(ValueError):
@@ -209,6 +229,17 @@ def read_json(path: Path) -> dict[str, Any]:
     if not isinstance(saved, dict):
         raise AdapterFileError(f"{path}: expected a JSON object, got {type(saved).__name__}")
     return saved
+
+
+def require_float(params: list[tuple[str, nn.Parameter]], method: str) -> None:
+    """Gradients need floating-point tensors: a 4-bit or int8 base cannot be trained directly."""
+    for name, p in params:
+        if not p.is_floating_point():
+            raise ConfigError(
+                "model.quant",
+                f"{method} trains {name}, which is quantized ({p.dtype}); use a full-precision base "
+                "(quant = \"none\") or an adapter method such as lora",
+            )
 
 
 def freeze(model: nn.Module) -> None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from methods.base import Adapted, MethodConfig
+from methods.base import Adapted, MethodConfig, require_float
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -23,6 +23,7 @@ class Full:
     Config = FullConfig
 
     def apply(self, model: nn.Module, cfg: FullConfig) -> Adapted:
+        require_float(list(model.named_parameters()), self.name)
         for p in model.parameters():
             p.requires_grad_(True)
         # Tied weights appear once in parameters(), so the count is the stored count.

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from methods.base import Adapted, ConfigError, MethodConfig, freeze
+from methods.base import Adapted, ConfigError, MethodConfig, freeze, require_float
 from methods.layers import blocks, head_parameters
 
 
@@ -37,10 +37,12 @@ class TopK:
         layers = blocks(model)
         if cfg.k > len(layers):
             raise ConfigError("k", f"{cfg.k} exceeds the model's {len(layers)} blocks")
-        freeze(model)
         chosen: dict[int, nn.Parameter] = {id(p): p for p in head_parameters(model)}
         for block in list(layers)[len(layers) - cfg.k :]:
             chosen.update({id(p): p for p in block.parameters()})
+        names = {id(p): n for n, p in model.named_parameters()}
+        require_float([(names.get(i, "?"), p) for i, p in chosen.items()], f"{self.name} (k={cfg.k})")
+        freeze(model)
         for p in chosen.values():
             p.requires_grad_(True)
         return Adapted(model=model, trainable=list(chosen.values()))

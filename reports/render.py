@@ -39,7 +39,7 @@ def html(folders: Sequence[str | Path]) -> str:
     names = ", ".join(Path(f).name for f in folders)
     return env.get_template(TEMPLATE).render(
         title=f"peftbench report: {names}", folders=[str(f) for f in folders], n_files=len(trials),
-        sections=sections.build(trials, published()))
+        sections=sections.build(trials, published(), results.benchmark_records(*folders)))
 
 
 def write(folders: Sequence[str | Path], output: str | Path | None = None) -> Path:

@@ -28,12 +28,40 @@ def load_file(path: Path) -> dict:
     return result
 
 
-def files(*dirs: str | Path) -> list[Path]:
+BENCHMARK_KEY = "benchmark"
+"""Benchmark scripts (benchmarks/*.py) tag their JSON output with this key and their name; such
+files may sit beside trial results and are read by `benchmark_records`, not as trials."""
+
+
+def _json_files(dirs: Sequence[str | Path]) -> list[Path]:
     out: list[Path] = []
     for d in map(Path, dirs):
         if not d.exists():
             raise ResultFileError(f"{d}: no such results folder")
         out += sorted(p for p in d.rglob("*.json") if not p.name.startswith(".") and "adapters" not in p.parts)
+    return out
+
+
+def _is_benchmark(path: Path) -> bool:
+    try:
+        head = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False  # a damaged trial file: load_file reports it
+    return isinstance(head, dict) and isinstance(head.get(BENCHMARK_KEY), str)
+
+
+def files(*dirs: str | Path) -> list[Path]:
+    """Trial result files under the folders (benchmark outputs left out)."""
+    return [p for p in _json_files(dirs) if not _is_benchmark(p)]
+
+
+def benchmark_records(*dirs: str | Path) -> dict[str, list[dict[str, Any]]]:
+    """Benchmark outputs under the folders, by benchmark name, each with its `path`."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for p in _json_files(dirs):
+        if _is_benchmark(p):
+            record = json.loads(p.read_text())
+            out.setdefault(record[BENCHMARK_KEY], []).append({**record, "path": str(p)})
     return out
 
 

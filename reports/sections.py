@@ -556,8 +556,135 @@ def provenance(trials: pd.DataFrame) -> Section:
     return s
 
 
-def build(trials: pd.DataFrame, pub: dict) -> list[Section]:
+GB = 1e9  # the published GPU figures are in GB (10^9 bytes)
+
+
+def _base_label(model: dict) -> str:
+    quant = model.get("quant") or "none"
+    if quant == "none":
+        return str(model.get("dtype", "?"))
+    return quant + ("+DQ" if model.get("double_quant") else "")
+
+
+def _published_key(model: dict) -> str:
+    """The key published.toml uses for a base: none, nf4, nf4-dq, fp4, int8."""
+    quant = model.get("quant") or "none"
+    return f"{quant}-dq" if quant != "none" and model.get("double_quant") else quant
+
+
+def gpu(records: dict[str, list[dict]], pub: dict) -> Section:
+    """benchmarks/gpu_7b.py records: LoRA against QLoRA on a synthetic Llama-2-7B on CUDA, beside
+    Raschka's and LitGPT's figures, and every method's CUDA path on a small synthetic model."""
+    s = Section("gpu", "On a GPU: LoRA against QLoRA at Llama-2-7B scale")
+    runs = records.get("gpu_7b", [])
+    if not runs:
+        s.p("No GPU records in these folders: run benchmarks/gpu_7b.py on a CUDA machine (see benchmarks/README.md) "
+            "and pass its output folder to the report.")
+        return s
+    q = pub["lora_vs_qlora"]
+    raschka = {r["quant"]: r for r in q["raschka"]}
+    litgpt = {r["quant"]: r["memory_gb"] for r in q["litgpt"]}
+    claims, tol = q["claims"], q["tolerance"]
+    for run in runs:
+        st, env = run["settings"], run["env"]
+        ok = [v for v in run["variants"] if v.get("status") == "success"]
+        s.p(f"{env.get('device')} ({run['path']}): {st['big']} (the real architecture with random weights: memory and "
+            f"time do not depend on the values, scores are meaningless and not shown), micro-batch {st['micro_batch']}, "
+            f"{st['steps']} steps, sequence length {st['seq']} unless stated; torch {env['packages'].get('torch')}, "
+            f"bitsandbytes {env['packages'].get('bitsandbytes')}. Peak = torch's max allocated during training, "
+            "weights included; GB = 10^9 bytes. Command: python benchmarks/gpu_7b.py --out DIR (benchmarks/README.md).")
+
+        def reference(v: dict) -> dict | None:
+            """The bf16 LoRA run this variant is compared against: same rank, targets, optimizer and length."""
+            key = (v["method"]["config"].get("r"), v["method"]["config"].get("targets"), v["train_spec"]["optimizer"], v["seq"])
+            for w in ok:
+                if _published_key(w["model"]) == "none" and (w["method"]["config"].get("r"), w["method"]["config"].get("targets"),
+                                                               w["train_spec"]["optimizer"], w["seq"]) == key:
+                    return w
+            return None
+
+        def raschka_setting(v: dict) -> bool:
+            c = v["method"]["config"]
+            return c.get("r") == 8 and c.get("targets") == "qv" and v["train_spec"]["optimizer"] == "adamw" and v["seq"] == st["seq"]
+
+        rows = []
+        for v in run["variants"]:
+            m, c = v.get("memory") or {}, v["method"]["config"]
+            key = _published_key(v["model"])
+            pub_gb = raschka.get(key, {}).get("memory_gb") or litgpt.get(key) if raschka_setting(v) else None
+            ref = reference(v)
+            rows.append([Cell(v["name"]), Cell(_base_label(v["model"])), Cell(f"r={c.get('r')} {c.get('targets')}"),
+                         Cell(v["train_spec"]["optimizer"]), c_int(v["seq"]), Cell(v["status"]),
+                         c_int((v.get("params") or {}).get("trainable")),
+                         c_num((m.get("accounted") or {}).get("weights", float("nan")) / GB, 2),
+                         c_num(m.get("peak_bytes", float("nan")) / GB, 2), c_num(m.get("peak_reserved_bytes", float("nan")) / GB, 2),
+                         c_num(pub_gb, 2) if pub_gb else Cell("—", ""),
+                         c_change(m.get("peak_bytes", float("nan")) / GB, pub_gb) if pub_gb else Cell("—", ""),
+                         c_num(v.get("step_s_median"), 3, " s"),
+                         c_num(v["step_s_median"] / ref["step_s_median"], 2, "x") if ref and v.get("step_s_median") else Cell("—", "")])
+        s.table(Table(["variant", "base", "adapter", "optimizer", "seq", "status", "trainable", "weights (GB)", "peak (GB)",
+                       "reserved (GB)", "published (GB)", "ours vs published", "median step", "step vs bf16 LoRA"], rows,
+                      caption="Every variant the script ran; published figures (Raschka, else LitGPT) only beside runs "
+                              "with Raschka's adapter (r=8 on query and value, AdamW)"))
+        by_key = {_published_key(v["model"]): v for v in ok if raschka_setting(v)}
+        lora = by_key.get("none")
+        if lora:
+            crows = []
+            for key, claim_mem, claim_time in [("nf4", claims["memory_change_pct"], claims["time_change_pct"]),
+                                               ("nf4-dq", None, None), ("fp4", None, claims["fp4_time_change_pct"])]:
+                v = by_key.get(key)
+                if not v:
+                    continue
+                mem = 100 * (v["memory"]["peak_bytes"] / lora["memory"]["peak_bytes"] - 1)
+                time = 100 * (v["step_s_median"] / lora["step_s_median"] - 1)
+                exp_mem = (claim_mem, "Raschka") if claim_mem is not None else (
+                    (100 * (litgpt[key] / litgpt["none"] - 1), "LitGPT") if key in litgpt and "none" in litgpt else None)
+                exp_time = (claim_time, "Raschka") if claim_time is not None else None
+                crows.append([Cell(key), c_signed(mem), _expected_cell(exp_mem), _agree(mem, exp_mem, tol["memory_pct_points"]),
+                              c_signed(time), _expected_cell(exp_time), _agree(time, exp_time, tol["time_pct_points"])])
+            s.table(Table(["QLoRA base", "memory change", "published", "verdict (memory)", "step-time change", "published",
+                           "verdict (time)"], crows, caption="QLoRA against bf16 LoRA, both r=8 on query and value"))
+            s.p(_gpu_memory_text(lora, [v for v in ok if v is not lora and raschka_setting({**v, "seq": st["seq"]})
+                                        and _published_key(v["model"]) == "none"], raschka.get("none", {}).get("memory_gb")))
+        methods = run.get("methods") or []
+        if methods:
+            s.table(Table(["method", "base", "status", "trainable", "median step", "error"],
+                          [[Cell(r["method_name"]), Cell(r["base"]), Cell(r["status"]), c_int((r.get("params") or {}).get("trainable")),
+                            c_num(r.get("step_s_median"), 3, " s"), Cell(str(r.get("error") or ""), pre=True)] for r in methods],
+                          caption=f"Every registered method's CUDA path: a few steps on {st.get('small')}"))
+    s.published(published_table(q["raschka"], {"setting": "setting", "quant": "quantization", "memory_gb": "memory (GB)",
+                                               "train_s": "train time (s)"}), cite(pub, "raschka"))
+    s.published(published_table(q["litgpt"], {"quant": "quantization", "memory_gb": "memory (GB)"}), cite(pub, "litgpt"))
+    return s
+
+
+def _gpu_memory_text(lora: dict, longer: list[dict], published_gb: float | None) -> str:
+    """Why bf16 LoRA's peak differs from the published one, from the breakdown and the sequence-length runs."""
+    m = lora["memory"]
+    acc = m.get("accounted") or {}
+    text = (f"bf16 LoRA's peak of {m['peak_bytes'] / GB:.2f} GB splits into weights {acc.get('weights', 0) / GB:.2f} GB, "
+            f"activations saved for backward {acc.get('activations', 0) / GB:.2f} GB, gradients {acc.get('grads', 0) / GB:.3f} GB "
+            f"and optimizer state {acc.get('optimizer', 0) / GB:.3f} GB. ")
+    if published_gb is None:
+        return text
+    text += f"The published peak is {published_gb:.2f} GB ({100 * (m['peak_bytes'] / GB / published_gb - 1):+.0f}%). "
+    longer = [v for v in longer if v["seq"] != lora["seq"]]
+    if longer:
+        v = max(longer, key=lambda v: v["seq"])
+        per_token = (v["memory"]["peak_bytes"] - m["peak_bytes"]) / (v["seq"] - lora["seq"])
+        if per_token > 0:
+            at = lora["seq"] + (published_gb * GB - m["peak_bytes"]) / per_token
+            text += (f"The weights are the same in every setting, so the difference is activations, which grow with the "
+                     f"sequence length: our peak rises by {per_token * 512 / GB:.2f} GB per 512 tokens (seq {lora['seq']} "
+                     f"-> {v['seq']}); at that rate the published peak corresponds to a longest sequence of about "
+                     f"{at:,.0f} tokens (an extrapolation from two measured lengths, not a measurement). The published runs "
+                     "trained on Alpaca, whose peak is set by its longest sample, so a fixed-length synthetic batch "
+                     "matches it only at that length.")
+    return text
+
+
+def build(trials: pd.DataFrame, pub: dict, records: dict[str, list[dict]] | None = None) -> list[Section]:
     groups = pd.DataFrame() if trials.empty else seed_groups(trials)
     return [overview(trials, groups), rank_sweep(groups, pub), targets(groups, pub), optimizer(groups, pub),
-            epochs(groups, pub), methods_section(groups, pub), lora_vs_qlora(groups, pub), surgical(groups, pub),
-            memory_breakdown(groups), loss_curves(trials), failures(trials), provenance(trials)]
+            epochs(groups, pub), methods_section(groups, pub), lora_vs_qlora(groups, pub), gpu(records or {}, pub),
+            surgical(groups, pub), memory_breakdown(groups), loss_curves(trials), failures(trials), provenance(trials)]

@@ -22,8 +22,9 @@ VOCAB = 128
 SEED = 0
 
 
-def build_model(kind: str) -> nn.Module:
-    """A tiny float32 model in eval mode; the same kind always gets the same weights."""
+def build_model(kind: str, hidden: int = 32) -> nn.Module:
+    """A tiny float32 model in eval mode; the same kind always gets the same weights. `hidden` 64
+    gives layers whose widths are whole 64-weight quantization blocks (bench/quant.py)."""
     from transformers import (
         BertConfig,
         BertForSequenceClassification,
@@ -38,11 +39,11 @@ def build_model(kind: str) -> nn.Module:
     if kind == "llama":
         model = LlamaForCausalLM(
             LlamaConfig(
-                hidden_size=32,
+                hidden_size=hidden,
                 num_hidden_layers=2,
                 num_attention_heads=4,
                 num_key_value_heads=2,
-                intermediate_size=64,
+                intermediate_size=2 * hidden,
                 vocab_size=VOCAB,
                 max_position_embeddings=64,
                 bos_token_id=1,
@@ -52,7 +53,7 @@ def build_model(kind: str) -> nn.Module:
     elif kind == "gpt2":
         model = GPT2LMHeadModel(
             GPT2Config(
-                n_embd=32,
+                n_embd=hidden,
                 n_layer=2,
                 n_head=4,
                 vocab_size=VOCAB,
@@ -67,10 +68,10 @@ def build_model(kind: str) -> nn.Module:
     elif kind == "bert":
         model = BertForSequenceClassification(
             BertConfig(
-                hidden_size=32,
+                hidden_size=hidden,
                 num_hidden_layers=2,
                 num_attention_heads=4,
-                intermediate_size=64,
+                intermediate_size=2 * hidden,
                 vocab_size=VOCAB,
                 max_position_embeddings=64,
                 num_labels=2,

@@ -45,7 +45,7 @@ def tokens(batch: int = 2, seq: int = 12, vocab: int = 512, seed: int = 1) -> di
 
 @pytest.mark.parametrize("q", QUANT_CASES, ids=_case)
 def test_quantized_forward_close_to_float(q: tuple[str, bool], kind: str, tiny_model, batch_for) -> None:
-    reference = tiny_model(kind)
+    reference = tiny_model(kind, hidden=64)
     model = copy.deepcopy(reference)
     info = quant.quantize(model, q[0], q[1], torch.float32)
     linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -57,9 +57,17 @@ def test_quantized_forward_close_to_float(q: tuple[str, bool], kind: str, tiny_m
     batch = batch_for(kind)
     with torch.no_grad():
         want, got = reference(**batch).logits, model(**batch).logits
-    # 4-bit weights of a random model move logits by about 15%; int8 by under 1%.
+    # 4-bit weights of a random model move logits by about 15%; int8 by a few percent at most.
     assert F.cosine_similarity(got.flatten(), want.flatten(), dim=0) > (0.97 if q[0] != "int8" else 0.999)
-    assert (got - want).norm() / want.norm() < (0.3 if q[0] != "int8" else 0.02)
+    assert (got - want).norm() / want.norm() < (0.3 if q[0] != "int8" else 0.05)
+
+
+@pytest.mark.parametrize("q", [q for q in QUANT_CASES if q[0] != "int8"], ids=_case)
+def test_a_shape_bitsandbytes_dequantizes_wrongly_on_cpu_is_refused(q: tuple[str, bool], tiny_model) -> None:
+    """bitsandbytes 0.50.2's CPU kernel dequantizes 32-wide layers wrongly (codes right, weights
+    wrong): quantizing must fail naming the layer, not train on wrong weights."""
+    with pytest.raises(quant.QuantError, match=r"model\.quant: .*in=32.*layer model\.layers\.0\.self_attn\.q_proj"):
+        quant.quantize(tiny_model("llama"), q[0], q[1], torch.float32)
 
 
 class Dequantized(nn.Module):
@@ -120,6 +128,34 @@ def test_qlora_gradients_match_dequantized_reference_after_eval_forward(compute_
     got, want = lora_grads(model, batch), lora_grads(reference, batch)
     assert all(g.dtype == torch.float32 for g in got.values())  # adapters stay float32
     assert max_rel_error(got, want) < 1e-4
+
+
+def test_qlora_gradients_match_dequantized_reference_after_a_real_lm_eval_pass(tmp_path, monkeypatch) -> None:
+    """As above, but the model first goes through lm-eval itself (HFLM, loglikelihood requests of
+    the sst2 task), exactly as a trial evaluates before and after training."""
+    from bench import evaluate
+
+    monkeypatch.setenv("PEFTBENCH_CACHE", str(tmp_path))
+    model, reference = qlora(torch.float32)
+    tokenizer = models.load({"name": "synthetic:llama-tiny"}).tokenizer
+    scores = evaluate.lm_eval_scores(model, tokenizer, ["sst2"], limit=4)
+    assert 0.0 <= scores["sst2"]["acc"] <= 1.0
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            assert not getattr(m.weight.quant_state, "packing_format_for_cpu", False), "lm-eval's pass repacked a weight"
+    batch = tokens()
+    assert max_rel_error(lora_grads(model, batch), lora_grads(reference, batch)) < 1e-4
+
+
+def test_full_and_top_k_refuse_a_quantized_base() -> None:
+    for name, values in [("full", {}), ("top_k", {"k": 1})]:
+        model = tiny_llama()
+        quant.quantize(model, "nf4", True, torch.float32)
+        method = methods.get(name)
+        with pytest.raises(methods.ConfigError, match="quantized") as info:
+            method.apply(model, method.Config.from_dict(values))
+        assert info.value.key == "model.quant"
+        assert not any(p.requires_grad for p in model.parameters() if not p.is_floating_point())
 
 
 @pytest.mark.skipif(not bnb.functional.has_avx512bf16(), reason="the repacking path exists on AVX512-BF16 CPUs only")

@@ -17,7 +17,7 @@ from reports import render, results, sections
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
-SECTION_IDS = ("overview", "rank", "targets", "optimizer", "epochs", "methods", "qlora", "surgical", "memory", "loss",
+SECTION_IDS = ("overview", "rank", "targets", "optimizer", "epochs", "methods", "qlora", "gpu", "surgical", "memory", "loss",
                "failures", "provenance")
 FAILED_ERROR = "RuntimeError: shape mismatch in block 7 (unique-error-3141)"
 
@@ -288,3 +288,33 @@ def test_a_repeated_seed_is_not_a_second_sample(tmp_path):
     assert len(groups) == 1
     row = groups.iloc[0]
     assert row["n"] == 2 and row["score_values"] == pytest.approx([0.81, 0.84])
+
+
+def gpu_record(folder: Path) -> dict:
+    """A gpu_7b benchmark record (the committed H200 run) beside the trial results."""
+    record = json.loads((ROOT / "results" / "reference" / "gpu" / "gpu_7b.json").read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "gpu_7b.json").write_text(json.dumps(record))
+    return record
+
+
+def test_gpu_records_are_set_beside_the_published_figures(tmp_path):
+    folder = make_sweep(tmp_path / "lora_sweep")
+    record = gpu_record(tmp_path / "gpu")
+    assert results.files(tmp_path) == results.files(folder)  # the benchmark file is not a trial
+    out = render.write([folder, tmp_path / "gpu"], tmp_path / "r.html")
+    gpu = section_text(out.read_text(), "gpu")
+    variants = {v["name"]: v for v in record["variants"]}
+    lora, nf4 = variants["lora-bf16-qv"], variants["qlora-nf4-qv"]
+    mem = 100 * (nf4["memory"]["peak_bytes"] / lora["memory"]["peak_bytes"] - 1)
+    time = 100 * (nf4["step_s_median"] / lora["step_s_median"] - 1)
+    assert f"{mem:+.1f}%" in gpu and f"{time:+.1f}%" in gpu
+    assert f"{lora['memory']['peak_bytes'] / 1e9:.2f}" in gpu and "21.33" in gpu and "14.18" in gpu
+    assert record["env"]["device"] in gpu
+    for m in record["methods"]:
+        assert m["method_name"] in gpu
+
+
+def test_gpu_section_without_records_says_how_to_get_them(report):
+    _, html = report
+    assert "benchmarks/gpu_7b.py" in section_text(html, "gpu")
