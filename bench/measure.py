@@ -37,6 +37,7 @@ def weight_bytes(model: nn.Module) -> dict[str, int]:
     tensors = list(model.parameters()) + list(model.buffers())
     # bitsandbytes keeps 4-bit quantization constants beside the packed weight.
     for p in model.parameters():
+        tensors.append(getattr(p, "SCB", None))  # LLM.int8(): one fp32 scale per output row
         state = getattr(p, "quant_state", None)
         if state is not None:
             tensors += [getattr(state, "absmax", None), getattr(state, "code", None)]

@@ -137,6 +137,8 @@ def load(spec: dict[str, Any], seed: int = 0, device: torch.device | str = "cpu"
 
     name: str = spec["name"]
     dtype = DTYPES[spec.get("dtype", "float32")]
+    for key in ("dtype", "compute_dtype"):
+        _check_device_dtype(spec.get(key), torch.device(device), f"model.{key}")
     start = time.perf_counter()
     if name.startswith("synthetic:"):
         model = build_synthetic(name.removeprefix("synthetic:"), dtype, seed, device)
@@ -153,6 +155,12 @@ def load(spec: dict[str, Any], seed: int = 0, device: torch.device | str = "cpu"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return Loaded(model, tokenizer, False, time.perf_counter() - start, str(path), _quantize(model, spec))
+
+
+def _check_device_dtype(dtype: str | None, device: torch.device, key: str) -> None:
+    """bf16 needs an Ampere or newer GPU: on an older one torch would emulate or fail deep inside a kernel."""
+    if dtype == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ModelError(f"{key}: bfloat16 is not supported by this GPU ({torch.cuda.get_device_name(device)}); use float16 or float32")
 
 
 def _quantize(model: nn.Module, spec: dict[str, Any]) -> dict[str, Any] | None:
