@@ -140,9 +140,11 @@ def _check_cpu_dequantize(weight: nn.Parameter, quant: str) -> None:
     values = F.get_4bit_type(quant, device="cpu")[codes[:n]]
     blocks = torch.arange(n) // state.blocksize
     reference = (values * absmax.float()[blocks]).reshape(state.shape)
-    got = F.dequantize_4bit(weight.data, state).float()
-    err = (got - reference).abs().max().item()
-    if err > 1e-3 * max(reference.abs().max().item(), 1e-12):
+    got = F.dequantize_4bit(weight.data, state)
+    # Compared after rounding to the weight's dtype: a bf16 weight is decoded to bf16. The kernel's
+    # failures are gross (errors of 20-45% of the largest weight), rounding is not.
+    err = (got.float() - reference.to(got.dtype).float()).abs().max().item()
+    if err > 1e-2 * max(reference.abs().max().item(), 1e-12):
         raise QuantError(
             f"model.quant: bitsandbytes {_bnb_version()} cannot {quant}-quantize a linear layer of shape "
             f"(out={state.shape[0]}, in={state.shape[1]}) correctly on CPU: its dequantized weight is off by up to "

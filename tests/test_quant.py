@@ -70,6 +70,13 @@ def test_a_shape_bitsandbytes_dequantizes_wrongly_on_cpu_is_refused(q: tuple[str
         quant.quantize(tiny_model("llama"), q[0], q[1], torch.float32)
 
 
+@pytest.mark.parametrize("q", [q for q in QUANT_CASES if q[0] != "int8"], ids=_case)
+def test_block_aligned_bf16_layers_pass_the_dequantize_check(q: tuple[str, bool], tiny_model) -> None:
+    """The check must not refuse what the kernel gets right: bf16 weights decode to bf16."""
+    info = quant.quantize(tiny_model("llama", hidden=64).to(torch.bfloat16), q[0], q[1], torch.bfloat16)
+    assert info.layers == 14
+
+
 class Dequantized(nn.Module):
     """A linear layer computing as bitsandbytes' 4-bit layer does, in plain torch: the
     dequantized weight, input and weight cast to the compute dtype, output cast back."""
