@@ -71,6 +71,11 @@ class LoRAConfig(LowRankConfig):
     def scaling(self) -> float:
         return self.alpha / math.sqrt(self.r) if self.rslora else self.alpha / self.r
 
+    @property
+    def use_dora(self) -> bool:
+        """peft's flag for a magnitude vector beside A and B (methods.dora sets it)."""
+        return False
+
 
 def features(layer: nn.Module) -> tuple[int, int]:
     """(in, out) of a Linear, a Conv1D or a quantized Linear (whose weight is packed: 4-bit
@@ -113,6 +118,10 @@ class LoRALinear(nn.Module):
         # elementwise op less per layer, forward and backward.
         branch = F.linear(F.linear(self.dropout(x.to(self.lora_A.dtype)), self.lora_A), self.lora_B * self.scaling)
         return result + branch.to(result.dtype)
+
+    def adapter_tensors(self) -> dict[str, nn.Parameter]:
+        """The tensors an adapter file holds for this layer, by peft's key suffix (subclasses add theirs)."""
+        return {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
 
     def delta_weight(self) -> Tensor:
         """scaling * B A, laid out like the base weight."""
@@ -167,7 +176,7 @@ def peft_config(model: nn.Module, cfg: LoRAConfig, layers: dict[str, LoRALinear]
         "bias": "none",
         "init_lora_weights": True,
         "modules_to_save": None,
-        "use_dora": False,
+        "use_dora": cfg.use_dora,
         "lora_bias": False,
         "layers_to_transform": None,
         "layers_pattern": None,
@@ -177,12 +186,8 @@ def peft_config(model: nn.Module, cfg: LoRAConfig, layers: dict[str, LoRALinear]
 
 
 def adapter_state(layers: dict[str, LoRALinear]) -> dict[str, Tensor]:
-    """The A and B tensors under peft's key names."""
-    state: dict[str, Tensor] = {}
-    for name, layer in layers.items():
-        state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach()
-        state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach()
-    return state
+    """The A and B tensors (and any a subclass adds) under peft's key names."""
+    return {f"{PEFT_PREFIX}{name}.{key}": t.detach() for name, layer in layers.items() for key, t in layer.adapter_tensors().items()}
 
 
 def read_adapter_config(path: Path) -> dict[str, Any]:
@@ -194,7 +199,7 @@ def read_adapter_config(path: Path) -> dict[str, Any]:
 
 def check_matches(path: Path, saved: dict[str, Any], cfg: LoRAConfig) -> None:
     """A saved adapter with another rank or scaling would load wrongly or not at all."""
-    expected = {"r": cfg.r, "lora_alpha": cfg.alpha, "use_rslora": cfg.rslora}
+    expected = {"r": cfg.r, "lora_alpha": cfg.alpha, "use_rslora": cfg.rslora, "use_dora": cfg.use_dora}
     for key, want in expected.items():
         if key not in saved:
             raise AdapterFileError(f"{path}: missing key {key!r}")
@@ -207,9 +212,7 @@ def load_adapter(layers: dict[str, LoRALinear], cfg: LoRAConfig, directory: Path
     check_matches(directory / CONFIG_FILE, read_adapter_config(directory / CONFIG_FILE), cfg)
     path = directory / WEIGHTS_FILE
     state = load_safetensors(path)
-    params = {
-        f"{PEFT_PREFIX}{name}.lora_{which}.weight": getattr(layer, f"lora_{which}") for name, layer in layers.items() for which in "AB"
-    }
+    params = {f"{PEFT_PREFIX}{name}.{key}": t for name, layer in layers.items() for key, t in layer.adapter_tensors().items()}
     for key, value in state.items():
         if key not in params:
             raise AdapterFileError(f"{path}: tensor {key!r} has no matching LoRA module in the model")
@@ -242,6 +245,10 @@ class LoRA:
         {"r": 2, "targets": "all-linear", "rslora": True},
     ]
 
+    def wrap(self, layer: nn.Module, cfg: LoRAConfig) -> LoRALinear:
+        """The adapter around one target layer (LoRA-FA and DoRA swap in theirs)."""
+        return LoRALinear(layer, cfg.r, cfg.scaling, cfg.dropout)
+
     def apply(self, model: nn.Module, cfg: LoRAConfig) -> Adapted:
         if lora_layers(model):
             raise ConfigError("model", "already has LoRA layers; apply LoRA to a fresh base model")
@@ -249,9 +256,9 @@ class LoRA:
         freeze(model)
         for name, layer in targets:
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, LoRALinear(layer, cfg.r, cfg.scaling, cfg.dropout))
+            setattr(model.get_submodule(parent), child, self.wrap(layer, cfg))
         layers = lora_layers(model)
-        trainable = [p for layer in layers.values() for p in (layer.lora_A, layer.lora_B)]
+        trainable = [p for layer in layers.values() for p in layer.adapter_tensors().values() if p.requires_grad]
 
         def merge() -> nn.Module:
             for layer in layers.values():

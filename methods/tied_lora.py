@@ -1,0 +1,245 @@
+"""Tied-LoRA: Enhancing Parameter Efficiency of LoRA with Weight Tying (Renduchintala et al. 2023, arXiv 2311.09578).
+
+LoRA's A (r x in) and B (out x r) are tied across layers: one pair per kind of target (the q_proj
+of every block share one pair, the v_proj another; layers that differ only in their block index
+form a kind, and must have one shape). Each layer keeps two scaling vectors, u (r) and v (out):
+
+    h = W x + scaling * v ⊙ (B (u ⊙ (A x))),    scaling = alpha / r (or alpha / sqrt(r), rslora)
+
+The paper's configurations differ in which of v, B, u, A train; the others stay frozen at their
+init. `train` picks them. The default trains all four, the configuration the paper calls vBuA
+and recommends (close to LoRA's scores with a fraction of its trainable parameters). With only
+u and v trained (A and B frozen random) it is the paper's VeRA-like configuration; methods.vera
+is VeRA itself (one pair for all targets, sliced per layer, no alpha, d = 0.1).
+
+Init: A is random (Kaiming uniform, LoRA's init). Exact identity at init needs one factor at
+zero; it is the first trained factor from the output side: B = 0 with u = v = 1 when B trains
+(LoRA's init), else v = 0, else u = 0, else A = 0. A frozen B is random like A. Frozen tensors
+are saved with the trained ones, so an adapter reloads exactly whatever the seed.
+
+Tying is real sharing: the layers of a kind hold the same Parameter object, so autograd sums the
+gradients of every use into its one .grad, and the model lists it once in named_parameters.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from methods.base import (
+    Adapted,
+    AdapterFileError,
+    ConfigError,
+    MethodConfig,
+    freeze,
+    load_safetensors,
+    read_json,
+    save_safetensors,
+    write_json,
+)
+from methods.layers import resolve_targets
+from methods.lora import LoRAConfig, LoRALinear, features, lora_layers
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter.safetensors"
+FACTORS = ("v", "B", "u", "A")
+
+
+class ScaledLoRALinear(LoRALinear):
+    """A frozen Linear / Conv1D plus scaling * v ⊙ (B (u ⊙ (A x))). A and B may be shared with other
+    layers and be larger than this layer needs (VeRA's): it uses A[:, :in] and B[:out]."""
+
+    def __init__(
+        self, base_layer: nn.Module, A: nn.Parameter, B: nn.Parameter, u: nn.Parameter, v: nn.Parameter, scaling: float, dropout: float
+    ):
+        super().__init__(base_layer, A.shape[0], scaling, dropout)
+        # Replaces the layer's own A and B: the same Parameter objects sit in every layer that shares them.
+        self.lora_A, self.lora_B = A, B
+        self.lora_u, self.lora_v = u, v
+
+    def forward(self, x: Tensor) -> Tensor:
+        result = self.base_layer(x)
+        if self.merged:
+            return result
+        a, b = self.lora_A[:, : self.in_features], self.lora_B[: self.out_features]
+        hidden = F.linear(self.dropout(x.to(a.dtype)), a) * self.lora_u
+        return result + (F.linear(hidden, b) * (self.lora_v * self.scaling)).to(result.dtype)
+
+    def adapter_tensors(self) -> dict[str, nn.Parameter]:
+        return {"lora_A": self.lora_A, "lora_B": self.lora_B, "lora_u": self.lora_u, "lora_v": self.lora_v}
+
+    def delta_weight(self) -> Tensor:
+        a, b = self.lora_A[:, : self.in_features], self.lora_B[: self.out_features]
+        delta = (self.lora_v[:, None] * b) @ (self.lora_u[:, None] * a) * self.scaling
+        return delta.T if self.fan_in_fan_out else delta
+
+
+def adapter_dtype(layer: nn.Module) -> torch.dtype:
+    """Half-precision adapters train poorly: float32 unless the base is float64 (LoRALinear's rule)."""
+    dtype = layer.weight.dtype
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def tensor(data: Tensor, trainable: bool) -> nn.Parameter:
+    return nn.Parameter(data, requires_grad=trainable)
+
+
+def wrap_all(model: nn.Module, targets: list[tuple[str, nn.Module]], build: Any) -> dict[str, ScaledLoRALinear]:
+    """Freeze the model and swap each target for `build(name, layer)`; the wrapped layers by name."""
+    freeze(model)
+    for name, layer in targets:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, build(name, layer))
+    return lora_layers(model)
+
+
+def adapted_from(
+    model: nn.Module, layers: dict[str, ScaledLoRALinear], method: str, cfg: MethodConfig, checked: tuple[str, ...]
+) -> Adapted:
+    """The Adapted of a method built from ScaledLoRALinear layers (Tied-LoRA, VeRA): trains what
+    requires grad; saves every adapter tensor, frozen ones included, each shared one once."""
+    tensors = {id(t): t for layer in layers.values() for t in layer.adapter_tensors().values()}
+
+    def state() -> dict[str, Tensor]:
+        return {n: p.detach() for n, p in model.named_parameters() if id(p) in tensors}
+
+    def merge() -> nn.Module:
+        for layer in layers.values():
+            layer.merge()
+        return model
+
+    def unmerge() -> nn.Module:
+        for layer in layers.values():
+            layer.unmerge()
+        return model
+
+    def save(directory: Path) -> None:
+        write_json(directory / CONFIG_FILE, {"method": method, "config": cfg.to_dict()})
+        save_safetensors(state(), directory / WEIGHTS_FILE)
+
+    def load(directory: Path) -> None:
+        path = Path(directory) / CONFIG_FILE
+        saved = read_json(path)
+        if saved.get("method") != method:
+            raise AdapterFileError(f"{path}: method is {saved.get('method')!r}, expected {method!r}")
+        config = saved.get("config")
+        if not isinstance(config, dict):
+            raise AdapterFileError(f"{path}: missing the 'config' object")
+        for key in checked:
+            if config.get(key) != getattr(cfg, key):
+                raise AdapterFileError(f"{path}: {key} is {config.get(key)!r}, the model was adapted with {getattr(cfg, key)!r}")
+        path = Path(directory) / WEIGHTS_FILE
+        values = load_safetensors(path)
+        params = {n: p for n, p in model.named_parameters() if id(p) in tensors}
+        for key, value in values.items():
+            if key not in params:
+                raise AdapterFileError(f"{path}: tensor {key!r} has no matching {method} tensor in the model")
+            if value.shape != params[key].shape:
+                raise AdapterFileError(
+                    f"{path}: tensor {key!r} has shape {tuple(value.shape)}, the model expects {tuple(params[key].shape)}"
+                )
+        missing = sorted(set(params) - set(values))
+        if missing:
+            raise AdapterFileError(f"{path}: missing {len(missing)} tensor(s), e.g. {missing[0]!r}")
+        merged = [layer for layer in layers.values() if layer.merged]
+        for layer in merged:
+            layer.unmerge()
+        with torch.no_grad():
+            for key, param in params.items():
+                param.copy_(values[key].to(param.dtype))
+        for layer in merged:
+            layer.merge()
+
+    return Adapted(
+        model=model,
+        trainable=[t for t in tensors.values() if t.requires_grad],
+        merge_fn=merge,
+        unmerge_fn=unmerge,
+        state_fn=state,
+        save_fn=save,
+        load_fn=load,
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class TiedLoRAConfig(LoRAConfig):
+    train: list[str] = field(default_factory=lambda: ["v", "B", "u", "A"])
+    """Which of v, B, u, A train (the others stay frozen at init); all four is the paper's vBuA."""
+
+    def validate(self) -> None:
+        super().validate()
+        unknown = [x for x in self.train if x not in FACTORS]
+        if unknown:
+            raise ConfigError("train", f"unknown factor(s) {unknown}; choose among {list(FACTORS)}")
+        if not self.train:
+            raise ConfigError("train", "must name at least one of v, B, u, A")
+        if len(set(self.train)) != len(self.train):
+            raise ConfigError("train", f"lists a factor twice: {self.train}")
+
+
+def kinds(model: nn.Module, targets: Any) -> dict[str, list[tuple[str, nn.Module]]]:
+    """Targets grouped by name with block indices wildcarded; each group shares one A and B."""
+    grouped: dict[str, list[tuple[str, nn.Module]]] = {}
+    for name, layer in resolve_targets(model, targets):
+        grouped.setdefault(re.sub(r"\.\d+(?=\.|$)", ".*", name), []).append((name, layer))
+    for kind, members in grouped.items():
+        shapes = sorted({features(layer) for _, layer in members})
+        if len(shapes) > 1:
+            raise ConfigError("targets", f"the layers {kind} differ in (in, out) shape {shapes}: they cannot share one A and B")
+    return grouped
+
+
+class TiedLoRA:
+    name = "tied_lora"
+    version = "1"
+    init_atol: ClassVar[float] = 0.0
+    Config = TiedLoRAConfig
+    battery_configs: ClassVar[list[dict[str, Any]]] = [
+        {"r": 4, "targets": "qv"},
+        {"r": 4, "targets": "all-linear", "train": ["v", "u"]},
+    ]
+
+    def apply(self, model: nn.Module, cfg: TiedLoRAConfig) -> Adapted:
+        if lora_layers(model):
+            raise ConfigError("model", "already has LoRA layers; apply Tied-LoRA to a fresh base model")
+        grouped = kinds(model, cfg.targets)
+        zero = next(f for f in ("B", "v", "u", "A") if f in cfg.train)
+        shared: dict[str, tuple[nn.Parameter, nn.Parameter]] = {}
+        for kind, members in grouped.items():
+            fin, fout = features(members[0][1])
+            options = {"dtype": adapter_dtype(members[0][1]), "device": members[0][1].weight.device}
+            a, b = torch.empty(cfg.r, fin, **options), torch.empty(fout, cfg.r, **options)
+            for t, factor in ((a, "A"), (b, "B")):
+                if factor == zero:
+                    nn.init.zeros_(t)
+                else:
+                    nn.init.kaiming_uniform_(t, a=math.sqrt(5))
+            shared[kind] = (tensor(a, "A" in cfg.train), tensor(b, "B" in cfg.train))
+        kind_of = {name: kind for kind, members in grouped.items() for name, _ in members}
+
+        def build(name: str, layer: nn.Module) -> ScaledLoRALinear:
+            a, b = shared[kind_of[name]]
+            fout = features(layer)[1]
+            u = torch.full((cfg.r,), float(zero != "u"), dtype=a.dtype, device=a.device)
+            v = torch.full((fout,), float(zero != "v"), dtype=a.dtype, device=a.device)
+            return ScaledLoRALinear(layer, a, b, tensor(u, "u" in cfg.train), tensor(v, "v" in cfg.train), cfg.scaling, cfg.dropout)
+
+        layers = wrap_all(model, [t for members in grouped.values() for t in members], build)
+        return adapted_from(model, layers, self.name, cfg, ("r", "alpha", "rslora", "targets"))
+
+    def expected_trainable(self, model: nn.Module, cfg: TiedLoRAConfig) -> int:
+        """Per kind of target (in, out; L layers): r*in if A trains, out*r if B trains, and
+        L*(r if u trains + out if v trains)."""
+        total = 0
+        for members in kinds(model, cfg.targets).values():
+            fin, fout = features(members[0][1])
+            total += cfg.r * fin * ("A" in cfg.train) + fout * cfg.r * ("B" in cfg.train)
+            total += len(members) * (cfg.r * ("u" in cfg.train) + fout * ("v" in cfg.train))
+        return total
