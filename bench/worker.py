@@ -25,6 +25,7 @@ import methods
 from bench import calibrate, compare, inject, results
 from bench.measure import PeakMemory, dir_bytes, param_counts, weight_bytes
 from bench.train import Diverged, train
+from methods.base import MethodContext
 
 
 def _die_with_runner(runner_pid: int) -> None:
@@ -112,20 +113,27 @@ def run(trial, result: dict[str, Any], adapters_dir: Path | None, show_progress:
     rt["load_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    dataset = data.tokenized(spec["data"]["task"], tokenizer, spec["data"]["max_length"],
-                             spec["data"]["train_examples"], seed=t["seed"])
-    collate = lambda rows: data.collate(rows, tokenizer.pad_token_id)  # noqa: E731
+    prepared = data.prepare(spec["data"], tokenizer, seed=t["seed"])
+    dataset, collate = prepared.train, prepared.collate
+    if prepared.info:
+        result["data"] = prepared.info
+    if loaded.info:
+        result["model_info"] = loaded.info
     rt["data_s"] = time.perf_counter() - start
 
     base_loss = None
-    if spec["eval"]["forgetting"] and not loaded.synthetic:
+    if spec["eval"]["forgetting"] and not loaded.synthetic and tokenizer is not None:
         start = time.perf_counter()
         base_loss = _base_loss(model, tokenizer, spec)
         rt["base_loss_s"] = time.perf_counter() - start
 
     method = methods.get(spec["method"]["name"])
+    extra = {}
+    if getattr(method, "needs_context", False):  # methods that turn text into tokens (prompts)
+        rows = data.examples(spec["data"]["task"], "train")
+        extra["context"] = MethodContext(tokenizer, tuple((e.prompt, e.answer) for e in rows), t["seed"])
     torch.manual_seed(t["seed"])  # adapter init is part of the trial's seed
-    adapted = method.apply(model, method.Config.from_dict(spec["method"]["config"]))
+    adapted = method.apply(model, method.Config.from_dict(spec["method"]["config"]), **extra)
     if injected := inject.apply(adapted):  # test-only, off by default: see bench/inject.py
         result["test_injected"] = injected
     result["params"].update(param_counts(adapted.model, adapted.trainable))
@@ -164,6 +172,8 @@ def run(trial, result: dict[str, Any], adapters_dir: Path | None, show_progress:
     result["train"] = {"steps": trained.steps, "loss_curve": trained.loss_curve, "tokens": trained.tokens,
                        "step_times": trained.step_times, "examples": len(dataset),
                        "optimizer_class": trained.optimizer_class, "optimizer_note": trained.optimizer_note}
+    if adapted.hooks.report:
+        result["method_report"] = adapted.hooks.report()
     rt["step_s_median"] = trained.step_s_median
     rt["step_ratio"] = compare.step_ratio(trained.step_times, calibration.times)
     rt["tokens_per_s"] = trained.tokens / rt["train_s"] if trained.steps else None
@@ -189,4 +199,8 @@ def run(trial, result: dict[str, Any], adapters_dir: Path | None, show_progress:
             after = lm_loss(adapted.model, tokenizer, forgetting_texts(e["forgetting_texts"]))
             result["eval"]["forgetting"] = after - base_loss
             result["eval"]["heldout_loss"] = {"base": base_loss, "after": after}
+        if prepared.scored:
+            from bench.evaluate import accuracy
+
+            result["eval"]["accuracy"] = {name: accuracy(adapted.model, rows, collate) for name, rows in prepared.scored.items()}
     rt["eval_s"] = time.perf_counter() - start

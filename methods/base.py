@@ -11,7 +11,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Protocol, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -97,6 +97,13 @@ class TrainHooks:
     lr_multiplier: Callable[[int], float] | None = None
     """A factor on the loop's schedule for the step with this (0-based) global index: jagged
     schedules with restarts multiply the suite's schedule instead of replacing it."""
+    on_epoch: Callable[[int, Iterator[dict[str, Tensor]], torch.optim.Optimizer], None] | None = None
+    """Called before each epoch's first step with the epoch index, an iterator over the upcoming
+    micro-batches (read ahead: training still gets them) and the optimizer. A param group's
+    "lr_scale" (default 1) multiplies its scheduled rate; a change applies from this epoch on."""
+    report: Callable[[], dict[str, Any]] | None = None
+    """What the method did while training, JSON-able (Auto-RGN: its multipliers per epoch); the
+    trial result keeps it under method_report."""
 
 
 @dataclass
@@ -210,6 +217,28 @@ def load_into(model: nn.Module, state: dict[str, Tensor], source: Path | str) ->
             )
         with torch.no_grad():
             params[name].copy_(value.to(params[name].dtype))
+
+
+def load_trainable(model: nn.Module, trainable: list[nn.Parameter], directory: Path, layers: Sequence[Any] = ()) -> None:
+    """Load the adapter.safetensors that Adapted.save wrote into exactly the trainable tensors: a
+    missing, extra or misshapen tensor is an AdapterFileError naming the file. Merged `layers`
+    (objects with merged, merge(), unmerge()) are unmerged first and merged again after, so that
+    their base weights never keep the old update."""
+    path = Path(directory) / "adapter.safetensors"
+    state = load_safetensors(path)
+    ids = {id(p) for p in trainable}
+    names = {n for n, p in model.named_parameters() if id(p) in ids}
+    missing, extra = sorted(names - set(state)), sorted(set(state) - names)
+    if missing:
+        raise AdapterFileError(f"{path}: missing {len(missing)} tensor(s), e.g. {missing[0]!r}")
+    if extra:
+        raise AdapterFileError(f"{path}: tensor {extra[0]!r} is not a trainable tensor of this adapted model")
+    merged = [layer for layer in layers if layer.merged]
+    for layer in merged:
+        layer.unmerge()
+    load_into(model, state, source=path)
+    for layer in merged:
+        layer.merge()
 
 
 def write_json(path: Path, obj: Any) -> None:
