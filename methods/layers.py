@@ -115,3 +115,31 @@ def head_parameters(model: nn.Module) -> list[nn.Parameter]:
             for p in m.parameters():
                 params[id(p)] = p
     return list(params.values())
+
+
+# The projection that closes each sublayer of a block, just before its residual add.
+_SUBLAYER_OUTPUTS = {
+    "attention": re.compile(r"(^|\.)(self_attn\.o_proj|attn\.c_proj|attention\.output\.dense)$"),
+    "ffn": re.compile(r"(^|\.)(mlp\.down_proj|mlp\.c_proj|(?<!attention\.)output\.dense)$"),
+}
+
+
+def sublayer_outputs(model: nn.Module, sublayer: str) -> list[tuple[str, nn.Module]]:
+    """The output projection of every block's attention ("attention") or feed-forward ("ffn")
+    sublayer, one per block: o_proj / down_proj (Llama), attn.c_proj / mlp.c_proj (GPT-2),
+    attention.output.dense / output.dense (BERT)."""
+    rx = _SUBLAYER_OUTPUTS[sublayer]
+    found = [(n, m) for n, m in linear_modules(model) if rx.search(n)]
+    n_blocks = len(blocks(model))
+    if len(found) != n_blocks:
+        raise ConfigError(
+            "model",
+            f"{type(model).__name__}: found {len(found)} {sublayer} output projections for {n_blocks} blocks "
+            "(known layouts: Llama o_proj/down_proj, GPT-2 attn.c_proj/mlp.c_proj, BERT attention.output.dense/output.dense)",
+        )
+    return found
+
+
+def block_norms(model: nn.Module) -> list[nn.Module]:
+    """The normalisation layers inside the repeated blocks (LayerNorm, RMSNorm), in model order."""
+    return [m for block in blocks(model) for m in block.modules() if "norm" in type(m).__name__.lower()]
