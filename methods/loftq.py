@@ -102,6 +102,8 @@ class Decomposition:
 def low_rank_residual(residual: Tensor, r: int, scaling: float) -> tuple[Tensor, Tensor, float]:
     """B (out x r), A (r x in) with scaling * B A the best rank-r approximation of `residual`,
     and the Frobenius norm of what is left (the tail singular values)."""
+    if residual.is_meta:  # suite validation applies methods to a weightless skeleton: shapes only
+        return residual.new_empty(residual.shape[0], r), residual.new_empty(r, residual.shape[1]), float("nan")
     u, s, vh = torch.linalg.svd(residual, full_matrices=False)
     root = (s[:r] / scaling).sqrt()
     tail = float(s[r:].square().sum().sqrt())

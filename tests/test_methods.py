@@ -186,6 +186,17 @@ def test_method_reduces_training_loss(name: str, values: dict[str, Any], kind: s
         assert final < 0.9 * losses[0], f"{name}: loss {losses[0]:.4f} -> {final:.4f} in {TRAIN_STEPS} steps"
 
 
+@pytest.mark.parametrize(("name", "values", "kind"), [c for c in CASES if c.values[2] == "llama"])
+def test_applies_to_a_weightless_skeleton(name: str, values: dict[str, Any], kind: str) -> None:
+    """Suites are validated by applying every method to a meta-device copy of the model before
+    anything runs (bench/suite.py): a method must not need weight values to be applied."""
+    with torch.device("meta"):
+        model = build_model(kind)
+    method = methods.get(name)
+    adapted = method.apply(model, method.Config.from_dict(values))
+    assert sum(p.numel() for p in adapted.trainable) == method.expected_trainable(build_model(kind), method.Config.from_dict(values))
+
+
 @pytest.mark.parametrize(("name", "kind"), UNSUPPORTED)
 def test_unsupported_layout_is_a_config_error(name: str, kind: str) -> None:
     method = methods.get(name)
