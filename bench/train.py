@@ -4,10 +4,11 @@ the methods' own and not the loop's. Read it top to bottom: data, optimizer, sch
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -87,6 +88,10 @@ def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
     return factor
 
 
+def _times(schedule: Callable[[int], float], multiplier: Callable[[int], float]) -> Callable[[int], float]:
+    return lambda step: schedule(step) * multiplier(step)
+
+
 @dataclass
 class TrainResult:
     steps: int = 0
@@ -120,6 +125,27 @@ def batches(dataset, t: dict[str, Any], collate, device: torch.device):
             yield {k: v.to(device) for k, v in batch.items()}
 
 
+class Lookahead:
+    """An iterator whose upcoming items can be read ahead (peek) without being consumed."""
+
+    def __init__(self, items: Iterator[Any]):
+        self._items, self._ahead = items, collections.deque()
+
+    def __iter__(self) -> Lookahead:
+        return self
+
+    def __next__(self) -> Any:
+        return self._ahead.popleft() if self._ahead else next(self._items)
+
+    def peek(self) -> Iterator[Any]:
+        i = 0
+        while True:
+            if i == len(self._ahead):
+                self._ahead.append(next(self._items))
+            yield self._ahead[i]
+            i += 1
+
+
 def train(adapted: Adapted, dataset, t: dict[str, Any], collate, device: torch.device,
           progress: Callable[[int, int, float], None] | None = None) -> TrainResult:
     """Train `adapted.trainable` on `dataset` with the settings of a suite's [train] table."""
@@ -134,11 +160,21 @@ def train(adapted: Adapted, dataset, t: dict[str, Any], collate, device: torch.d
     result.optimizer_class = f"{type(optimizer).__module__}.{type(optimizer).__name__}"
     result.optimizer_note = getattr(optimizer, "peftbench_note", None)
     steps = total_steps(len(dataset), t)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t["schedule"], t["warmup_steps"], steps))
+    factor = lr_lambda(t["schedule"], t["warmup_steps"], steps)
+    if adapted.hooks.lr_multiplier:
+        factor = _times(factor, adapted.hooks.lr_multiplier)
+    # One schedule per group, times the group's lr_scale, which on_epoch hooks may change.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [lambda s, g=g: factor(s) * g.setdefault("lr_scale", 1.0) for g in optimizer.param_groups])
     timer = StepTimer()
-    stream = batches(dataset, t, collate, device)
+    stream = Lookahead(batches(dataset, t, collate, device))
+    per_epoch = total_steps(len(dataset), {**t, "max_steps": None, "epochs": 1})
 
     for step in range(steps):
+        if adapted.hooks.on_epoch and step % per_epoch == 0:
+            adapted.hooks.on_epoch(step // per_epoch, stream.peek(), optimizer)
+            for group, base, rate in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+                group["lr"] = base * rate(step)
         with timer:
             loss_sum = 0.0
             for micro in range(t["grad_accum"]):
@@ -150,7 +186,8 @@ def train(adapted: Adapted, dataset, t: dict[str, Any], collate, device: torch.d
                     raise Diverged(f"loss is {loss.item()} at step {step}")
                 (loss / t["grad_accum"]).backward()
                 loss_sum += loss.item()
-                result.tokens += int(batch["attention_mask"].sum())
+                # Tokens for text; rows (images) for a batch without an attention mask.
+                result.tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else len(batch["labels"])
                 if first:
                     result.accounted["activations"] = saved["bytes"]
             if t["clip"]:
