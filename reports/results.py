@@ -171,7 +171,8 @@ def tidy(df: pd.DataFrame) -> pd.DataFrame:
     out["epochs"] = specs.map(lambda s: get_path(s, "train.epochs"))
     out["seed"] = specs.map(lambda s: get_path(s, "train.seed"))
     out["model"] = specs.map(lambda s: get_path(s, "model.name"))
-    out["quant"] = specs.map(lambda s: get_path(s, "model.quant") or "none")
+    # nf4 with double quantization is its own base ("nf4-dq", LitGPT's name for it).
+    out["quant"] = specs.map(lambda s: (get_path(s, "model.quant") or "none") + ("-dq" if get_path(s, "model.double_quant") else ""))
     out["config"] = specs.map(spec_key)
     out["config_label"] = out.get("label", out["id"]).fillna(out["id"]).astype(str).str.replace(_SEED_SUFFIX, "", regex=True)
     metrics = score_metrics(out)

@@ -370,7 +370,9 @@ def lora_vs_qlora(groups: pd.DataFrame, pub: dict) -> Section:
     expected = _qlora_expected(q)
     rows, inversions, shown = [], [], []
     for quant in sorted(quantized["quant"].unique()):
-        for p in pairs(groups, "quant", "model.quant", "none", quant, ("method", "r", "targets", "optimizer", "epochs")):
+        # The quantized side also sets double_quant and compute_dtype; the model dtype must match.
+        for p in pairs(groups, "quant", "model.quant", "none", quant, ("method", "r", "targets", "optimizer", "epochs"),
+                       ignore=("model.double_quant", "model.compute_dtype")):
             exp = expected.get(quant, {})
             mem_change = 100 * (p.b["peak"] / p.a["peak"] - 1)
             time_change = 100 * (p.b["train_s"] / p.a["train_s"] - 1) if p.a["train_s"] else float("nan")
@@ -450,27 +452,11 @@ def _inversion_text(p: Pair) -> str:
     return text
 
 
-def surgical(groups: pd.DataFrame, pub: dict) -> Section:
-    s = Section("surgical", "Surgical fine-tuning")
-    rules = pub["surgical"]["rules"]
-    s.published(published_table(pub["surgical"]["cifar10c"], {"setting": "tuned layers", "accuracy_pct": "accuracy (%)"}),
-                cite(pub, "surgical"))
-    s.note(f"Published rules: {rules['input_level']}; {rules['feature_level']}; {rules['output_level']}.")
-    found = groups[groups["method"].isin(SURGICAL_METHODS)] if not groups.empty else groups
-    if found.empty:
-        s.p(f"No results yet: no trial of a surgical fine-tuning method ({', '.join(SURGICAL_METHODS)}) in these "
-            "results. The published numbers are on image classification (CIFAR-10-C) and would not be directly "
-            "comparable with language-model scores in any case; top_k (train the top blocks) appears under the "
-            "method comparison.")
-        return s
-    rows = [[c_text(r["model"]), c_text(r["config_label"]), c_int(r["n"]), c_score(r["score_values"]),
-             c_mem(r["peak_values"]), c_int(r["params.trainable"])] for _, r in found.iterrows()]
-    baseline = groups[(groups["method"] == "full") & groups["model"].isin(found["model"])]
-    rows += [[c_text(r["model"]), c_text(r["config_label"] + " (baseline)"), c_int(r["n"]), c_score(r["score_values"]),
-              c_mem(r["peak_values"]), c_int(r["params.trainable"])] for _, r in baseline.iterrows()]
-    s.table(Table(["model", "configuration", "seeds", "score", "peak memory", "trainable"], rows,
-                  caption="Surgical fine-tuning trials, with full fine-tuning on the same model as the baseline"))
-    return s
+def surgical(trials: pd.DataFrame, groups: pd.DataFrame, pub: dict) -> Section:
+    """The paper's table, shift types by tuned block (reports/surgical.py)."""
+    from reports import surgical as table
+
+    return table.section(trials, groups, pub, SURGICAL_METHODS)
 
 
 def memory_breakdown(groups: pd.DataFrame) -> Section:
@@ -687,4 +673,4 @@ def build(trials: pd.DataFrame, pub: dict, records: dict[str, list[dict]] | None
     groups = pd.DataFrame() if trials.empty else seed_groups(trials)
     return [overview(trials, groups), rank_sweep(groups, pub), targets(groups, pub), optimizer(groups, pub),
             epochs(groups, pub), methods_section(groups, pub), lora_vs_qlora(groups, pub), gpu(records or {}, pub),
-            surgical(groups, pub), memory_breakdown(groups), loss_curves(trials), failures(trials), provenance(trials)]
+            surgical(trials, groups, pub), memory_breakdown(groups), loss_curves(trials), failures(trials), provenance(trials)]
