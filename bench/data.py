@@ -213,6 +213,30 @@ def _encode(batch: dict[str, list[str]], tokenizer: Any, max_length: int) -> dic
     return out
 
 
+@dataclass
+class Prepared:
+    """A trial's data: what it trains on, and the labelled splits scored by accuracy afterwards."""
+
+    train: Any
+    collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]
+    scored: dict[str, Any]
+    """Split name -> rows scored by classification accuracy (vision tasks: val and test); text
+    tasks are scored by lm-eval instead and have none."""
+    info: dict[str, Any]
+    """Where the rows came from, for the result (vision: the image source that ran)."""
+
+
+def prepare(spec: dict[str, Any], tokenizer: Any, seed: int) -> Prepared:
+    """The data of a suite's [data] table: a text task tokenized, or a vision task's images."""
+    from bench import vision
+
+    if spec["task"] in vision.TASKS:
+        train, scored, info = vision.target_sets(spec["task"], spec["train_examples"], seed)
+        return Prepared(train, vision.collate, scored, info)
+    dataset = tokenized(spec["task"], tokenizer, spec["max_length"], spec["train_examples"], seed=seed)
+    return Prepared(dataset, functools.partial(collate, pad_id=tokenizer.pad_token_id), {}, {})
+
+
 def tokenized(task: str, tokenizer: Any, max_length: int, n: int | None, seed: int = 0,
               split: str = "train") -> datasets.Dataset:
     """input_ids and labels (-100 on prompt tokens) for `examples(task, split, n, seed)`, unpadded.

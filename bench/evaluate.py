@@ -128,3 +128,21 @@ def lm_loss(model: nn.Module, tokenizer: Any, texts: list[str], max_length: int 
     finally:
         model.train(was_training)
     return total / count
+
+
+def accuracy(model: nn.Module, rows: Any, collate_fn: Any, batch_size: int = 256) -> float:
+    """Top-1 accuracy of a classifier (`model(**batch).logits` against batch["labels"]) over `rows`."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    correct = 0
+    try:
+        with torch.no_grad():
+            for start in range(0, len(rows), batch_size):
+                batch = collate_fn([rows[i] for i in range(start, min(start + batch_size, len(rows)))])
+                labels = batch.pop("labels").to(device)
+                logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
+                correct += int((logits.argmax(-1) == labels).sum())
+    finally:
+        model.train(was_training)
+    return correct / len(rows)

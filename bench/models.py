@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from bench import vision
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -61,6 +63,8 @@ class Loaded:
     source: str
     quant: dict[str, Any] | None = None
     """What bench.quant did to the base (None: not quantized)."""
+    info: dict[str, Any] | None = None
+    """How the model came to be, where that is ours to say (bench.vision: its source training)."""
 
 
 def smollm2_dir() -> Path:
@@ -144,6 +148,9 @@ def load(spec: dict[str, Any], seed: int = 0, device: torch.device | str = "cpu"
         model = build_synthetic(name.removeprefix("synthetic:"), dtype, seed, device)
         tokenizer = _tiny_tokenizer(model.config.vocab_size)
         return Loaded(model, tokenizer, True, time.perf_counter() - start, name, _quantize(model, spec))
+    if name in vision.MODELS:  # image classifiers have no tokenizer
+        model, info = vision.pretrained(name)
+        return Loaded(model.to(device=device, dtype=dtype), None, False, time.perf_counter() - start, info["cache"], info=info)
     path = PACKAGED[name]() if name in PACKAGED else name
     if name == "minilm-l6" or spec.get("head") == "classification":
         model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, num_labels=spec.get("num_labels", 2))
@@ -197,7 +204,7 @@ def load_tokenizer(spec: dict[str, Any]):
 
 
 def known() -> list[str]:
-    return list(PACKAGED) + [f"synthetic:{n}" for n in SYNTHETIC]
+    return list(PACKAGED) + [f"synthetic:{n}" for n in SYNTHETIC] + list(vision.MODELS)
 
 
 def config_of(spec: dict[str, Any]):
@@ -224,6 +231,8 @@ def config_of(spec: dict[str, Any]):
 
 def skeleton(spec: dict[str, Any]) -> nn.Module:
     """The model's module tree on the meta device: structure without memory, for validation."""
+    if spec["name"] in vision.MODELS:
+        return vision.build(spec["name"], "meta")
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     config = config_of(spec)
