@@ -173,12 +173,29 @@ class RunSpec(Config):
     """Seconds before a trial's process is killed and recorded as timeout."""
     threads: int | None = None
     """torch threads per trial (default: all cores). 1 keeps timings sane on a shared machine."""
+    cpus: float | None = None
+    """--backend ray: CPUs a trial reserves on its node (default: threads, else 1)."""
+    gpus: float = 0.0
+    """--backend ray: GPUs a trial reserves; a fraction packs several trials on one GPU."""
+    memory_gb: float | None = None
+    """--backend ray: host memory a trial reserves, in GB; Ray schedules by it but does not cap it."""
+    retries: int = 0
+    """--backend ray: reruns of a trial whose Ray worker or node died under it (not of one that
+    failed, ran out of memory or timed out on its own)."""
 
     def validate(self) -> None:
         if self.timeout <= 0:
             raise ConfigError("timeout", f"must be > 0, got {self.timeout}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError("threads", f"must be >= 1, got {self.threads}")
+        if self.cpus is not None and self.cpus <= 0:
+            raise ConfigError("cpus", f"must be > 0, got {self.cpus}")
+        if self.gpus < 0 or (self.gpus > 1 and self.gpus != int(self.gpus)):
+            raise ConfigError("gpus", f"must be >= 0, and a whole number above 1, got {self.gpus}")
+        if self.memory_gb is not None and self.memory_gb <= 0:
+            raise ConfigError("memory_gb", f"must be > 0, got {self.memory_gb}")
+        if self.retries < 0:
+            raise ConfigError("retries", f"must be >= 0, got {self.retries}")
 
 
 SECTIONS: dict[str, type[Config]] = {"model": ModelSpec, "data": DataSpec, "train": TrainSpec, "eval": EvalSpec, "run": RunSpec}
@@ -347,7 +364,7 @@ def _expand(path: Path, where: str, block: Any, defaults: dict[str, dict], suite
 def _check_against_models(path: Path, trials: list[Trial]) -> None:
     """Apply each trial's method to a weightless (meta) copy of its model: catches targets
     that match nothing, k beyond the block count, unknown models, before anything runs."""
-    from bench import models
+    from bench import models, vision
     from bench.data import TASKS
 
     for trial in trials:
@@ -364,8 +381,11 @@ def _check_against_models(path: Path, trials: list[Trial]) -> None:
             method.apply(skeleton, cfg)
         except ConfigError as exc:
             raise SuiteError(path, f"method {spec['method']['name']}: {exc.key}", exc.message) from None
-        if spec["data"]["task"] not in TASKS:
-            raise SuiteError(path, "data.task", f"unknown task {spec['data']['task']!r}{_suggest(spec['data']['task'], TASKS)}")
+        known = {**TASKS, **vision.TASKS}
+        if spec["data"]["task"] not in known:
+            raise SuiteError(path, "data.task", f"unknown task {spec['data']['task']!r}{_suggest(spec['data']['task'], known)}")
+        if problem := vision.mismatch(spec["model"]["name"], spec["data"]["task"], spec["eval"]["tasks"]):
+            raise SuiteError(path, "data.task", problem)
         for task in spec["eval"]["tasks"]:
             if task not in TASKS:
                 raise SuiteError(path, "eval.tasks", f"unknown lm-eval task {task!r}{_suggest(task, TASKS)}")
