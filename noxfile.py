@@ -22,7 +22,7 @@ def install(session: nox.Session, extras: str = "") -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    install(session, "[test]")
+    install(session, "[test,ray]")
     session.run("pytest", "-q", *session.posargs, env=OFFLINE)
 
 
@@ -33,6 +33,17 @@ def bench(session: nox.Session) -> None:
     if not session.posargs:
         session.error("usage: nox -s bench -- suites/lora_sweep.toml [runner flags]")
     session.run("peftbench", "run", *session.posargs, env=OFFLINE)
+
+
+@nox.session
+def serve_bench(session: nox.Session) -> None:
+    """nox -s serve_bench [-- SUITE.toml [--out DIR] [--device cuda]]: many adapters in one batch against
+    merge-and-switch, peft's mixed batch and a merged model; then reports/serving.html."""
+    install(session, "[test]")  # peft is one of the compared engines
+    args = session.posargs or ["suites/serving.toml"]
+    session.run("peftbench", "serve-bench", *args, env=OFFLINE)
+    out = args[args.index("--out") + 1] if "--out" in args else "results/reference/serving"
+    session.run("python", "-m", "reports.serving", out, "-o", "reports/serving.html")
 
 
 # The report reads result files only: the project without its dependencies (no torch), plus

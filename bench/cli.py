@@ -18,6 +18,17 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 def cmd_run(args) -> int:
     from bench import runner, suite
 
+    if args.address and args.backend != "ray":
+        print("error: --address names a Ray cluster: it needs --backend ray", file=sys.stderr)
+        return 2
+    if args.backend == "ray" and not args.dry_run:
+        from bench import ray_backend
+
+        try:  # before anything runs: a missing extra is a setup error, not a failed trial
+            ray_backend.import_ray()
+        except runner.RunnerError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     suites = []
     for path in args.suites:  # validate everything before running anything
         try:
@@ -35,7 +46,10 @@ def cmd_run(args) -> int:
             print(df.to_string(index=False, formatters={"est_s": "{:.0f}".format}))
             continue
         try:
-            report = runner.run(s, Path(args.results), force=args.force, progress=not args.no_progress)
+            if args.backend == "ray":
+                report = ray_backend.run(s, Path(args.results), args.address, force=args.force, progress=not args.no_progress)
+            else:
+                report = runner.run(s, Path(args.results), force=args.force, progress=not args.no_progress)
         except runner.RunnerError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -86,6 +100,12 @@ def cmd_report(args) -> int:
     return render.run(args.results_dirs, args.output)
 
 
+def cmd_serve_bench(args) -> int:
+    from bench import serve_bench
+
+    return serve_bench.cmd(args)
+
+
 def cmd_methods(args) -> int:
     import dataclasses
 
@@ -132,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="rerun trials that already succeeded")
     p.add_argument("--dry-run", action="store_true", help="list the trials with an estimated cost, run nothing")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--backend", choices=["local", "ray"], default="local",
+                   help="local: one trial at a time on this machine (default); ray: each trial a task on a Ray cluster")
+    p.add_argument("--address", help="--backend ray: the cluster's address, host:port (default: $RAY_ADDRESS, else a new local cluster)")
     p.set_defaults(fn=cmd_run)
     p = sub.add_parser("show", help="a table of results")
     p.add_argument("results_dirs", nargs="+")
@@ -143,6 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("results_dirs", nargs="+", metavar="RESULTS_DIR")
     p.add_argument("-o", "--output", help="output file (default: reports/<folder name>.html)")
     p.set_defaults(fn=cmd_report)
+    p = sub.add_parser("serve-bench", help="many LoRA adapters in one batch against merge-and-switch, peft and a merged model")
+    p.add_argument("suite", help="a serving suite, e.g. suites/serving.toml")
+    p.add_argument("--out", default="results/reference/serving", help="folder for <suite name>.json")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    p.set_defaults(fn=cmd_serve_bench)
     sub.add_parser("methods", help="registered methods and their config fields").set_defaults(fn=cmd_methods)
     sub.add_parser("assets", help="install and convert the offline models and data").set_defaults(fn=cmd_assets)
     args = parser.parse_args(argv)
