@@ -87,20 +87,33 @@ def _death_status(exitcode: int | None, timed_out: bool, timeout: float, ooms_be
     return "failed", f"trial process exited with code {exitcode} without writing a result"
 
 
-def run_trial(ctx, trial: Trial, out: Path, adapters: Path | None, progress: bool) -> dict[str, Any]:
+def _in_environment(env: dict[str, str], *args) -> None:
+    """The trial under the caller's environment, not the fork server's: a Ray worker is handed
+    other GPUs (CUDA_VISIBLE_DEVICES) for each task, after its fork server started."""
     from bench import worker
 
-    # The child writes beside the result; only this process publishes it, so a trial whose
-    # runner died can never leave a result behind.
-    draft = out.with_name(f".{out.stem}.draft.json")
+    for key in set(os.environ) - set(env):
+        del os.environ[key]
+    os.environ.update(env)
+    worker.main(*args)
+
+
+def execute(ctx, trial: Trial, draft: Path, adapters: Path | None, progress: bool, started=None,
+            env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run one trial in a fresh process and return its result, a recorded failure if the process
+    died or timed out; publishing it is the caller's job. `started(pid)` learns the process id;
+    `env`, if given, is the trial's whole environment."""
+    from bench import worker
+
     draft.unlink(missing_ok=True)
-    proc = ctx.Process(target=worker.main, name=f"trial-{trial.id}",
-                       args=(trial, str(draft), str(adapters) if adapters else None, progress, os.getpid()))
+    args = (trial, str(draft), str(adapters) if adapters else None, progress, os.getpid())
+    proc = ctx.Process(target=worker.main if env is None else _in_environment, name=f"trial-{trial.id}",
+                       args=args if env is None else (env, *args))
     start = time.perf_counter()
     ooms_before = oom_kills()
     proc.start()
-    # Which trial runs in which process, for a person (or a test) who wants to look at it.
-    (out.parent / ".running").write_text(f"{trial.id} {proc.pid}\n")
+    if started is not None:
+        started(proc.pid)
     proc.join(trial.run["timeout"])
     timed_out = proc.is_alive()
     if timed_out:
@@ -112,47 +125,93 @@ def run_trial(ctx, trial: Trial, out: Path, adapters: Path | None, progress: boo
     else:
         status, error = _death_status(proc.exitcode, timed_out, trial.run["timeout"], ooms_before)
         result = results.skeleton(trial, status, error)
-    result["runtime"]["process_s"] = process_s
-    results.write(out, result)
     draft.unlink(missing_ok=True)
+    result["runtime"]["process_s"] = process_s
     return result
+
+
+def trial_context():
+    """A fork server that has imported torch and friends once, so each trial starts in milliseconds
+    yet in a process of its own (its own memory high-water mark, its own crash)."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
+
+
+class Sweep:
+    """What every backend shares: the folder lock, which trials to run (resume), publishing each
+    result by atomic rename, the `.running` marker, the progress bar and the report.
+
+    The child writes a draft; only the sweep publishes it, so a trial whose runner died can never
+    leave a result behind, and a rerun redoes exactly the trials without a successful result."""
+
+    def __init__(self, suite: Suite, results_root: Path, force: bool = False, progress: bool = True):
+        from tqdm import tqdm
+
+        self.directory = results_root / suite.name
+        self._lock = _lock(self.directory)
+        for stale in [*self.directory.glob(".*.tmp"), *self.directory.glob(".*.draft.json")]:  # left by a kill; never results
+            stale.unlink()
+        self.report = SweepReport()
+        self._start = time.perf_counter()
+        self.todo: list[Trial] = []
+        for trial in suite.trials:
+            if not force and _done(results.path_for(self.directory, trial.id)):
+                self.report.skipped.append(trial.id)
+                self.report.statuses[trial.id] = "success"
+            else:
+                self.todo.append(trial)
+        self._running: dict[str, tuple[Trial, str]] = {}
+        self._bar = tqdm(total=len(self.todo), desc=suite.name, unit="trial", position=0, dynamic_ncols=True, disable=not progress)
+
+    def __enter__(self) -> "Sweep":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._bar.close()
+        (self.directory / ".running").unlink(missing_ok=True)
+        self.report.wall_s = time.perf_counter() - self._start
+        self._lock.close()
+
+    def draft(self, trial: Trial) -> Path:
+        return self.directory / f".{trial.id}.draft.json"
+
+    def started(self, trial: Trial, pid: int, where: str = "") -> None:
+        """Which trial runs in which process (and where), for a person or a test who wants to look."""
+        self._running[trial.id] = (trial, f"{trial.id} {pid}{f' {where}' if where else ''}")
+        self._show()
+
+    def publish(self, trial: Trial, result: dict[str, Any]) -> None:
+        results.write(results.path_for(self.directory, trial.id), result)
+        self.report.ran.append(trial.id)
+        self.report.statuses[trial.id] = result["status"]
+        rt = result["runtime"]
+        self.report.inside_s += (rt.get("train_s") or 0) + (rt.get("eval_s") or 0)
+        if result["status"] != "success":
+            self._bar.write(f"{trial.id} {trial.label}: {result['status']}: {result['error']}", file=sys.stderr)
+        self._running.pop(trial.id, None)
+        self._bar.update(1)
+        if self._running:  # else the line stays until the next start, as readers of the local runner expect
+            self._show()
+
+    def _show(self) -> None:
+        tmp = self.directory / ".running.tmp"
+        tmp.write_text("".join(f"{line}\n" for _, line in self._running.values()))
+        tmp.replace(self.directory / ".running")  # a reader never sees half a line
+        labels = [trial.label for trial, _ in self._running.values()]
+        if labels:
+            self._bar.set_postfix_str(labels[0] if len(labels) == 1 else f"{len(labels)} running: {'; '.join(labels)}", refresh=True)
 
 
 def run(suite: Suite, results_root: Path, force: bool = False, progress: bool = True,
         save_adapters: bool = True) -> SweepReport:
-    from tqdm import tqdm
-
-    directory = results_root / suite.name
-    lock = _lock(directory)
-    for stale in [*directory.glob(".*.tmp"), *directory.glob(".*.draft.json")]:  # left by a kill; never results
-        stale.unlink()
-    report = SweepReport()
-    start = time.perf_counter()
-    todo = []
-    for trial in suite.trials:
-        if not force and _done(results.path_for(directory, trial.id)):
-            report.skipped.append(trial.id)
-            report.statuses[trial.id] = "success"
-        else:
-            todo.append(trial)
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(PRELOAD)
-    bar = tqdm(todo, desc=suite.name, unit="trial", position=0, dynamic_ncols=True, disable=not progress)
-    for trial in bar:
-        bar.set_postfix_str(trial.label, refresh=True)
-        out = results.path_for(directory, trial.id)
-        result = run_trial(ctx, trial, out, directory / "adapters" if save_adapters else None, progress)
-        report.ran.append(trial.id)
-        report.statuses[trial.id] = result["status"]
-        rt = result["runtime"]
-        report.inside_s += (rt.get("train_s") or 0) + (rt.get("eval_s") or 0)
-        if result["status"] != "success":
-            tqdm.write(f"{trial.id} {trial.label}: {result['status']}: {result['error']}", file=sys.stderr)
-    bar.close()
-    (directory / ".running").unlink(missing_ok=True)
-    report.wall_s = time.perf_counter() - start
-    lock.close()
-    return report
+    with Sweep(suite, results_root, force, progress) as sweep:
+        ctx = trial_context()
+        adapters = sweep.directory / "adapters" if save_adapters else None
+        for trial in sweep.todo:
+            result = execute(ctx, trial, sweep.draft(trial), adapters, progress, lambda pid, t=trial: sweep.started(t, pid))
+            sweep.publish(trial, result)
+    return sweep.report
 
 
 def estimate(suite: Suite) -> list[dict[str, Any]]:
@@ -163,7 +222,7 @@ def estimate(suite: Suite) -> list[dict[str, Any]]:
     throughput (PEFTBENCH_FLOPS, default 1e11 FLOP/s, about this 2-core CPU in fp32) sizes a
     sweep and ranks its trials; it does not predict to the second."""
     import methods
-    from bench import data, models
+    from bench import data, models, vision
     from bench.measure import param_counts
     from bench.train import total_steps
 
@@ -172,6 +231,8 @@ def estimate(suite: Suite) -> list[dict[str, Any]]:
 
     def mean_tokens(s: dict[str, Any]) -> float:
         key = json.dumps([s["model"], s["data"]], sort_keys=True)
+        if s["data"]["task"] in vision.TASKS:
+            return vision.TOKENS_PER_IMAGE
         if key not in lengths:
             tokenizer = models.load_tokenizer(s["model"])
             rows = data.tokenized(s["data"]["task"], tokenizer, s["data"]["max_length"], s["data"]["train_examples"])
