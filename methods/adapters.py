@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from methods.base import Adapted, ConfigError, MethodConfig, freeze, load_trainable
-from methods.layers import block_norms, sublayer_outputs
+from methods.layers import block_norms, replace_module, sublayer_outputs
 from methods.lora import features
 
 PLACEMENTS = {"houlsby": ("attention", "ffn"), "pfeiffer": ("ffn",)}
@@ -114,8 +114,7 @@ class Bottleneck:
         targets = [t for sublayer in PLACEMENTS[cfg.placement] for t in sublayer_outputs(model, sublayer)]
         freeze(model)
         for name, layer in targets:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, BottleneckAdapter(layer, cfg.size, cfg.activation, cfg.init, cfg.init_std))
+            replace_module(model, name, BottleneckAdapter(layer, cfg.size, cfg.activation, cfg.init, cfg.init_std))
         trainable = [p for layer in adapter_layers(model).values() for m in (layer.adapter_down, layer.adapter_up) for p in m.parameters()]
         if cfg.train_norms:
             trainable += [p for norm in block_norms(model) for p in norm.parameters()]

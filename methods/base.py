@@ -11,7 +11,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator, Protocol, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -260,6 +260,21 @@ def read_json(path: Path) -> dict[str, Any]:
     return saved
 
 
+def merging(model: nn.Module, layers: Iterable[nn.Module]) -> dict[str, Callable[[], nn.Module]]:
+    """Adapted's merge_fn and unmerge_fn for a method whose wrapped layers each merge themselves."""
+    layers = list(layers)
+
+    def each(op: str) -> Callable[[], nn.Module]:
+        def run() -> nn.Module:
+            for layer in layers:
+                getattr(layer, op)()
+            return model
+
+        return run
+
+    return {"merge_fn": each("merge"), "unmerge_fn": each("unmerge")}
+
+
 def require_float(params: list[tuple[str, nn.Parameter]], method: str) -> None:
     """Gradients need floating-point tensors: a 4-bit or int8 base cannot be trained directly."""
     for name, p in params:
@@ -267,7 +282,7 @@ def require_float(params: list[tuple[str, nn.Parameter]], method: str) -> None:
             raise ConfigError(
                 "model.quant",
                 f"{method} trains {name}, which is quantized ({p.dtype}); use a full-precision base "
-                "(quant = \"none\") or an adapter method such as lora",
+                '(quant = "none") or an adapter method such as lora',
             )
 
 

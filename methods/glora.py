@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from methods.base import Adapted, ConfigError, MethodConfig, Targets, freeze, load_trainable
-from methods.layers import Conv1D, resolve_targets
+from methods.base import Adapted, ConfigError, freeze, load_trainable, merging, MethodConfig, Targets
+from methods.layers import Conv1D, replace_module, resolve_targets
 from methods.lora import features
 
 FORMS = {
@@ -241,26 +241,14 @@ class GLoRA:
         targets = resolve_targets(model, cfg.targets)
         freeze(model)
         for name, layer in targets:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, GLoRALinear(layer, cfg))
+            replace_module(model, name, GLoRALinear(layer, cfg))
         layers = glora_layers(model)
         trainable = [p for layer in layers.values() for n, p in layer.named_parameters() if not n.startswith("base_layer.")]
-
-        def merge() -> nn.Module:
-            for layer in layers.values():
-                layer.merge()
-            return model
-
-        def unmerge() -> nn.Module:
-            for layer in layers.values():
-                layer.unmerge()
-            return model
 
         return Adapted(
             model=model,
             trainable=trainable,
-            merge_fn=merge,
-            unmerge_fn=unmerge,
+            **merging(model, layers.values()),
             load_fn=lambda directory: load_trainable(model, trainable, directory, list(layers.values())),
         )
 

@@ -19,8 +19,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from methods.base import Adapted, ConfigError, MethodConfig, freeze, load_trainable
-from methods.layers import Conv1D, linear_modules, role, sublayer_outputs
+from methods.base import Adapted, ConfigError, freeze, load_trainable, merging, MethodConfig
+from methods.layers import Conv1D, linear_modules, replace_module, role, sublayer_outputs
 from methods.lora import features
 
 VECTORS = ("k", "v", "ff")
@@ -151,26 +151,14 @@ class IA3:
         targets = ia3_targets(model, cfg)
         freeze(model)
         for name, layer, on_input, start in targets:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, IA3Linear(layer, on_input, start))
+            replace_module(model, name, IA3Linear(layer, on_input, start))
         layers = ia3_layers(model)
-
-        def merge() -> nn.Module:
-            for layer in layers.values():
-                layer.merge()
-            return model
-
-        def unmerge() -> nn.Module:
-            for layer in layers.values():
-                layer.unmerge()
-            return model
 
         trainable = [layer.ia3_l for layer in layers.values()]
         return Adapted(
             model=model,
             trainable=trainable,
-            merge_fn=merge,
-            unmerge_fn=unmerge,
+            **merging(model, layers.values()),
             load_fn=lambda directory: load_trainable(model, trainable, directory, list(layers.values())),
         )
 

@@ -24,15 +24,16 @@ from methods.base import (
     Adapted,
     AdapterFileError,
     ConfigError,
-    MethodConfig,
-    Targets,
     freeze,
     load_safetensors,
+    merging,
+    MethodConfig,
     read_json,
     save_safetensors,
+    Targets,
     write_json,
 )
-from methods.layers import Conv1D, resolve_targets
+from methods.layers import Conv1D, replace_module, resolve_targets
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -255,20 +256,9 @@ class LoRA:
         targets = resolve_targets(model, cfg.targets)
         freeze(model)
         for name, layer in targets:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, self.wrap(layer, cfg))
+            replace_module(model, name, self.wrap(layer, cfg))
         layers = lora_layers(model)
         trainable = [p for layer in layers.values() for p in layer.adapter_tensors().values() if p.requires_grad]
-
-        def merge() -> nn.Module:
-            for layer in layers.values():
-                layer.merge()
-            return model
-
-        def unmerge() -> nn.Module:
-            for layer in layers.values():
-                layer.unmerge()
-            return model
 
         def save(directory: Path) -> None:
             write_json(directory / CONFIG_FILE, peft_config(model, cfg, layers))
@@ -277,8 +267,7 @@ class LoRA:
         return Adapted(
             model=model,
             trainable=trainable,
-            merge_fn=merge,
-            unmerge_fn=unmerge,
+            **merging(model, layers.values()),
             state_fn=lambda: adapter_state(layers),
             save_fn=save,
             load_fn=lambda directory: load_adapter(layers, cfg, Path(directory)),

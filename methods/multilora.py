@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from methods.base import Adapted, ConfigError, MethodConfig, Targets, freeze, load_trainable
-from methods.layers import resolve_targets
+from methods.base import Adapted, ConfigError, freeze, load_trainable, merging, MethodConfig, Targets
+from methods.layers import replace_module, resolve_targets
 from methods.lora import LoRALinear, features
 
 
@@ -102,26 +102,14 @@ class MultiLoRA:
         targets = resolve_targets(model, cfg.targets)
         freeze(model)
         for name, layer in targets:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, MultiLoRALinear(layer, cfg.n, cfg.r, cfg.dropout))
+            replace_module(model, name, MultiLoRALinear(layer, cfg.n, cfg.r, cfg.dropout))
         layers = multilora_layers(model)
         trainable = [p for layer in layers.values() for p in (layer.lora_A, layer.lora_B, layer.lora_scale)]
-
-        def merge() -> nn.Module:
-            for layer in layers.values():
-                layer.merge()
-            return model
-
-        def unmerge() -> nn.Module:
-            for layer in layers.values():
-                layer.unmerge()
-            return model
 
         return Adapted(
             model=model,
             trainable=trainable,
-            merge_fn=merge,
-            unmerge_fn=unmerge,
+            **merging(model, layers.values()),
             load_fn=lambda directory: load_trainable(model, trainable, directory, list(layers.values())),
         )
 

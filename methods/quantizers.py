@@ -50,14 +50,15 @@ from methods.base import (
     Adapted,
     AdapterFileError,
     ConfigError,
-    MethodConfig,
     freeze,
     load_safetensors,
+    merging,
+    MethodConfig,
     read_json,
     save_safetensors,
     write_json,
 )
-from methods.layers import Conv1D, resolve_targets
+from methods.layers import Conv1D, replace_module, resolve_targets
 
 KINDS = ("nf", "int")
 BITS = (2, 3, 4, 8)
@@ -417,11 +418,6 @@ def weight_of(layer: nn.Module) -> Tensor:
     return w.T.contiguous() if isinstance(layer, Conv1D) else w
 
 
-def replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, module)
-
-
 def rank_check(chosen: list[tuple[str, nn.Module]], r: int) -> None:
     for name, layer in chosen:
         if r > min(layer.weight.shape):
@@ -448,16 +444,6 @@ def make_adapted(model: nn.Module, method: str, cfg: MethodConfig, layers: dict[
 
     def plan() -> dict[str, Any]:
         return {name: layer.base_layer.describe() for name, layer in layers.items()}
-
-    def merge() -> nn.Module:
-        for layer in layers.values():
-            layer.merge()
-        return model
-
-    def unmerge() -> nn.Module:
-        for layer in layers.values():
-            layer.unmerge()
-        return model
 
     def save(directory: Path) -> None:
         meta = {
@@ -505,8 +491,7 @@ def make_adapted(model: nn.Module, method: str, cfg: MethodConfig, layers: dict[
     return Adapted(
         model=model,
         trainable=trainable,
-        merge_fn=merge,
-        unmerge_fn=unmerge,
+        **merging(model, layers.values()),
         state_fn=lambda: adapter_state(layers),
         save_fn=save,
         load_fn=load,
@@ -521,7 +506,7 @@ def wrap(
     """Freeze the model and replace each chosen layer by build(name, layer)."""
     freeze(model)
     for name, layer in chosen:
-        replace(model, name, build(name, layer))
+        replace_module(model, name, build(name, layer))
     return quant_lora_layers(model)
 
 

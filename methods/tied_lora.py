@@ -37,14 +37,15 @@ from methods.base import (
     Adapted,
     AdapterFileError,
     ConfigError,
-    MethodConfig,
     freeze,
     load_safetensors,
+    merging,
+    MethodConfig,
     read_json,
     save_safetensors,
     write_json,
 )
-from methods.layers import resolve_targets
+from methods.layers import replace_module, resolve_targets
 from methods.lora import LoRAConfig, LoRALinear, features, lora_layers
 
 CONFIG_FILE = "adapter_config.json"
@@ -95,8 +96,7 @@ def wrap_all(model: nn.Module, targets: list[tuple[str, nn.Module]], build: Any)
     """Freeze the model and swap each target for `build(name, layer)`; the wrapped layers by name."""
     freeze(model)
     for name, layer in targets:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, build(name, layer))
+        replace_module(model, name, build(name, layer))
     return lora_layers(model)
 
 
@@ -109,16 +109,6 @@ def adapted_from(
 
     def state() -> dict[str, Tensor]:
         return {n: p.detach() for n, p in model.named_parameters() if id(p) in tensors}
-
-    def merge() -> nn.Module:
-        for layer in layers.values():
-            layer.merge()
-        return model
-
-    def unmerge() -> nn.Module:
-        for layer in layers.values():
-            layer.unmerge()
-        return model
 
     def save(directory: Path) -> None:
         write_json(directory / CONFIG_FILE, {"method": method, "config": cfg.to_dict()})
@@ -160,8 +150,7 @@ def adapted_from(
     return Adapted(
         model=model,
         trainable=[t for t in tensors.values() if t.requires_grad],
-        merge_fn=merge,
-        unmerge_fn=unmerge,
+        **merging(model, layers.values()),
         state_fn=state,
         save_fn=save,
         load_fn=load,
