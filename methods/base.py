@@ -219,26 +219,40 @@ def load_into(model: nn.Module, state: dict[str, Tensor], source: Path | str) ->
             params[name].copy_(value.to(params[name].dtype))
 
 
-def load_trainable(model: nn.Module, trainable: list[nn.Parameter], directory: Path, layers: Sequence[Any] = ()) -> None:
-    """Load the adapter.safetensors that Adapted.save wrote into exactly the trainable tensors: a
-    missing, extra or misshapen tensor is an AdapterFileError naming the file. Merged `layers`
-    (objects with merged, merge(), unmerge()) are unmerged first and merged again after, so that
-    their base weights never keep the old update."""
-    path = Path(directory) / "adapter.safetensors"
-    state = load_safetensors(path)
-    ids = {id(p) for p in trainable}
-    names = {n for n, p in model.named_parameters() if id(p) in ids}
-    missing, extra = sorted(names - set(state)), sorted(set(state) - names)
+def copy_checked(
+    params: dict[str, Tensor], state: dict[str, Tensor], path: Path, layers: Iterable[Any] = (), what: str = "adapter"
+) -> None:
+    """Copy a saved `state` into `params` (same names): an extra, misshapen or missing tensor is an
+    AdapterFileError naming the file, raised before anything is copied. Merged `layers` (objects
+    with merged, merge(), unmerge()) are unmerged first and merged again after, so that their base
+    weights never keep the old update."""
+    for key, value in state.items():
+        if key not in params:
+            raise AdapterFileError(f"{path}: tensor {key!r} has no matching {what} tensor in the model")
+        if value.shape != params[key].shape:
+            raise AdapterFileError(
+                f"{path}: tensor {key!r} has shape {tuple(value.shape)}, the model expects {tuple(params[key].shape)} "
+                "(saved with other settings, or for another base model?)"
+            )
+    missing = sorted(set(params) - set(state))
     if missing:
         raise AdapterFileError(f"{path}: missing {len(missing)} tensor(s), e.g. {missing[0]!r}")
-    if extra:
-        raise AdapterFileError(f"{path}: tensor {extra[0]!r} is not a trainable tensor of this adapted model")
     merged = [layer for layer in layers if layer.merged]
     for layer in merged:
         layer.unmerge()
-    load_into(model, state, source=path)
+    with torch.no_grad():
+        for key, param in params.items():
+            param.copy_(state[key].to(param.dtype))
     for layer in merged:
         layer.merge()
+
+
+def load_trainable(model: nn.Module, trainable: list[nn.Parameter], directory: Path, layers: Sequence[Any] = ()) -> None:
+    """Load the adapter.safetensors that Adapted.save wrote into exactly the trainable tensors."""
+    path = Path(directory) / "adapter.safetensors"
+    ids = {id(p) for p in trainable}
+    params = {n: p for n, p in model.named_parameters() if id(p) in ids}
+    copy_checked(params, load_safetensors(path), path, layers, what="trainable")
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -24,6 +24,7 @@ from methods.base import (
     Adapted,
     AdapterFileError,
     ConfigError,
+    copy_checked,
     freeze,
     load_safetensors,
     merging,
@@ -214,26 +215,7 @@ def load_adapter(layers: dict[str, LoRALinear], cfg: LoRAConfig, directory: Path
     path = directory / WEIGHTS_FILE
     state = load_safetensors(path)
     params = {f"{PEFT_PREFIX}{name}.{key}": t for name, layer in layers.items() for key, t in layer.adapter_tensors().items()}
-    for key, value in state.items():
-        if key not in params:
-            raise AdapterFileError(f"{path}: tensor {key!r} has no matching LoRA module in the model")
-        if value.shape != params[key].shape:
-            raise AdapterFileError(
-                f"{path}: tensor {key!r} has shape {tuple(value.shape)}, the model expects "
-                f"{tuple(params[key].shape)} (saved with another rank, or for another base model?)"
-            )
-    missing = sorted(set(params) - set(state))
-    if missing:
-        raise AdapterFileError(f"{path}: missing {len(missing)} tensor(s), e.g. {missing[0]!r}")
-    # Merged layers hold the old update in the base weight: take it out before replacing A and B.
-    merged = [layer for layer in layers.values() if layer.merged]
-    for layer in merged:
-        layer.unmerge()
-    with torch.no_grad():
-        for key, param in params.items():
-            param.copy_(state[key].to(param.dtype))
-    for layer in merged:
-        layer.merge()
+    copy_checked(params, state, path, layers.values(), what="LoRA")
 
 
 class LoRA:

@@ -50,6 +50,7 @@ from methods.base import (
     Adapted,
     AdapterFileError,
     ConfigError,
+    copy_checked,
     freeze,
     load_safetensors,
     merging,
@@ -471,22 +472,7 @@ def make_adapted(model: nn.Module, method: str, cfg: MethodConfig, layers: dict[
         wpath = directory / WEIGHTS_FILE
         state = load_safetensors(wpath)
         params = {f"{n}.lora_{w}": getattr(layer, f"lora_{w}") for n, layer in layers.items() for w in "AB"}
-        for key, value in state.items():
-            if key not in params:
-                raise AdapterFileError(f"{wpath}: tensor {key!r} has no matching adapter in the model")
-            if value.shape != params[key].shape:
-                raise AdapterFileError(f"{wpath}: tensor {key!r} has shape {tuple(value.shape)}, expected {tuple(params[key].shape)}")
-        missing = sorted(set(params) - set(state))
-        if missing:
-            raise AdapterFileError(f"{wpath}: missing {len(missing)} tensor(s), e.g. {missing[0]!r}")
-        merged = [layer for layer in layers.values() if layer.merged]
-        for layer in merged:
-            layer.unmerge()
-        with torch.no_grad():
-            for key, param in params.items():
-                param.copy_(state[key].to(param.dtype))
-        for layer in merged:
-            layer.merge()
+        copy_checked(params, state, wpath, layers.values())
 
     return Adapted(
         model=model,

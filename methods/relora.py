@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from methods.base import Adapted, AdapterFileError, ConfigError, Targets, TrainHooks, load_safetensors, save_safetensors
+from methods.base import Adapted, AdapterFileError, ConfigError, copy_checked, load_safetensors, save_safetensors, Targets, TrainHooks
 from methods.layers import resolve_targets
 from methods.lora import LoRA, LoRAConfig, LoRALinear, lora_layers
 
@@ -178,26 +178,9 @@ class ReLoRA:
                     f"{path}: saved before any restart, but this model's weights already hold {resets[0]} merged "
                     "restart(s); load it into a fresh base model"
                 )
-            expected = weights() if state else {}
-            for key, value in state.items():
-                if key not in expected:
-                    raise AdapterFileError(f"{path}: tensor {key!r} is not the weight of a ReLoRA layer of this model")
-                if value.shape != expected[key].shape:
-                    raise AdapterFileError(
-                        f"{path}: tensor {key!r} has shape {tuple(value.shape)}, the model expects {tuple(expected[key].shape)}"
-                    )
-            missing = sorted(set(expected) - set(state))
-            if missing:
-                raise AdapterFileError(f"{path}: missing {len(missing)} merged weight(s), e.g. {missing[0]!r}")
-            merged = [layer for layer in layers.values() if layer.merged]
-            for layer in merged:
-                layer.unmerge()
-            with torch.no_grad():
-                for key, weight in expected.items():
-                    weight.copy_(state[key].to(weight.dtype))
+            # Each step unmerges merged layers and merges them again, so W ends as W_saved + the loaded B A.
+            copy_checked(weights() if state else {}, state, path, layers.values(), what="merged ReLoRA weight")
             adapted.load(directory)  # A and B, checked against r and alpha
-            for layer in merged:
-                layer.merge()
             resets[0] = saved_resets(path) if state else resets[0]
 
         hooks = TrainHooks(on_step=on_step, lr_multiplier=lambda step: jagged(step, cfg.reset_every, cfg.restart_warmup))

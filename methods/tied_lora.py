@@ -37,6 +37,7 @@ from methods.base import (
     Adapted,
     AdapterFileError,
     ConfigError,
+    copy_checked,
     freeze,
     load_safetensors,
     merging,
@@ -128,24 +129,7 @@ def adapted_from(
         path = Path(directory) / WEIGHTS_FILE
         values = load_safetensors(path)
         params = {n: p for n, p in model.named_parameters() if id(p) in tensors}
-        for key, value in values.items():
-            if key not in params:
-                raise AdapterFileError(f"{path}: tensor {key!r} has no matching {method} tensor in the model")
-            if value.shape != params[key].shape:
-                raise AdapterFileError(
-                    f"{path}: tensor {key!r} has shape {tuple(value.shape)}, the model expects {tuple(params[key].shape)}"
-                )
-        missing = sorted(set(params) - set(values))
-        if missing:
-            raise AdapterFileError(f"{path}: missing {len(missing)} tensor(s), e.g. {missing[0]!r}")
-        merged = [layer for layer in layers.values() if layer.merged]
-        for layer in merged:
-            layer.unmerge()
-        with torch.no_grad():
-            for key, param in params.items():
-                param.copy_(values[key].to(param.dtype))
-        for layer in merged:
-            layer.merge()
+        copy_checked(params, values, path, layers.values(), what=method)
 
     return Adapted(
         model=model,
