@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from methods.base import Adapted, ConfigError, MethodConfig, TrainHooks
+from methods.base import Adapted, ConfigError, MethodConfig, require_float, TrainHooks
 from methods.layers import blocks
 
 
@@ -118,6 +118,7 @@ class AutoRGN:
     battery_configs: ClassVar[list[dict[str, Any]]] = [{"probe_batches": 2}]
 
     def apply(self, model: nn.Module, cfg: AutoRGNConfig) -> Adapted:
+        require_float(list(model.named_parameters()), self.name)
         for p in model.parameters():
             p.requires_grad_(True)
         state = _RGN(model, cfg)

@@ -300,6 +300,14 @@ def require_float(params: list[tuple[str, nn.Parameter]], method: str) -> None:
             )
 
 
+def require_float_weights(targets: list[tuple[str, nn.Module]], reason: str) -> None:
+    """Methods that read the base weight W0 itself (not only the layer's output W0 x) cannot use
+    a packed 4-bit or int8 weight: refuse before the model is touched."""
+    for name, layer in targets:
+        if not layer.weight.is_floating_point():
+            raise ConfigError("targets", f"{name} has a quantized weight ({type(layer).__name__}); {reason}")
+
+
 def freeze(model: nn.Module) -> None:
     for p in model.parameters():
         p.requires_grad_(False)

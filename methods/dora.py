@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from methods.base import Adapted, ConfigError
+from methods.base import Adapted, require_float_weights
 from methods.layers import resolve_targets
 from methods.lora import LoRA, LoRAConfig, LoRALinear, features
 
@@ -125,9 +125,7 @@ class DoRA(LoRA):
         return DoRALinear(layer, cfg.r, cfg.scaling, cfg.dropout)
 
     def apply(self, model: nn.Module, cfg: DoRAConfig) -> Adapted:
-        for name, layer in resolve_targets(model, cfg.targets):
-            if not layer.weight.is_floating_point():
-                raise ConfigError("targets", f"{name} has a quantized weight ({type(layer).__name__}); DoRA needs its norm in float")
+        require_float_weights(resolve_targets(model, cfg.targets), "DoRA needs its norm in float")
         return super().apply(model, cfg)
 
     def expected_trainable(self, model: nn.Module, cfg: DoRAConfig) -> int:

@@ -15,7 +15,8 @@ into W = W0 + W0 ⊙ A + B and b = b0 + D ⊙ b0 + E + W0 C (merge).
 The paper trains a supernet over these forms and picks one per layer by evolutionary search; that
 search is out of scope here: one config fixes the forms of all targeted layers (a single subnet).
 As in the authors' code, C and E also act on layers without a bias (b0 = 0, so D is dropped there);
-peft's GLoRA drops C, D and E on such layers.
+peft's GLoRA drops C, D and E on such layers. On a quantized (4-bit, int8) base only the forms
+that act through W0 x work: a "lora" A or any C needs W0 itself and is refused.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from methods.base import Adapted, ConfigError, freeze, load_trainable, merging, MethodConfig, Targets
+from methods.base import Adapted, ConfigError, freeze, load_trainable, merging, MethodConfig, require_float_weights, Targets
 from methods.layers import Conv1D, replace_module, resolve_targets
 from methods.lora import features
 
@@ -239,6 +240,9 @@ class GLoRA:
         if glora_layers(model):
             raise ConfigError("model", "already has GLoRA layers; apply GLoRA to a fresh base model")
         targets = resolve_targets(model, cfg.targets)
+        if cfg.a == "lora" or cfg.c != "none":
+            # The other forms act through W0 x, which a 4-bit layer computes itself.
+            require_float_weights(targets, f"GLoRA's a = {cfg.a!r} and c = {cfg.c!r} read W0 itself (W0 ⊙ A, W0 C): use a float base, or a vector/constant a and c = 'none'")
         freeze(model)
         for name, layer in targets:
             replace_module(model, name, GLoRALinear(layer, cfg))

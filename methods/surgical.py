@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from methods.base import Adapted, ConfigError, MethodConfig, freeze
+from methods.base import Adapted, ConfigError, MethodConfig, freeze, require_float
 from methods.layers import blocks, head_parameters
 
 NAMED = ("first", "middle", "last", "first-third", "middle-third", "last-third", "head", "embeddings")
@@ -111,6 +111,8 @@ class Surgical:
 
     def apply(self, model: nn.Module, cfg: SurgicalConfig) -> Adapted:
         chosen = chosen_parameters(model, cfg)  # raises before the model is touched
+        names = {id(p): n for n, p in model.named_parameters()}
+        require_float([(names[i], p) for i, p in chosen.items()], f"{self.name} ({cfg.blocks})")
         freeze(model)
         for p in chosen.values():
             p.requires_grad_(True)

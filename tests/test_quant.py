@@ -165,6 +165,53 @@ def test_full_and_top_k_refuse_a_quantized_base() -> None:
         assert not any(p.requires_grad for p in model.parameters() if not p.is_floating_point())
 
 
+@pytest.mark.parametrize("name", methods.names())
+def test_every_method_trains_on_a_4bit_base_or_refuses_it_by_name(name: str) -> None:
+    """Each registered method, with each battery config, on an nf4 base: it either trains
+    (finite loss, the packed weights untouched and frozen) or raises a ConfigError naming the
+    key before changing the model; never a torch error from deep inside (as surgical, Auto-RGN
+    and GLoRA raised before this test)."""
+    method = methods.get(name)
+    for values in getattr(method, "battery_configs", None) or [{}]:
+        model = models.load({"name": "synthetic:llama-tiny", "quant": "nf4", "compute_dtype": "float32"}).model
+        packed = {n: p.detach().clone() for n, p in model.named_parameters() if not p.is_floating_point()}
+        before = {n: p.requires_grad for n, p in model.named_parameters()}
+        cfg = method.Config.from_dict(values)
+        try:
+            adapted = method.apply(model, cfg)
+        except methods.ConfigError as exc:
+            assert exc.key in ("model.quant", "targets") and "quantized" in exc.message, exc
+            assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+            continue
+        rows = [{k: v[0] for k, v in tokens(1, 16, seed=i).items()} for i in range(2)]
+        t = suite.TrainSpec(lr=1e-3, batch_size=2, max_steps=2).to_dict()
+        result = train(adapted, rows, t, lambda b: {k: torch.stack([r[k] for r in b]) for k in b[0]}, torch.device("cpu"))
+        # Nothing to train (frozen, hard prompts): the loop takes no step.
+        assert result.steps == (2 if adapted.trainable else 0), values
+        assert all(torch.isfinite(torch.tensor(result.loss_curve))), values
+        after = dict(adapted.model.named_parameters())
+        for n, p in packed.items():
+            # Wrapping methods move the layer under base_layer: find the packed weight by suffix.
+            [(_, q)] = [(m, t) for m, t in after.items() if m.replace(".base_layer", "") == n]
+            assert not q.requires_grad and torch.equal(q, p), n
+
+
+def test_glora_on_a_4bit_base_with_forms_that_act_through_the_layer_output() -> None:
+    """A vector A and no C need only W0 x, which the 4-bit layer computes: allowed, and at
+    init the model's output is unchanged."""
+    model = models.load({"name": "synthetic:llama-tiny", "quant": "nf4", "compute_dtype": "float32"}).model
+    batch = tokens()
+    with torch.no_grad():
+        before = model(**batch).logits
+    glora = methods.get("glora")
+    adapted = glora.apply(model, glora.Config(a="vector", b="lora", c="none", targets="qv"))
+    with torch.no_grad():
+        assert torch.equal(adapted.model(**batch).logits, before)
+    with pytest.raises(methods.ConfigError, match="W0 itself") as info:
+        glora.apply(models.load({"name": "synthetic:llama-tiny", "quant": "nf4"}).model, glora.Config(targets="qv"))
+    assert info.value.key == "targets"
+
+
 @pytest.mark.skipif(not bnb.functional.has_avx512bf16(), reason="the repacking path exists on AVX512-BF16 CPUs only")
 def test_without_the_guard_the_trap_is_real() -> None:
     """The control for the test above: bitsandbytes' default silently corrupts the gradients
