@@ -93,7 +93,7 @@ class TrainHooks:
     param_groups: Callable[[list[nn.Parameter]], list[dict[str, Any]]] | None = None
     """Turn the trainable list into optimizer param groups (per-tensor learning rates)."""
     on_step: Callable[[int, torch.optim.Optimizer], None] | None = None
-    """Called after every optimizer step with the global step (restarts, lr rescaling)."""
+    """Called after every optimizer step with that step's 0-based global index (restarts, lr rescaling)."""
     lr_multiplier: Callable[[int], float] | None = None
     """A factor on the loop's schedule for the step with this (0-based) global index: jagged
     schedules with restarts multiply the suite's schedule instead of replacing it."""
