@@ -242,7 +242,8 @@ class GLoRA:
         targets = resolve_targets(model, cfg.targets)
         if cfg.a == "lora" or cfg.c != "none":
             # The other forms act through W0 x, which a 4-bit layer computes itself.
-            require_float_weights(targets, f"GLoRA's a = {cfg.a!r} and c = {cfg.c!r} read W0 itself (W0 ⊙ A, W0 C): use a float base, or a vector/constant a and c = 'none'")
+            require_float_weights(targets, f"GLoRA's a = {cfg.a!r} and c = {cfg.c!r} read W0 itself (W0 ⊙ A, W0 C): "
+                                           "use a float base, or a vector/constant a and c = 'none'")
         freeze(model)
         for name, layer in targets:
             replace_module(model, name, GLoRALinear(layer, cfg))
