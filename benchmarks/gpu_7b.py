@@ -292,11 +292,15 @@ def main() -> int:
     # which would otherwise land in the first 7B run's load time.
     for name in methods.names():
         method = methods.get(name)
-        # A method's first battery config if it has one (a small rank, say), else its defaults.
-        cfg = (getattr(method, "battery_configs", None) or [{}])[0]
+        # A method's first battery config if it has one (a small rank, say), else its defaults. On
+        # the 4-bit base, the first one the method accepts there (GLoRA's first reads W0 itself).
+        configs = getattr(method, "battery_configs", None) or [{}]
         for base, spec in (("float32", {}), ("nf4", {"quant": "nf4", "compute_dtype": "bfloat16"})):
-            out = timed(f"{name} on {base}", run_one, {"name": s.small, **spec}, name, cfg, "adamw", s.small_steps,
-                        s.small_seq, s, device)
+            for cfg in configs if base == "nf4" else configs[:1]:
+                out = timed(f"{name} on {base}", run_one, {"name": s.small, **spec}, name, cfg, "adamw",
+                            s.small_steps, s.small_seq, s, device)
+                if out is None or not (out["error"] or "").startswith("ConfigError"):
+                    break
             if out is not None:
                 report["methods"].append({"method_name": name, "base": base} | out)
                 save()

@@ -234,6 +234,7 @@ class GLoRA:
     battery_configs: ClassVar[list[dict[str, Any]]] = [
         {"r": 2, "d": "none", "targets": "qv"},
         {"a": "vector", "b": "constant", "c": "vector", "d": "none", "e": "constant", "targets": "mlp"},
+        {"r": 2, "a": "vector", "c": "none", "d": "none", "targets": "qv"},  # the forms a 4-bit base allows
     ]
 
     def apply(self, model: nn.Module, cfg: GLoRAConfig) -> Adapted:
