@@ -38,7 +38,7 @@ def html(folders: Sequence[str | Path]) -> str:
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     names = ", ".join(Path(f).name for f in folders)
     return env.get_template(TEMPLATE).render(
-        title=f"peftbench report: {names}", folders=[str(f) for f in folders], n_files=len(trials),
+        title=f"peftbench report: {names}", folders=[str(f) for f in folders], n_files=len(trials), published="reports/published.toml",
         sections=sections.build(trials, published(), results.benchmark_records(*folders)))
 
 

@@ -124,6 +124,7 @@ def test_published_numbers_are_printed_and_come_from_the_data_file(report):
         assert number in qlora, number
     for number in ("82.8", "79.9", "81.4", "2210.11466"):
         assert number in surgical, number
+    assert "Published figures from reports/published.toml" in html
     template = (ROOT / "reports" / "templates" / "report.html.j2").read_text()
     for number in ("21.33", "14.18", "82.8", "79.9", "13.84"):
         assert number not in template

@@ -390,6 +390,7 @@ def test_benchmark_runs_every_engine_side_by_side(tmp_path):
     page = serving_report.html(tmp_path)
     assert "against the targets" in page and "This run has no cell with 32 adapters" in page
     assert page.count("<svg") == 1 and "S-LoRA-style batch (ours)" in page and "evictions" in page
+    assert "published.toml" not in page  # no published serving figures are compared here
 
 
 def test_report_reads_result_files_only(tmp_path):
