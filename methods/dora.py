@@ -27,7 +27,6 @@ Deviation: DoRA needs the base weight in floating point to take its norm; on a q
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -114,12 +113,7 @@ class DoRALinear(LoRALinear):
 class DoRA(LoRA):
     name = "dora"
     version = "1"
-    init_atol: ClassVar[float] = 0.0
     Config = DoRAConfig
-    battery_configs: ClassVar[list[dict[str, Any]]] = [
-        {"r": 4, "targets": "qv"},
-        {"r": 2, "targets": "all-linear", "rslora": True},
-    ]
 
     def wrap(self, layer: nn.Module, cfg: DoRAConfig) -> LoRALinear:
         return DoRALinear(layer, cfg.r, cfg.scaling, cfg.dropout)

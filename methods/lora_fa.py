@@ -22,7 +22,6 @@ Same model, same forward and same B gradient as peft's LoRA with A frozen (teste
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
 
 from torch import nn
 
@@ -33,12 +32,6 @@ from methods.lora import LoRA, LoRAConfig, LoRALinear, features
 class LoRAFA(LoRA):
     name = "lora_fa"
     version = "1"
-    init_atol: ClassVar[float] = 0.0
-    Config = LoRAConfig
-    battery_configs: ClassVar[list[dict[str, Any]]] = [
-        {"r": 4, "targets": "qv"},
-        {"r": 2, "targets": "all-linear", "rslora": True},
-    ]
 
     def wrap(self, layer: nn.Module, cfg: LoRAConfig) -> LoRALinear:
         wrapped = super().wrap(layer, cfg)
