@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from methods.base import Adapted, ConfigError, MethodConfig, freeze, load_trainable
-from methods.layers import block_norms, replace_module, sublayer_outputs
+from methods.layers import block_norms, modules_of, replace_module, sublayer_outputs
 from methods.lora import features
 
 PLACEMENTS = {"houlsby": ("attention", "ffn"), "pfeiffer": ("ffn",)}
@@ -89,7 +89,7 @@ class BottleneckAdapter(nn.Module):
 
 
 def adapter_layers(model: nn.Module) -> dict[str, BottleneckAdapter]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, BottleneckAdapter)}
+    return modules_of(model, BottleneckAdapter)
 
 
 class Bottleneck:

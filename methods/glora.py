@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from methods.base import Adapted, ConfigError, freeze, load_trainable, merging, MethodConfig, require_float_weights, Targets
-from methods.layers import Conv1D, replace_module, resolve_targets
+from methods.layers import Conv1D, modules_of, replace_module, resolve_targets
 from methods.lora import features
 
 FORMS = {
@@ -221,7 +221,7 @@ class GLoRALinear(nn.Module):
 
 
 def glora_layers(model: nn.Module) -> dict[str, GLoRALinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, GLoRALinear)}
+    return modules_of(model, GLoRALinear)
 
 
 class GLoRA:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from methods.base import Adapted, ConfigError, freeze, load_trainable, merging, MethodConfig
-from methods.layers import Conv1D, linear_modules, replace_module, role, sublayer_outputs
+from methods.layers import Conv1D, linear_modules, modules_of, replace_module, role, sublayer_outputs
 from methods.lora import features
 
 VECTORS = ("k", "v", "ff")
@@ -109,7 +109,7 @@ class IA3Linear(nn.Module):
 
 
 def ia3_layers(model: nn.Module) -> dict[str, IA3Linear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, IA3Linear)}
+    return modules_of(model, IA3Linear)
 
 
 def ia3_targets(model: nn.Module, cfg: IA3Config) -> list[tuple[str, nn.Module, bool, int]]:

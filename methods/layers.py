@@ -7,6 +7,7 @@ Works across the three layouts the suite meets: Llama-style (q_proj ... down_pro
 from __future__ import annotations
 
 import re
+from typing import TypeVar
 
 from torch import nn
 
@@ -55,6 +56,14 @@ def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
     """Put `module` where the submodule called `name` is."""
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent), child, module)
+
+
+M = TypeVar("M", bound=nn.Module)
+
+
+def modules_of(model: nn.Module, kind: type[M]) -> dict[str, M]:
+    """The model's modules of this type (a method's adapter layers, say), by qualified name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, kind)}
 
 
 def linear_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:

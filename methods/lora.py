@@ -34,7 +34,7 @@ from methods.base import (
     Targets,
     write_json,
 )
-from methods.layers import Conv1D, replace_module, resolve_targets
+from methods.layers import Conv1D, modules_of, replace_module, resolve_targets
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -152,7 +152,7 @@ class LoRALinear(nn.Module):
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     """Wrapped layers by module path, in model order."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    return modules_of(model, LoRALinear)
 
 
 def is_causal_lm(model: nn.Module) -> bool:

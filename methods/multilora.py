@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from methods.base import Adapted, ConfigError, freeze, load_trainable, merging, MethodConfig, Targets
-from methods.layers import replace_module, resolve_targets
+from methods.layers import modules_of, replace_module, resolve_targets
 from methods.lora import LoRALinear, features
 
 
@@ -83,7 +83,7 @@ class MultiLoRALinear(LoRALinear):
 
 
 def multilora_layers(model: nn.Module) -> dict[str, MultiLoRALinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, MultiLoRALinear)}
+    return modules_of(model, MultiLoRALinear)
 
 
 class MultiLoRA:

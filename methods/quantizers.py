@@ -59,7 +59,7 @@ from methods.base import (
     save_safetensors,
     write_json,
 )
-from methods.layers import Conv1D, replace_module, resolve_targets
+from methods.layers import Conv1D, modules_of, replace_module, resolve_targets
 
 KINDS = ("nf", "int")
 BITS = (2, 3, 4, 8)
@@ -391,7 +391,7 @@ class QuantLoRALinear(nn.Module):
 
 
 def quant_lora_layers(model: nn.Module) -> dict[str, QuantLoRALinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLoRALinear)}
+    return modules_of(model, QuantLoRALinear)
 
 
 # ---------------------------------------------------------------- apply helpers
