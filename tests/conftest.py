@@ -96,6 +96,22 @@ def make_batch(kind: str, batch: int = 2, seq: int = 8, seed: int = 1) -> dict[s
     return out
 
 
+def logits(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def with_4bit_q_proj(model: nn.Module) -> nn.Module:
+    """Replace layer 0's q_proj of a tiny Llama by an nf4 bitsandbytes layer (needs bitsandbytes)."""
+    import bitsandbytes as bnb
+
+    layer = model.model.layers[0].self_attn.q_proj
+    q4 = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    q4.weight = bnb.nn.Params4bit(layer.weight.data.clone(), requires_grad=False, quant_type="nf4").to("cpu")
+    model.model.layers[0].self_attn.q_proj = q4
+    return model
+
+
 @pytest.fixture(params=MODEL_KINDS)
 def kind(request: pytest.FixtureRequest) -> str:
     """Each test that takes `kind` runs once per tiny model layout."""

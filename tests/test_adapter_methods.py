@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import build_model, make_batch
+from conftest import build_model, logits, make_batch
 from safetensors.torch import load_file, save_file
-from torch import Tensor, nn
+from torch import nn
 
 import methods
 from methods.adapters import Bottleneck, BottleneckAdapter, BottleneckConfig, adapter_layers
@@ -28,11 +28,6 @@ from methods.multilora import MultiLoRA, MultiLoRAConfig, multilora_layers
 BLOCK = {"llama": "model.layers.{}.", "gpt2": "transformer.h.{}.", "bert": "bert.encoder.layer.{}."}
 ATTN_OUT = {"llama": "self_attn.o_proj", "gpt2": "attn.c_proj", "bert": "attention.output.dense"}
 FFN_OUT = {"llama": "mlp.down_proj", "gpt2": "mlp.c_proj", "bert": "output.dense"}
-
-
-def logits(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    with torch.no_grad():
-        return model(**batch).logits
 
 
 def randomise(params: list[nn.Parameter], seed: int = 0, scale: float = 0.1, around: float = 0.0) -> None:

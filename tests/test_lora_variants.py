@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import build_model, make_batch
+from conftest import build_model, logits, make_batch
 from torch import Tensor, nn
 
 import methods
@@ -33,11 +33,6 @@ def peft() -> Any:
 def adapt(name: str, values: dict[str, Any], kind: str) -> Adapted:
     method = methods.get(name)
     return method.apply(build_model(kind), method.Config.from_dict(values))
-
-
-def logits(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    with torch.no_grad():
-        return model(**batch).logits
 
 
 def randomise(tensors: list[Tensor], seed: int = 0, scale: float = 0.1) -> None:

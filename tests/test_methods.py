@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import MODEL_KINDS, build_model, make_batch
-from torch import Tensor, nn
+from conftest import MODEL_KINDS, build_model, logits, make_batch
+from torch import Tensor
 
 import methods
 from bench.suite import TrainSpec
@@ -60,11 +60,6 @@ def adapt(name: str, values: dict[str, Any], kind: str) -> tuple[Any, MethodConf
     method = methods.get(name)
     cfg = method.Config.from_dict(values)
     return method, cfg, method.apply(build_model(kind), cfg)
-
-
-def logits(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    with torch.no_grad():
-        return model(**batch).logits
 
 
 def train_step(adapted: Adapted, batch: dict[str, Tensor]) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_model, make_batch
+from conftest import build_model, logits, make_batch, with_4bit_q_proj
 from torch import Tensor, nn
 
 import methods
@@ -28,11 +28,6 @@ from methods.quantizers import (
     unpack,
     weight_of,
 )
-
-
-def logits(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    with torch.no_grad():
-        return model(**batch).logits
 
 
 def randomise_b(model: nn.Module, seed: int = 0) -> None:
@@ -103,12 +98,8 @@ def test_stored_bytes_and_counts_as_bench_measures_them() -> None:
 
 
 def test_a_quantized_base_is_refused() -> None:
-    bnb = pytest.importorskip("bitsandbytes")
-    model = build_model("llama")
-    layer = model.model.layers[0].self_attn.q_proj
-    q4 = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias=False, compute_dtype=torch.float32, quant_type="nf4")
-    q4.weight = bnb.nn.Params4bit(layer.weight.data.clone(), requires_grad=False, quant_type="nf4").to("cpu")
-    model.model.layers[0].self_attn.q_proj = q4
+    pytest.importorskip("bitsandbytes")
+    model = with_4bit_q_proj(build_model("llama"))
     for method, cfg in [(LoftQ(), LoftQConfig(targets="qv")), (QALoRA(), QALoRAConfig(targets="qv"))]:
         with pytest.raises(ConfigError) as info:
             method.apply(model, cfg)

@@ -9,18 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import VOCAB, build_model, make_batch
-from torch import Tensor, nn
+from conftest import VOCAB, build_model, logits, make_batch, with_4bit_q_proj
+from torch import Tensor
 
 from methods.base import Adapted, AdapterFileError, ConfigError
 from methods.longlora import EXTRA_FILE, LongLoRA, LongLoRAConfig, shifted_sparse_attention
 from methods.lora import LoRA, LoRAConfig, lora_layers
 from methods.relora import BASE_FILE, ReLoRA, ReLoRAConfig, check_prunable, jagged, moments
-
-
-def logits(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    with torch.no_grad():
-        return model(**batch).logits
 
 
 def learnable_batch() -> dict[str, Tensor]:
@@ -204,12 +199,8 @@ def test_relora_corrupt_or_stale_base_file_names_it(tmp_path: Path) -> None:
 
 
 def test_relora_refuses_a_quantized_base() -> None:
-    bnb = pytest.importorskip("bitsandbytes")
-    model = build_model("llama")
-    layer = model.model.layers[0].self_attn.q_proj
-    q4 = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias=False, compute_dtype=torch.float32, quant_type="nf4")
-    q4.weight = bnb.nn.Params4bit(layer.weight.data.clone(), requires_grad=False, quant_type="nf4").to("cpu")
-    model.model.layers[0].self_attn.q_proj = q4
+    pytest.importorskip("bitsandbytes")
+    model = with_4bit_q_proj(build_model("llama"))
     with pytest.raises(ConfigError, match="quantized") as info:
         ReLoRA().apply(model, ReLoRAConfig(targets="qv"))
     assert info.value.key == "model.quant"
