@@ -1,27 +1,45 @@
 """LQ-LoRA: Low-rank Plus Quantized Matrix Decomposition for Efficient Language Model Finetuning (Guo et al. 2023, arXiv 2311.12023).
 
-Each target W is decomposed as W ~= deq(Q) + L1 L2 by the same alternating minimisation as
-LoftQ (quantize the residual of the low-rank part, then take the rank-r SVD of what the
-quantization left), and only L1 (= scaling * B) and L2 (= A) are trained. What LQ-LoRA adds is
-a per-matrix quantization configuration c = (bits, blocksize), bits in {2, 3, 4, 8} and
-blocksize in {64, 128} by default, chosen by an integer linear program:
+Each target W is decomposed as W ~= Q + L1 L2 with Q quantized (frozen) and L1 (= scaling * B),
+L2 (= A) trained, by the paper's Algorithm (Section 3.1) as the authors' code runs it
+(HanGuo97/lq-lora, models/lq_utils.py `lowrank_quantized_sparse_decomposition`, commit
+c2424b3): start from Q = 0 and repeat, up to `iters` (100) times,
 
-    minimise   sum_i err_i(c_i)           err_i(c) = ||W_i - (deq(Q_i^c) + L1 L2)||_F^2
+    L1, L2 = rank-r SVD of W - Q            (randomized: r + 10 columns, 2 power iterations,
+                                             as torch.svd_lowrank in the authors' code)
+    Q      = quantize(W - L1 L2)
+    stop when ||W - (Q + L1 L2)||_F rises.
+
+This differs from LoftQ (methods/loftq.py), which quantizes W first. The authors' loop returns
+the iterate whose error rose (a TODO in their code says the previous one is slightly better);
+we keep the best iterate, i.e. the one before the rise.
+
+Quantization configurations (the authors' models/allocation_utils.py and
+models/quantization_utils.py `blockwise_absmax` / `estimate_storage_from_config`): NF-b codes
+for b in {2, 3, 4, 8} over blocks of B0 in {16, 32, 64} weights; each block's absmax
+double-quantized to b_s in {2, 3, 4, 8} bits (unsigned, above the matrix's smallest absmax)
+with one absmax of those per B1 in {16, 64, 256} blocks, stored in bf16, fp16 or fp32. A
+configuration stores b + b_s / B0 + dtype_bits / (B0 B1) bits per weight; NF3 with the
+paper's default (b_s 8, fp32, B0 64, B1 256) is 3.127, NF4 4.127 (QLoRA's figure). 432
+configurations in all: the plan below costs one decomposition per (matrix, configuration),
+so on a CPU narrow the lists (a suite can). The per-matrix choice is the paper's integer
+linear program (Section 3.2):
+
+    minimise   sum_i err_i(c_i)           err_i(c) = ||W_i - (Q_i^c + L1 L2)||_F^2
     subject to sum_i numel_i * bits(c_i) <= budget * sum_i numel_i,  one c per matrix
 
-where bits(c) is the stored bits per weight including the block scales (see
-methods/quantizers.py). The ILP is solved exactly with scipy.optimize.milp (HiGHS); without
-scipy, a greedy upgrade by error saved per extra bit stands in (not exact).
+solved exactly with scipy.optimize.milp (HiGHS; the authors use Gurobi with a 60 s limit);
+without scipy, a greedy upgrade by error saved per extra bit stands in (not exact).
 
-Deviations: the quantizer is NF-k (the paper's) with float32 absmax, not the paper's
-second-level 8-bit quantization of the absmax, so a block costs 32 bits of scale (budget
-figures are not directly comparable with the paper's); quant_type = "int" uses the min-max
-INT-k quantizer shared with QA-LoRA instead. The errors are unweighted Frobenius norms: the
-paper's Fisher-weighted variant (which needs calibration data and gradients) is not
-implemented. The plan costs one decomposition per (matrix, config) pair; the chosen one is
-recomputed once more when the layer is built (deterministic, saves memory). The quantized
-base is recomputed from the base model on load; the saved adapter records the plan and load
-refuses a model whose plan differs.
+Deviations: our NF-k codebook for k != 4 uses QLoRA's per-k offset (NF4 is identical to the
+authors' and bitsandbytes'); the authors reuse NF4's offset 0.9677 for every k. The randomized
+SVD is seeded (the same W always gives the same decomposition, which `load` relies on).
+Missing: the Fisher-weighted variant (Section 3.3: errors and the SVD weighted by a diagonal
+Fisher estimated from calibration data, the authors' `weighted_svd_decomposition` with the
+"two-sided" heuristic) is not implemented; errors here are unweighted Frobenius norms. The
+plan's decomposition of the chosen configuration is recomputed once more when the layer is
+built (deterministic, saves memory). The quantized base is recomputed from the base model on
+load; the saved adapter records the plan and load refuses a model whose plan differs.
 """
 
 from __future__ import annotations
@@ -29,23 +47,50 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from methods.base import Adapted, ConfigError, Targets
 from methods.lora import LowRankConfig
-from methods.loftq import adapted_layer, decompose
+from methods.loftq import Decomposition, adapted_layer
 from methods.quantizers import (
     BITS,
-    KINDS,
+    SCALE_DTYPES,
+    Quantized,
+    QuantizedScales,
+    ScaleQuant,
     bits_per_weight,
     float_targets,
     make_adapted,
+    nf_round,
+    pack,
     quant_lora_layers,
-    quantize,
     rank_check,
     weight_of,
     wrap,
 )
+
+OVERSAMPLING = 10
+"""Extra columns of the randomized SVD (the authors' `num_oversampling` default)."""
+POWER_ITERS = 2
+"""Subspace iterations of the randomized SVD (torch.svd_lowrank's default, which the authors call)."""
+
+
+@dataclass(frozen=True)
+class QConfig:
+    """One quantization configuration: NF-`bits` over blocks of `blocksize`, scales per `scale`."""
+
+    bits: int
+    blocksize: int
+    scale: ScaleQuant
+
+    @property
+    def bits_per_weight(self) -> float:
+        return bits_per_weight("nf", self.bits, self.blocksize, self.scale)
+
+    def describe(self) -> str:
+        s = self.scale
+        return f"nf{self.bits}/B0={self.blocksize}/scale {s.bits}-bit, B1={s.blocksize}, {s.dtype}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,27 +98,38 @@ class LQLoRAConfig(LowRankConfig):
     targets: Targets = "all-linear"
     """Which linear layers are decomposed and adapted."""
     budget: float = 3.0
-    """Average stored bits per quantized weight (codes plus block scales) over all targets."""
+    """Average stored bits per quantized weight (codes plus double-quantized block scales) over all targets."""
     bits_choices: list[int] = field(default_factory=lambda: [2, 3, 4, 8])
-    """Candidate bit widths per matrix."""
-    block_choices: list[int] = field(default_factory=lambda: [64, 128])
-    """Candidate block sizes per matrix."""
-    quant_type: str = "nf"
-    """"nf" (NormalFloat-k, the paper's) or "int" (min-max INT-k)."""
-    iters: int = 1
-    """Alternating quantize / SVD steps per (matrix, config)."""
+    """Candidate NF bit widths per matrix (b)."""
+    block_choices: list[int] = field(default_factory=lambda: [16, 32, 64])
+    """Candidate weight block sizes (B0)."""
+    scale_bits_choices: list[int] = field(default_factory=lambda: [2, 3, 4, 8])
+    """Candidate bits per stored block absmax."""
+    scale_dtype_choices: list[str] = field(default_factory=lambda: ["bf16", "fp16", "fp32"])
+    """Candidate dtypes of the second-level absmax."""
+    scale_block_choices: list[int] = field(default_factory=lambda: [16, 64, 256])
+    """Candidate first-level blocks per second-level block (B1)."""
+    iters: int = 100
+    """At most this many SVD / quantize steps per (matrix, configuration); stops when the error rises."""
+    randomized: bool = True
+    """Randomized SVD (the authors' default); False takes the exact SVD."""
 
     def validate(self) -> None:
         super().validate()
-        if not self.bits_choices or any(b not in BITS for b in self.bits_choices):
-            raise ConfigError("bits_choices", f"must be a non-empty list drawn from {BITS}, got {self.bits_choices}")
-        if not self.block_choices or any(b < 2 for b in self.block_choices):
-            raise ConfigError("block_choices", f"must be a non-empty list of sizes >= 2, got {self.block_choices}")
-        if self.quant_type not in KINDS:
-            raise ConfigError("quant_type", f"must be one of {KINDS}, got {self.quant_type!r}")
+        for key in ("bits_choices", "scale_bits_choices"):
+            values = getattr(self, key)
+            if not values or any(b not in BITS for b in values):
+                raise ConfigError(key, f"must be a non-empty list drawn from {BITS}, got {values}")
+        for key in ("block_choices", "scale_block_choices"):
+            values = getattr(self, key)
+            if not values or any(b < 2 for b in values):
+                raise ConfigError(key, f"must be a non-empty list of sizes >= 2, got {values}")
+        if not self.scale_dtype_choices or any(d not in SCALE_DTYPES for d in self.scale_dtype_choices):
+            known = list(SCALE_DTYPES)
+            raise ConfigError("scale_dtype_choices", f"must be a non-empty list drawn from {known}, got {self.scale_dtype_choices}")
         if self.iters < 1:
             raise ConfigError("iters", f"must be >= 1, got {self.iters}")
-        cheapest = min(self.candidates(), key=lambda c: c[2])[2]
+        cheapest = min(c.bits_per_weight for c in self.candidates())
         if self.budget < cheapest:
             raise ConfigError("budget", f"{self.budget} bits is below the cheapest configuration ({cheapest:g} bits per weight)")
 
@@ -81,27 +137,77 @@ class LQLoRAConfig(LowRankConfig):
     def scaling(self) -> float:
         return self.alpha / self.r
 
-    def candidates(self) -> list[tuple[int, int, float]]:
-        """(bits, blocksize, stored bits per weight) for every configuration, in a fixed order."""
-        pairs = sorted({(b, s) for b in self.bits_choices for s in self.block_choices})
-        return [(b, s, bits_per_weight(self.quant_type, b, s)) for b, s in pairs]
+    def candidates(self) -> list[QConfig]:
+        """Every configuration in the lists, in a fixed order."""
+        return [
+            QConfig(b, s0, ScaleQuant(sb, dt, s1))
+            for b in sorted(set(self.bits_choices))
+            for s0 in sorted(set(self.block_choices))
+            for sb in sorted(set(self.scale_bits_choices))
+            for dt in sorted(set(self.scale_dtype_choices))
+            for s1 in sorted(set(self.scale_block_choices))
+        ]
+
+
+def rank_r(residual: Tensor, r: int, scaling: float, randomized: bool) -> tuple[Tensor, Tensor]:
+    """B (out x r), A (r x in) with scaling * B A a rank-r approximation of `residual` from its
+    (randomized) SVD, the singular values split as sqrt into both factors."""
+    if randomized and r + OVERSAMPLING < min(residual.shape):
+        # Halko et al.'s range finder with a fixed seed, so the same W always decomposes the same way.
+        gen = torch.Generator(device=residual.device).manual_seed(0)
+        probe = torch.randn(residual.shape[1], r + OVERSAMPLING, generator=gen, device=residual.device)
+        basis = torch.linalg.qr(residual @ probe).Q
+        for _ in range(POWER_ITERS):
+            basis = torch.linalg.qr(residual @ torch.linalg.qr(residual.T @ basis).Q).Q
+        u, s, vh = torch.linalg.svd(basis.T @ residual, full_matrices=False)
+        u = basis @ u
+    else:
+        u, s, vh = torch.linalg.svd(residual, full_matrices=False)
+    root = (s[:r] / scaling).sqrt()
+    return u[:, :r] * root, root.unsqueeze(1) * vh[:r]
+
+
+def decompose(weight: Tensor, r: int, scaling: float, qc: QConfig, iters: int = 100, randomized: bool = True) -> Decomposition:
+    """The published order: SVD of W - Q (Q = 0 first), then Q = quantize(W - L1 L2); stop at
+    the first rise of the error and keep the best iterate. `errors` lists every step's error."""
+    w = weight.detach().float()
+    if w.is_meta:  # suite validation applies methods to a weightless skeleton: shapes only
+        codes, scale, scales, _ = nf_round(w, qc.bits, qc.blocksize, qc.scale)
+        q = Quantized("nf", qc.bits, qc.blocksize, tuple(w.shape), pack(codes, qc.bits), scale, scales=scales)
+        return Decomposition(q, w.new_empty(r, w.shape[1]), w.new_empty(w.shape[0], r), [float("nan")])
+    q_values = torch.zeros_like(w)
+    errors: list[float] = []
+    best: tuple[Tensor, Tensor, QuantizedScales | None, Tensor, Tensor] | None = None
+    for _ in range(iters):
+        b, a = rank_r(w - q_values, r, scaling, randomized)
+        low = scaling * (b @ a)
+        codes, scale, scales, q_values = nf_round(w - low, qc.bits, qc.blocksize, qc.scale)
+        err = float((w - low - q_values).norm())
+        if best is None or err < min(errors):
+            best = (codes, scale, scales, a, b)
+        errors.append(err)
+        if len(errors) > 1 and err > errors[-2]:
+            break
+    assert best is not None
+    codes, scale, scales, a, b = best
+    q = Quantized("nf", qc.bits, qc.blocksize, tuple(w.shape), pack(codes, qc.bits), scale, scales=scales)
+    return Decomposition(q, a, b, errors)
 
 
 @dataclass
 class Plan:
-    """The ILP's answer: one (bits, blocksize) per target, and the tables it was chosen from."""
+    """The ILP's answer: one configuration per target, and the tables it was chosen from."""
 
     names: list[str]
     numel: list[int]
-    candidates: list[tuple[int, int, float]]
+    candidates: list[QConfig]
     errors: list[list[float]]
     """errors[i][c]: squared Frobenius error of target i under candidate c."""
     choice: list[int]
     solver: str
 
-    def config(self, i: int) -> tuple[int, int]:
-        bits, blocksize, _ = self.candidates[self.choice[i]]
-        return bits, blocksize
+    def config(self, i: int) -> QConfig:
+        return self.candidates[self.choice[i]]
 
     @property
     def total_error(self) -> float:
@@ -109,7 +215,7 @@ class Plan:
 
     @property
     def average_bits(self) -> float:
-        used = sum(n * self.candidates[c][2] for n, c in zip(self.numel, self.choice))
+        used = sum(n * self.candidates[c].bits_per_weight for n, c in zip(self.numel, self.choice))
         return used / sum(self.numel)
 
 
@@ -161,11 +267,21 @@ def _greedy(errors: list[list[float]], costs: list[list[float]], capacity: float
 
 class LQLoRA:
     name = "lqlora"
-    version = "1"
+    version = "2"
     Config = LQLoRAConfig
     battery_configs: ClassVar[list[dict[str, Any]]] = [
-        {"r": 4, "targets": "qv", "budget": 3.0},
-        {"r": 2, "targets": "all-linear", "budget": 3.5, "block_choices": [32, 64], "quant_type": "int"},
+        {"r": 4, "targets": "qv", "budget": 3.0, "scale_bits_choices": [8], "scale_dtype_choices": ["fp32"], "scale_block_choices": [256]},
+        {
+            "r": 2,
+            "targets": "all-linear",
+            "budget": 3.5,
+            "bits_choices": [2, 4],
+            "block_choices": [16, 64],
+            "scale_bits_choices": [4, 8],
+            "scale_dtype_choices": ["bf16"],
+            "scale_block_choices": [16],
+            "iters": 5,
+        },
     ]
 
     def plan(self, model: nn.Module, cfg: LQLoRAConfig) -> Plan:
@@ -176,17 +292,12 @@ class LQLoRA:
         names, numel, errors, costs = [], [], [], []
         for name, layer in chosen:
             w = weight_of(layer)
-            row = []
-            for bits, blocksize, _ in candidates:
-                if w.is_meta:  # suite validation (a weightless skeleton): only the budget can be checked
-                    row.append(0.0)
-                    continue
-                d = decompose(w, cfg.r, cfg.scaling, cfg.iters, lambda x, b=bits, s=blocksize: quantize(x, cfg.quant_type, b, s))
-                row.append(d.error**2)
+            # Suite validation (a weightless skeleton) can check only the budget.
+            row = [0.0 if w.is_meta else decompose(w, cfg.r, cfg.scaling, qc, cfg.iters, cfg.randomized).error ** 2 for qc in candidates]
             names.append(name)
             numel.append(w.numel())
             errors.append(row)
-            costs.append([w.numel() * c[2] for c in candidates])
+            costs.append([w.numel() * qc.bits_per_weight for qc in candidates])
         choice, solver = solve(errors, costs, cfg.budget * sum(numel))
         return Plan(names, numel, candidates, errors, choice, solver)
 
@@ -195,8 +306,7 @@ class LQLoRA:
         index = {name: i for i, name in enumerate(plan.names)}
 
         def build(name: str, layer: nn.Module):
-            bits, blocksize = plan.config(index[name])
-            d = decompose(weight_of(layer), cfg.r, cfg.scaling, cfg.iters, lambda x: quantize(x, cfg.quant_type, bits, blocksize))
+            d = decompose(weight_of(layer), cfg.r, cfg.scaling, plan.config(index[name]), cfg.iters, cfg.randomized)
             return adapted_layer(layer, d, cfg.scaling, cfg.dropout)
 
         layers = wrap(model, float_targets(model, cfg.targets), build)
@@ -212,8 +322,4 @@ def average_bits(model: nn.Module) -> float:
     """Stored bits per quantized weight over an adapted model's targets."""
     layers = quant_lora_layers(model).values()
     total = sum(layer.in_features * layer.out_features for layer in layers)
-    used = sum(
-        layer.in_features * layer.out_features * bits_per_weight(layer.base_layer.kind, layer.base_layer.bits, layer.base_layer.blocksize)
-        for layer in layers
-    )
-    return used / total
+    return sum(layer.in_features * layer.out_features * layer.base_layer.bits_per_weight() for layer in layers) / total

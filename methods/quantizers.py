@@ -23,8 +23,15 @@ bits too.
 Storage, as bench.measure counts it: codes packed k bits each into a uint8 `PackedWeight`
 parameter (frozen; its `quant_state.shape` is the logical (out, in) shape, so parameter
 counts count weights, not bytes), per-block scales (and int offsets) as float32 buffers:
-k + 32 / blocksize bits per weight for "nf", k + 64 / blocksize for "int" (no double
-quantization of the scales).
+k + 32 / blocksize bits per weight for "nf", k + 64 / blocksize for "int".
+
+Double quantization (`ScaleQuant`, "nf" only; LQ-LoRA's configurations, QLoRA's double
+quantization is one of them): the per-block absmaxes are themselves stored as unsigned
+b_s-bit codes above their minimum, with one absmax of those (in bf16, fp16 or fp32) per
+`blocksize` of them, as HanGuo97/lq-lora's models/quantization_utils.py `blockwise_absmax`
+(commit c2424b3) does; the weights are then rounded against the dequantized absmaxes.
+Stored: k + b_s / B0 + dtype_bits / (B0 B1) bits per weight (the one float32 minimum per
+matrix is not counted, as in the authors' `estimate_storage_from_config`).
 
 QuantLoRALinear is the adapted layer all three methods share: a QuantizedLinear base plus a
 trainable low-rank branch whose input may be group-pooled (QA-LoRA). Save/load writes only
@@ -35,6 +42,7 @@ the adapter; the quantized base is recomputed deterministically from the base mo
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -63,6 +71,7 @@ from methods.layers import Conv1D, modules_of, replace_module, resolve_targets
 
 KINDS = ("nf", "int")
 BITS = (2, 3, 4, 8)
+SCALE_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter.safetensors"
 
@@ -131,6 +140,58 @@ def unpack(packed: Tensor, bits: int, count: int) -> Tensor:
 # ---------------------------------------------------------------- the quantized tensor
 
 
+@dataclass(frozen=True)
+class ScaleQuant:
+    """How the per-block absmaxes are themselves quantized (double quantization)."""
+
+    bits: int
+    """Bits per stored absmax (an unsigned code above the matrix's smallest absmax)."""
+    dtype: str
+    """dtype of the second-level absmax, one per `blocksize` first-level blocks: bf16, fp16 or fp32."""
+    blocksize: int
+    """First-level blocks per second-level block."""
+
+    def overhead(self, blocksize: int) -> float:
+        """Bits per weight the scales cost when the weight blocks hold `blocksize` weights."""
+        return self.bits / blocksize + torch.finfo(SCALE_DTYPES[self.dtype]).bits / (blocksize * self.blocksize)
+
+
+@dataclass
+class QuantizedScales:
+    """Absmaxes stored as codes: absmax ~= floor + code * amax[group] / (2^bits - 1)."""
+
+    spec: ScaleQuant
+    count: int
+    packed: Tensor
+    amax: Tensor
+    """One per group of `spec.blocksize` absmaxes, in `spec.dtype`."""
+    floor: Tensor
+    """The smallest absmax of the matrix (float32, a 0-d tensor)."""
+
+    def dequantize(self) -> Tensor:
+        codes = unpack(self.packed, self.spec.bits, self.amax.numel() * self.spec.blocksize)
+        return _scale_values(codes.view(-1, self.spec.blocksize), self.amax, self.floor, self.spec.bits)[: self.count]
+
+
+def _scale_values(codes: Tensor, amax: Tensor, floor: Tensor, bits: int) -> Tensor:
+    """The one formula both quantize_scales and dequantize use, so the two agree bit for bit."""
+    step = amax.float() / (2**bits - 1)
+    return (codes.float() * step.unsqueeze(1)).reshape(-1) + floor
+
+
+def quantize_scales(absmax: Tensor, spec: ScaleQuant) -> QuantizedScales:
+    """Round the absmaxes to `spec.bits`-bit unsigned codes above their minimum, with the
+    group maxima rounded to `spec.dtype` first (the authors' order)."""
+    floor = absmax.min()
+    # Padding groups with the floor gives code 0 there and leaves the real groups' maxima alone.
+    shifted = F.pad(absmax - floor, (0, (-absmax.numel()) % spec.blocksize)).view(-1, spec.blocksize)
+    amax = shifted.amax(1).to(SCALE_DTYPES[spec.dtype])
+    top = 2**spec.bits - 1
+    safe = torch.where(amax.float() > 0, amax.float(), torch.ones_like(amax, dtype=torch.float32))
+    codes = torch.round(shifted * (top / safe).unsqueeze(1)).clamp_(0, top)
+    return QuantizedScales(spec, absmax.numel(), pack(codes, spec.bits), amax, floor)
+
+
 @dataclass
 class Quantized:
     """A blockwise-quantized (out, in) weight: packed codes, per-block scale (and offset)."""
@@ -141,7 +202,9 @@ class Quantized:
     shape: tuple[int, int]
     packed: Tensor
     scale: Tensor
+    """float32 per block; with `scales` set, their dequantized values (what is stored is `scales`)."""
     offset: Tensor | None = None
+    scales: QuantizedScales | None = None
 
     def codes(self) -> Tensor:
         n = self.scale.numel() * self.blocksize
@@ -151,11 +214,14 @@ class Quantized:
         return dequantize(self.kind, self.bits, self.blocksize, self.shape, self.packed, self.scale, self.offset, dtype)
 
     def bits_per_weight(self) -> float:
-        return bits_per_weight(self.kind, self.bits, self.blocksize)
+        return bits_per_weight(self.kind, self.bits, self.blocksize, None if self.scales is None else self.scales.spec)
 
 
-def bits_per_weight(kind: str, bits: int, blocksize: int) -> float:
-    """Stored bits per weight: the code plus float32 scale (and offset, for int) per block."""
+def bits_per_weight(kind: str, bits: int, blocksize: int, scale_quant: ScaleQuant | None = None) -> float:
+    """Stored bits per weight: the code plus float32 scale (and offset, for int) per block, or
+    the double-quantized scales' share."""
+    if scale_quant is not None:
+        return bits + scale_quant.overhead(blocksize)
     return bits + (32 if kind == "nf" else 64) / blocksize
 
 
@@ -164,20 +230,39 @@ def _blocks(weight: Tensor, blocksize: int) -> Tensor:
     return F.pad(flat, (0, (-flat.numel()) % blocksize)).view(-1, blocksize)
 
 
-def quantize(weight: Tensor, kind: str, bits: int, blocksize: int) -> Quantized:
-    """Round-to-nearest blockwise quantization of a 2-D weight (out, in)."""
+def nf_round(
+    weight: Tensor, bits: int, blocksize: int, scale_quant: ScaleQuant | None = None
+) -> tuple[Tensor, Tensor, QuantizedScales | None, Tensor]:
+    """NF-k round to nearest without packing: (codes (blocks, blocksize), float32 scale per
+    block, the stored scales if double-quantized, dequantized weight). `quantize` packs the
+    codes; a loop that only needs the values (LQ-LoRA's decomposition) uses this directly."""
+    blocks = _blocks(weight, blocksize)
+    scale = blocks.abs().amax(1)
+    scales = None
+    if scale_quant is not None:
+        scales = quantize_scales(scale, scale_quant)
+        scale = scales.dequantize()
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    book = _nf_codebook(bits).to(blocks.device)
+    codes = torch.bucketize(blocks / safe.unsqueeze(1), (book[1:] + book[:-1]) / 2)
+    values = (book[codes] * scale.unsqueeze(1)).reshape(-1)[: weight.numel()].view(weight.shape)
+    return codes, scale, scales, values
+
+
+def quantize(weight: Tensor, kind: str, bits: int, blocksize: int, scale_quant: ScaleQuant | None = None) -> Quantized:
+    """Round-to-nearest blockwise quantization of a 2-D weight (out, in); `scale_quant`
+    double-quantizes the absmaxes ("nf" only)."""
     if kind not in KINDS:
         raise ValueError(f"unknown quantizer kind {kind!r}; known: {KINDS}")
     if weight.dim() != 2:
         raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
+    if scale_quant is not None and kind != "nf":
+        raise ValueError("double quantization of the scales is defined for 'nf' only")
     blocks = _blocks(weight, blocksize)
     levels = 2**bits
     if kind == "nf":
-        absmax = blocks.abs().amax(1)
-        safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-        book = _nf_codebook(bits).to(blocks.device)
-        codes = torch.bucketize(blocks / safe.unsqueeze(1), (book[1:] + book[:-1]) / 2)
-        return Quantized(kind, bits, blocksize, tuple(weight.shape), pack(codes, bits), absmax)
+        codes, scale, scales, _ = nf_round(weight, bits, blocksize, scale_quant)
+        return Quantized(kind, bits, blocksize, tuple(weight.shape), pack(codes, bits), scale, scales=scales)
     low, high = blocks.amin(1), blocks.amax(1)
     alpha = (high - low) / (levels - 1)
     alpha = torch.where(alpha > 0, alpha, torch.ones_like(alpha))
@@ -264,13 +349,23 @@ class QuantizedLinear(nn.Module):
         self.kind, self.bits, self.blocksize = q.kind, q.bits, q.blocksize
         self.out_features, self.in_features = q.shape
         self.qweight = PackedWeight(q.packed, q.shape)
-        self.register_buffer("scale", q.scale)
+        self.scale_quant = None if q.scales is None else q.scales.spec
+        if q.scales is None:
+            self.register_buffer("scale", q.scale)
+        else:  # only what is stored: the float32 scales are rebuilt from these on each use
+            self.scale_count = q.scales.count
+            self.register_buffer("scale_codes", q.scales.packed)
+            self.register_buffer("scale_amax", q.scales.amax)
+            self.register_buffer("scale_floor", q.scales.floor)
         self.register_buffer("offset", q.offset)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     def quantized(self) -> Quantized:
         shape = (self.out_features, self.in_features)
-        return Quantized(self.kind, self.bits, self.blocksize, shape, self.qweight.data, self.scale, self.offset)
+        if self.scale_quant is None:
+            return Quantized(self.kind, self.bits, self.blocksize, shape, self.qweight.data, self.scale, self.offset)
+        scales = QuantizedScales(self.scale_quant, self.scale_count, self.scale_codes, self.scale_amax, self.scale_floor)
+        return Quantized(self.kind, self.bits, self.blocksize, shape, self.qweight.data, scales.dequantize(), self.offset, scales)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return self.quantized().dequantize(dtype)
@@ -280,7 +375,13 @@ class QuantizedLinear(nn.Module):
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "bits": self.bits, "blocksize": self.blocksize, "shape": [self.out_features, self.in_features]}
+        out = {"kind": self.kind, "bits": self.bits, "blocksize": self.blocksize, "shape": [self.out_features, self.in_features]}
+        if self.scale_quant is not None:
+            out["scale_quant"] = dataclasses.asdict(self.scale_quant)
+        return out
+
+    def bits_per_weight(self) -> float:
+        return bits_per_weight(self.kind, self.bits, self.blocksize, self.scale_quant)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, {self.kind}{self.bits}, blocksize={self.blocksize}"
@@ -310,7 +411,7 @@ class QuantLoRALinear(nn.Module):
         self.base_layer = base_layer
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         # Factors may be built on the CPU (init, SVD); they live where the quantized base lives.
-        device = base_layer.scale.device
+        device = base_layer.qweight.device
         self.lora_A = nn.Parameter(lora_A.detach().float().to(device).clone())
         self.lora_B = nn.Parameter(lora_B.detach().float().to(device).clone())
         self.scaling = scaling
