@@ -9,6 +9,14 @@ by the largest one; the result multiplies that tensor's learning rate, so the te
 gradients are large next to their weights (the blocks the shift touches) move most. As in the
 reference implementation, the multipliers are recomputed at the start of every epoch and the
 per-batch RGNs are averaged (not the gradients).
+
+Two choices of the reference (anniesch/surgical-finetuning, main.py, commit effeec3) are options
+here, off by default so that committed results keep their meaning: it builds a new Adam at every
+epoch with the new rates, so Adam's moments and step count start over each epoch
+(reset_moments = true clears the optimizer's state at each epoch to the same effect; by default
+the moments carry over), and it leaves every tensor whose name contains "bn" (the BatchNorm
+layers) out of the optimizer (skip_norms = true freezes the normalisation layers' tensors; by
+default they are ranked and trained like the others).
 """
 
 from __future__ import annotations
@@ -29,6 +37,10 @@ from methods.layers import blocks
 class AutoRGNConfig(MethodConfig):
     probe_batches: int = 5
     """Training micro-batches whose gradients set the multipliers at each epoch (the reference uses 5)."""
+    reset_moments: bool = False
+    """Clear the optimizer's state (Adam's moments, step count) at every epoch, as the reference's per-epoch new Adam does."""
+    skip_norms: bool = False
+    """Freeze the normalisation layers' tensors, as the reference (which skips its "bn" tensors) does."""
 
     def validate(self) -> None:
         if self.probe_batches < 1:
@@ -51,7 +63,8 @@ class _RGN:
 
     def __init__(self, model: nn.Module, cfg: AutoRGNConfig):
         self.model, self.cfg = model, cfg
-        named = {id(p): (n, p) for n, p in model.named_parameters()}  # shared tensors once
+        skipped = norm_parameter_ids(model) if cfg.skip_norms else set()
+        named = {id(p): (n, p) for n, p in model.named_parameters() if id(p) not in skipped}  # shared tensors once
         self.names = [n for n, _ in named.values()]
         self.params = [p for _, p in named.values()]
         self.block_of = _block_of(model, self.names)
@@ -60,7 +73,7 @@ class _RGN:
     def param_groups(self, trainable: list[nn.Parameter]) -> list[dict[str, Any]]:
         # One group per tensor, so that each can get its own rate through lr_scale.
         ids = {id(p) for p in trainable}
-        assert ids == {id(p) for p in self.params}, "Auto-RGN trains every tensor of the model"
+        assert ids == {id(p) for p in self.params}, "Auto-RGN trains every tensor of the model (but norms, with skip_norms)"
         return [{"params": [p], "lr_scale": 1.0} for p in self.params]
 
     def measure(self, batches: Iterator[dict[str, Tensor]]) -> list[float]:
@@ -78,6 +91,8 @@ class _RGN:
         return [s / max(count, 1) for s in sums]
 
     def on_epoch(self, epoch: int, batches: Iterator[dict[str, Tensor]], optimizer: torch.optim.Optimizer) -> None:
+        if self.cfg.reset_moments:
+            optimizer.state.clear()  # what a new optimizer starts with: no moments, step 0
         rgn = self.measure(batches)
         norms = [float(p.detach().float().norm()) for p in self.params]
         scale = multipliers(rgn, norms)
@@ -99,6 +114,11 @@ class _RGN:
         return {"probe_batches": self.cfg.probe_batches, "epochs": self.history}
 
 
+def norm_parameter_ids(model: nn.Module) -> set[int]:
+    """The tensors of every normalisation layer (LayerNorm, RMSNorm, BatchNorm, ...)."""
+    return {id(p) for m in model.modules() if "norm" in type(m).__name__.lower() for p in m.parameters(recurse=False)}
+
+
 def _block_of(model: nn.Module, names: list[str]) -> dict[str, str]:
     """Map each tensor name to "block i" (inside the repeated blocks) or "other" (stem, embeddings, head)."""
     try:
@@ -115,16 +135,23 @@ class AutoRGN:
     version = "1"
     Config = AutoRGNConfig
     init_atol: ClassVar[float] = 0.0
-    battery_configs: ClassVar[list[dict[str, Any]]] = [{"probe_batches": 2}]
+    battery_configs: ClassVar[list[dict[str, Any]]] = [
+        {"probe_batches": 2},
+        {"probe_batches": 1, "reset_moments": True, "skip_norms": True},
+    ]
 
     def apply(self, model: nn.Module, cfg: AutoRGNConfig) -> Adapted:
         require_float(list(model.named_parameters()), self.name)
-        for p in model.parameters():
-            p.requires_grad_(True)
         state = _RGN(model, cfg)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in state.params:
+            p.requires_grad_(True)
         hooks = TrainHooks(param_groups=state.param_groups, on_epoch=state.on_epoch, report=state.report)
         return Adapted(model=model, trainable=list(state.params), hooks=hooks)
 
     def expected_trainable(self, model: nn.Module, cfg: AutoRGNConfig) -> int:
-        """Every stored parameter, tied ones once (as full fine-tuning)."""
-        return sum(p.numel() for p in {id(p): p for _, p in model.named_parameters(remove_duplicate=False)}.values())
+        """Every stored parameter, tied ones once (as full fine-tuning); without the norms' with skip_norms."""
+        skipped = norm_parameter_ids(model) if cfg.skip_norms else set()
+        unique = {id(p): p for _, p in model.named_parameters(remove_duplicate=False)}
+        return sum(p.numel() for i, p in unique.items() if i not in skipped)

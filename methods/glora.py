@@ -8,7 +8,8 @@ A frozen linear layer f(x) = W0 x + b0 becomes, with five trainable support tens
 of length out). A and B act on the weight (scale and shift), C is the weight-driven prompt/shift
 term, D and E scale and shift the bias. Each takes a form: "lora" (X = X_d X_u, rank r), "vector"
 (per output row for A, B, D, E; per input column for C), "constant" (one scalar; A, B, D, E) or
-"none". X_d of every "lora" form and every vector and constant start at zero, X_u Kaiming-uniform,
+"none". X_d of every "lora" form and every vector and constant start at zero, X_u Xavier-uniform
+(the authors' Arnav0400/ViT-Slim GLoRA/layer.py, commit 0fed674; peft's GLoRA uses Kaiming-uniform),
 so the model is exactly unchanged at init. Everything is linear in x, so the layer re-parameterises
 into W = W0 + W0 ⊙ A + B and b = b0 + D ⊙ b0 + E + W0 C (merge).
 
@@ -21,7 +22,6 @@ that act through W0 x work: a "lora" A or any C needs W0 itself and is refused.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -79,7 +79,7 @@ class Support(nn.Module):
         if form == "lora":
             self.down = nn.Parameter(torch.zeros(rows, r, dtype=dtype, device=device))
             self.up = nn.Parameter(torch.empty(r, cols, dtype=dtype, device=device))
-            nn.init.kaiming_uniform_(self.up, a=math.sqrt(5))
+            nn.init.xavier_uniform_(self.up)  # the authors' (ViT-Slim GLoRA/layer.py); peft uses Kaiming-uniform
         elif form == "vector":
             self.value = nn.Parameter(torch.zeros((rows, 1) if column else (rows,), dtype=dtype, device=device))
         elif form == "constant":
@@ -226,7 +226,7 @@ def glora_layers(model: nn.Module) -> dict[str, GLoRALinear]:
 
 class GLoRA:
     name = "glora"
-    version = "1"
+    version = "2"
     init_atol: ClassVar[float] = 0.0
     Config = GLoRAConfig
     # D scales b0, and the tiny random GPT-2 and BERT start with zero biases: D would get no

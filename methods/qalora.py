@@ -11,10 +11,18 @@ constant within each (row, group); merging adds scaling * (B A)_ij / g to the of
 leaves codes and scales untouched, so the merged model is still INT-k with the same scales and
 computes exactly what the unmerged one does (up to float rounding).
 
-Pooling: mean, as in the authors' repository (peft_utils.py uses nn.AvgPool1d(group_size),
-and merge.py divides the update by group_size) and in peft's `use_qalora`; some forks multiply
-the pooled input by group_size (sum pooling), selectable with pool = "sum" (then the offset
-absorbs scaling * (B A)_ij, without / g).
+Pooling: mean, as in the authors' repository (yuhuixu1993/qa-lora, commit 91604c7:
+peft_utils.py pools with nn.AvgPool1d(group_size) and applies dropout after pooling,
+lora_dropout(qa_pool(x)), as we do; merge.py divides the update by group_size). peft's
+`use_qalora` differs on both counts (peft 0.21.2, tuners/lora/variants.py
+QALoraLinearVariant.forward): it applies dropout to x before pooling and multiplies the group
+mean by in / g (the number of groups, not the group size), so its update is in / g times ours.
+Some forks multiply the mean by group_size (sum pooling), selectable with pool = "sum" (then
+the offset absorbs scaling * (B A)_ij, without / g).
+
+Init: B = 0 and A Kaiming-uniform (LoRA's and peft's) by default; a_init = "xavier" is the
+authors' Xavier-uniform A (peft_utils.py `reset_lora_parameters`). An option rather than the
+default so that committed QA-LoRA results keep their meaning.
 
 `merge_then_quantize` / `merge_then_quantize_error` implement the workflow QA-LoRA replaces:
 merge a plain LoRA (methods.lora, A of full width r x in) into the full-precision weights,
@@ -46,7 +54,7 @@ from methods.quantizers import (
     QuantizedLinear,
     QuantLoRALinear,
     float_targets,
-    kaiming_A,
+    init_A,
     make_adapted,
     quant_lora_layers,
     quantize,
@@ -64,7 +72,9 @@ class QALoRAConfig(LowRankConfig):
     group_size: int = 32
     """Input features per quantization group and per pooled adapter input (must divide in)."""
     pool: str = "mean"
-    """"mean" (the authors' code, peft) or "sum" pooling of each group of inputs."""
+    """"mean" (the authors' code) or "sum" pooling of each group of inputs."""
+    a_init: str = "kaiming"
+    """A's init: "kaiming" (Kaiming-uniform, LoRA's and peft's) or "xavier" (Xavier-uniform, the authors')."""
 
     def validate(self) -> None:
         super().validate()
@@ -74,6 +84,8 @@ class QALoRAConfig(LowRankConfig):
             raise ConfigError("group_size", f"must be >= 1, got {self.group_size}")
         if self.pool not in ("mean", "sum"):
             raise ConfigError("pool", f"must be 'mean' or 'sum', got {self.pool!r}")
+        if self.a_init not in ("kaiming", "xavier"):
+            raise ConfigError("a_init", f"must be 'kaiming' or 'xavier', got {self.a_init!r}")
 
     @property
     def scaling(self) -> float:
@@ -113,7 +125,7 @@ class QALoRA:
             base = QuantizedLinear(quantize(w, "int", cfg.bits, cfg.group_size), None if bias is None else bias.detach())
             return QuantLoRALinear(
                 base,
-                kaiming_A(cfg.r, w.shape[1] // cfg.group_size),
+                init_A(cfg.a_init, cfg.r, w.shape[1] // cfg.group_size),
                 torch.zeros(w.shape[0], cfg.r),
                 cfg.scaling,
                 cfg.dropout,

@@ -526,9 +526,13 @@ def rank_check(chosen: list[tuple[str, nn.Module]], r: int) -> None:
             raise ConfigError("r", f"{r} exceeds min(in, out) = {min(layer.weight.shape)} of {name}")
 
 
-def kaiming_A(r: int, fan_in: int) -> Tensor:
+def init_A(kind: str, r: int, fan_in: int) -> Tensor:
+    """A fresh r x fan_in LoRA A: "kaiming" (Kaiming-uniform, a = sqrt(5), as nn.Linear and peft) or "xavier" (Xavier-uniform)."""
     a = torch.empty(r, fan_in)
-    nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+    if kind == "xavier":
+        nn.init.xavier_uniform_(a)
+    else:
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
     return a
 
 

@@ -1,0 +1,96 @@
+"""Where a method's authors chose differently from peft or from our first implementation, the
+authors' choice is the default or an option (each module's docstring says which, with the
+citation); these tests pin the authors' behaviour."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import build_model, make_batch
+
+import methods
+from methods.auto_rgn import AutoRGNConfig, norm_parameter_ids
+from methods.glora import Support
+from methods.qalora import QALoRAConfig
+from methods.quantizers import quant_lora_layers
+
+
+def uniform_bound(t: torch.Tensor) -> float:
+    return float(t.detach().abs().max())
+
+
+def test_glora_up_factors_are_xavier_uniform() -> None:
+    """ViT-Slim GLoRA/layer.py: nn.init.xavier_uniform_ on Au, Bu, Cu (down factors zero)."""
+    torch.manual_seed(0)
+    s = Support("lora", 64, 256, r=4, column=True, dtype=torch.float32, device=torch.device("cpu"))
+    xavier = math.sqrt(6 / (256 + 4))  # fan_in 256, fan_out 4: 0.152
+    kaiming = 1 / math.sqrt(256)  # Kaiming-uniform with a = sqrt(5): 0.0625
+    assert uniform_bound(s.up) <= xavier
+    assert uniform_bound(s.up) > 2 * kaiming
+    assert float(s.down.abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("a_init, bound", [("xavier", math.sqrt(6 / (2 + 4))), ("kaiming", 1 / math.sqrt(4))])
+def test_qalora_a_init_option(a_init: str, bound: float) -> None:
+    """yuhuixu1993/qa-lora peft_utils.py reset_lora_parameters: Xavier-uniform A, zero B."""
+    torch.manual_seed(0)
+    cfg = QALoRAConfig.from_dict({"r": 2, "group_size": 8, "targets": "qv", "a_init": a_init})
+    adapted = methods.get("qalora").apply(build_model("llama"), cfg)
+    a = torch.cat([layer.lora_A.detach().reshape(-1) for layer in quant_lora_layers(adapted.model).values()])
+    # A is r x (32 / 8) = 2 x 4: Xavier's bound sqrt(6 / 6) = 1, Kaiming's 1 / sqrt(4) = 0.5.
+    assert uniform_bound(a) <= bound
+    assert uniform_bound(a) > 0.6 * bound
+    assert all(float(layer.lora_B.abs().max()) == 0.0 for layer in quant_lora_layers(adapted.model).values())
+
+
+def test_qalora_a_init_is_validated() -> None:
+    with pytest.raises(methods.base.ConfigError) as info:
+        QALoRAConfig.from_dict({"a_init": "orthogonal"})
+    assert info.value.key == "a_init"
+
+
+def _auto_rgn(**values):
+    model = build_model("llama")
+    cfg = AutoRGNConfig.from_dict({"probe_batches": 1, **values})
+    adapted = methods.get("auto_rgn").apply(model, cfg)
+    groups = adapted.hooks.param_groups(adapted.trainable)
+    optimizer = torch.optim.Adam(groups, lr=1e-3)
+    return model, adapted, optimizer
+
+
+def _step(model, optimizer) -> None:
+    optimizer.zero_grad()
+    model(**make_batch("llama")).loss.backward()
+    optimizer.step()
+
+
+@pytest.mark.parametrize("reset", [True, False])
+def test_auto_rgn_reset_moments_starts_adam_over_each_epoch(reset: bool) -> None:
+    """The reference builds a new Adam every epoch: moments and step count start over."""
+    model, adapted, optimizer = _auto_rgn(reset_moments=reset)
+    adapted.hooks.on_epoch(0, iter([make_batch("llama")]), optimizer)
+    _step(model, optimizer)
+    steps = {int(s["step"]) for s in optimizer.state.values()}
+    assert steps == {1}
+    adapted.hooks.on_epoch(1, iter([make_batch("llama", seed=2)]), optimizer)
+    if reset:
+        assert len(optimizer.state) == 0
+    else:
+        assert len(optimizer.state) == len(adapted.trainable)
+    _step(model, optimizer)
+    assert {int(s["step"]) for s in optimizer.state.values()} == ({1} if reset else {2})
+
+
+def test_auto_rgn_skip_norms_freezes_every_norm() -> None:
+    """The reference keeps its "bn" tensors out of the optimizer."""
+    model, adapted, _ = _auto_rgn(skip_norms=True)
+    norms = norm_parameter_ids(model)
+    assert norms  # the tiny Llama has input, post-attention and final RMSNorms
+    assert not norms & {id(p) for p in adapted.trainable}
+    assert all(not p.requires_grad for p in model.parameters() if id(p) in norms)
+    assert sum(p.numel() for p in adapted.trainable) == methods.get("auto_rgn").expected_trainable(
+        build_model("llama"), AutoRGNConfig(skip_norms=True))
+    _, default, _ = _auto_rgn()
+    assert sum(p.numel() for p in default.trainable) > sum(p.numel() for p in adapted.trainable)
