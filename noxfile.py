@@ -22,7 +22,7 @@ def install(session: nox.Session, extras: str = "") -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    install(session, "[test,ray]")
+    install(session, "[test,ray,track]")
     session.run("pytest", "-q", *session.posargs, env=OFFLINE)
 
 

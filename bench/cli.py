@@ -36,6 +36,16 @@ def cmd_run(args) -> int:
         except suite.SuiteError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+    from bench import track
+
+    try:  # --track / --tracking-uri replace the suites' [run] settings; a missing extra stops here, before any trial
+        for s in suites:
+            s.trials = track.configure(s.trials, args.track, args.tracking_uri)
+        if not args.dry_run:
+            track.check(sorted({name for s in suites for t in s.trials for name in t.run["track"]}))
+    except track.TrackingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     for s in suites:
         if args.dry_run:
             import pandas as pd
@@ -61,6 +71,10 @@ def cmd_run(args) -> int:
         bad = [i for i, st in report.statuses.items() if st != "success"]
         if bad:
             print(f"{len(bad)} trial(s) did not succeed: {', '.join(bad)}", file=sys.stderr)
+        if report.tracking_errors:
+            first = "; ".join(f"{k}: {v}" for k, v in next(iter(report.tracking_errors.values())).items())
+            print(f"tracking: {len(report.tracking_errors)} published trial(s) have no tracked copy ({first}); "
+                  f"copy them later with: peftbench track {Path(args.results) / s.name}", file=sys.stderr)
     return 0
 
 
@@ -86,6 +100,37 @@ def cmd_show(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def cmd_export(args) -> int:
+    from bench import export
+    from reports import results as rr
+
+    try:
+        df = export.export(args.results_dirs, args.output)
+    except (export.ExportError, rr.ResultFileError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.output}: {len(df)} trials, {len(df.columns)} columns")
+    return 0
+
+
+def cmd_track(args) -> int:
+    from bench import track
+    from reports import results as rr
+
+    try:
+        names = track.parse(args.track) if args.track is not None else None
+        done = track.replay(rr.files(*args.results_dirs), names, args.tracking_uri)
+    except (track.TrackingError, rr.ResultFileError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for name in track.TRACKERS:
+        if name in done.written or name in done.present:
+            print(f"{name}: copied {done.written.get(name, 0)} trial(s), {done.present.get(name, 0)} already there")
+    for trial_id, errors in done.errors.items():
+        print(f"{trial_id}: not tracked: {'; '.join(f'{k}: {v}' for k, v in errors.items())}", file=sys.stderr)
+    return 1 if done.errors else 0
 
 
 def cmd_compare(args) -> int:
@@ -141,6 +186,13 @@ def cmd_assets(args) -> int:
     return 0
 
 
+def track_arguments(p: argparse.ArgumentParser, replay: bool = False) -> None:
+    default = "those each trial ran with, else all" if replay else "the suite's [run] track"
+    p.add_argument("--track", metavar="NAMES", help=f"trackers, comma-separated: mlflow, tensorboard, or none (default: {default})")
+    p.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking URI, e.g. http://host:5000 or sqlite:///path.db "
+                   "(default: the trial's [run] tracking_uri, else RESULTS/<suite>/tracking/mlflow.db; $MLFLOW_TRACKING_URI is not read)")
+
+
 def main(argv: list[str] | None = None) -> int:
     from bench.compare import add_arguments as compare_arguments
 
@@ -155,7 +207,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", choices=["local", "ray"], default="local",
                    help="local: one trial at a time on this machine (default); ray: each trial a task on a Ray cluster")
     p.add_argument("--address", help="--backend ray: the cluster's address, host:port (default: $RAY_ADDRESS, else a new local cluster)")
+    track_arguments(p)
     p.set_defaults(fn=cmd_run)
+    p = sub.add_parser("track", help="copy results into MLflow / TensorBoard where a sweep could not (idempotent)")
+    p.add_argument("results_dirs", nargs="+", metavar="RESULTS_DIR")
+    track_arguments(p, replay=True)
+    p.set_defaults(fn=cmd_track)
+    p = sub.add_parser("export", help="one row per trial (spec and every metric) as CSV or parquet")
+    p.add_argument("results_dirs", nargs="+", metavar="RESULTS_DIR")
+    p.add_argument("-o", "--output", required=True, help="FILE.csv or FILE.parquet")
+    p.set_defaults(fn=cmd_export)
     p = sub.add_parser("show", help="a table of results")
     p.add_argument("results_dirs", nargs="+")
     p.set_defaults(fn=cmd_show)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import results
+from bench import results, track
 from bench.suite import Suite, Trial
 
 # Imported once by the fork server, so each trial process starts without paying for them.
@@ -39,6 +39,8 @@ class SweepReport:
     wall_s: float = 0.0
     inside_s: float = 0.0
     """Seconds the trials spent training and evaluating: the rest is the sweep's overhead."""
+    tracking_errors: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Trial id -> tracker -> why it holds no copy; `peftbench track` replays them."""
 
 
 def _lock(directory: Path):
@@ -153,6 +155,7 @@ class Sweep:
         for stale in [*self.directory.glob(".*.tmp"), *self.directory.glob(".*.draft.json")]:  # left by a kill; never results
             stale.unlink()
         self.report = SweepReport()
+        self._tracking = track.Session(self.directory)  # opens a tracker only when a trial asks for it
         self._start = time.perf_counter()
         self.todo: list[Trial] = []
         for trial in suite.trials:
@@ -182,7 +185,11 @@ class Sweep:
         self._show()
 
     def publish(self, trial: Trial, result: dict[str, Any]) -> None:
-        results.write(results.path_for(self.directory, trial.id), result)
+        path = results.path_for(self.directory, trial.id)
+        results.write(path, result)
+        if trial.run.get("track"):  # only after the publish: a tracker never holds a trial the folder does not
+            if errors := self._tracking.log(track.Record.read(path)).errors:
+                self.report.tracking_errors[trial.id] = errors
         self.report.ran.append(trial.id)
         self.report.statuses[trial.id] = result["status"]
         rt = result["runtime"]

@@ -182,8 +182,22 @@ class RunSpec(Config):
     retries: int = 0
     """--backend ray: reruns of a trial whose Ray worker or node died under it (not of one that
     failed, ran out of memory or timed out on its own)."""
+    track: list[str] = field(default_factory=list)
+    """Trackers each published trial is copied to (bench/track.py): mlflow, tensorboard. Needs the
+    track extra; `peftbench run --track` overrides it."""
+    tracking_uri: str | None = None
+    """MLflow tracking URI (a server, sqlite:///...); default: results/<suite>/tracking/mlflow.db."""
 
     def validate(self) -> None:
+        from bench.track import TRACKERS
+
+        for name in self.track:
+            if name not in TRACKERS:
+                raise ConfigError("track", f"unknown tracker {name!r}{_suggest(name, TRACKERS)}")
+        if len(set(self.track)) != len(self.track):
+            raise ConfigError("track", f"names a tracker twice: {self.track}")
+        if self.tracking_uri is not None and not self.tracking_uri.strip():
+            raise ConfigError("tracking_uri", "must not be empty")
         if self.timeout <= 0:
             raise ConfigError("timeout", f"must be > 0, got {self.timeout}")
         if self.threads is not None and self.threads < 1:

@@ -98,6 +98,8 @@ class TrainResult:
     tokens: int = 0
     """Target (non-masked) plus context tokens processed, padding excluded."""
     loss_curve: list[float] = field(default_factory=list)
+    lr_curve: list[float] = field(default_factory=list)
+    """The first parameter group's learning rate at each optimizer step, as the step applied it."""
     step_times: list[float] = field(default_factory=list)
     step_s_median: float | None = None
     accounted: dict[str, int] = field(default_factory=dict)
@@ -194,6 +196,7 @@ def train(adapted: Adapted, dataset, t: dict[str, Any], collate, device: torch.d
                 torch.nn.utils.clip_grad_norm_(adapted.trainable, t["clip"])
             if step == 0:
                 result.accounted["grads"] = grad_bytes(adapted.trainable)
+            result.lr_curve.append(optimizer.param_groups[0]["lr"])
             optimizer.step()
             scheduler.step()
             if step == 0:

@@ -169,7 +169,7 @@ def run(trial, result: dict[str, Any], adapters_dir: Path | None, show_progress:
     result["memory"]["accounted"] = {"weights": sum(weights.values()), "grads": trained.accounted.get("grads", 0),
                                      "optimizer": trained.accounted.get("optimizer", 0),
                                      "activations": trained.accounted.get("activations", 0)}
-    result["train"] = {"steps": trained.steps, "loss_curve": trained.loss_curve, "tokens": trained.tokens,
+    result["train"] = {"steps": trained.steps, "loss_curve": trained.loss_curve, "lr_curve": trained.lr_curve, "tokens": trained.tokens,
                        "step_times": trained.step_times, "examples": len(dataset),
                        "optimizer_class": trained.optimizer_class, "optimizer_note": trained.optimizer_note}
     if adapted.hooks.report:

@@ -33,12 +33,18 @@ BENCHMARK_KEY = "benchmark"
 files may sit beside trial results and are read by `benchmark_records`, not as trials."""
 
 
+# Subfolders of a results folder that hold no trial results: saved adapters (their configs are
+# JSON) and the trackers' copies (bench/track.py: each MLflow run keeps its result JSON).
+NOT_RESULTS = ("adapters", "tracking")
+
+
 def _json_files(dirs: Sequence[str | Path]) -> list[Path]:
     out: list[Path] = []
     for d in map(Path, dirs):
         if not d.exists():
             raise ResultFileError(f"{d}: no such results folder")
-        out += sorted(p for p in d.rglob("*.json") if not p.name.startswith(".") and "adapters" not in p.parts)
+        out += sorted(p for p in d.rglob("*.json")
+                      if not p.name.startswith(".") and not set(p.relative_to(d).parts) & set(NOT_RESULTS))
     return out
 
 
