@@ -8,8 +8,12 @@ attention output (the paper's S_g = [softmax(S_K) · g; softmax(S_{M+1})]). With
 the model is exactly unchanged at init, and the prompt's influence grows as training opens it.
 
 The gate: the paper writes one factor g_l per layer, and peft's adaption_prompt has one scalar per
-layer applied as is ("layer", the default). The authors' code (alpaca_finetuning_v1) has one gate
-per head applied through tanh ("head"). Both start at exactly zero.
+layer applied as is ("layer", the default). The authors' code has one gate per head applied
+through tanh (OpenGVLab/LLaMA-Adapter, commit 521a09d, alpaca_finetuning_v1/llama/model.py:
+`self.gate = zeros(1, n_heads, 1, 1)`, scores scaled by `self.gate.tanh()`): gate = "head", an
+option rather than the default so that committed results keep their meaning
+(tests/test_prompt_attention_methods.py::test_per_head_gate_is_tanh_of_the_layer_gate pins it).
+Both start at exactly zero.
 
 The prompt part needs no cache: it is recomputed for each new query, so generation just works.
 """

@@ -5,6 +5,18 @@ input of every sequence; the whole model stays frozen. The paper's three inits (
 uniform in [-0.5, 0.5]; embeddings of tokens sampled from the 5,000 most common of the
 vocabulary; embeddings of a text's tokens (its class labels), here repeated or cut to n.
 
+"Most common" is, in the paper, T5's SentencePiece vocabulary, which lists pieces by likelihood,
+and the authors' code draws from its first 5,000 rows (google-research/prompt-tuning, commit
+72285ee: prompt_tuning/prompts.py `from_sample_of_embeddings` "limit the drawing to the first
+`population_size` vectors", configs/prompts/from_sampled_vocab.gin population_size = 5000).
+vocab_top does the same with the model's own vocabulary; a byte-level BPE vocabulary (GPT-2,
+Llama) is ordered by merge, which only roughly follows frequency. Two differences, documented
+rather than changed: the paper's default prompt is 100 tokens (Figure 3's caption: "a prompt
+length of 100 tokens"; the authors' configs/models/t5_1_1_prompt.gin PROMPT_LENGTH = 100), ours
+20 (set n_tokens = 100 for the paper's), and its class-label init fills the tokens the labels do
+not cover by sampling the vocabulary (configs/prompts/from_class_labels.gin), where "text" here
+repeats the text.
+
 `Prefix` is the mechanism, shared with the hard prompt (methods/hard_prompt.py): a submodule of
 the model plus a forward pre-hook and a forward hook on the model itself, so that the training
 loop, `generate` and lm-eval all call the same, ordinary model object. On a forward whose cache
@@ -122,7 +134,7 @@ class SoftPrompt(Prefix):
 @dataclass(frozen=True, kw_only=True)
 class PromptTuningConfig(MethodConfig):
     n_tokens: int = 20
-    """Virtual tokens in the soft prompt (the paper tries 1 to 150; 20 is its usual choice)."""
+    """Virtual tokens in the soft prompt (the paper tries 1 to 150; its default is 100)."""
     init: str = "vocab"
     """random (uniform in [-0.5, 0.5]), vocab (embeddings of sampled tokens) or text (of init_text or init_ids)."""
     vocab_top: int = 5000

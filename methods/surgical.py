@@ -13,6 +13,14 @@ transformer blocks of a language model. A selection is a list of:
     "3", "0-9"                                   a block index, or an inclusive index range
     "head"                                       the output head (with the final norm and pooler)
     "embeddings"                                 the input embeddings (transformers)
+    "stem"                                       every tensor before the first block (a CNN's stem,
+                                                 a transformer's embeddings)
+
+"first" is block 0 alone. The reference's first block includes the stem (anniesch/
+surgical-finetuning, main.py, commit effeec3: "first_two_block" tunes model.conv1 and
+model.block1 of its WideResNet, conv1 being the stem): that is blocks = ["stem", "first"]. Our
+CNN (bench/vision.py ResNet4) has its stem conv inside stage 0, so there "first" alone is the
+reference's choice and "stem" is empty.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from torch import nn
 from methods.base import Adapted, ConfigError, MethodConfig, freeze, require_float
 from methods.layers import blocks, head_parameters
 
-NAMED = ("first", "middle", "last", "first-third", "middle-third", "last-third", "head", "embeddings")
+NAMED = ("first", "middle", "last", "first-third", "middle-third", "last-third", "head", "embeddings", "stem")
 _RANGE = re.compile(r"(\d+)(?:-(\d+))?")
 
 
@@ -81,6 +89,17 @@ def describe_blocks(model: nn.Module) -> str:
     )
 
 
+def stem_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The tensors registered before the first block's first tensor (what runs before block 0)."""
+    first = {id(p) for p in blocks(model)[0].parameters()}
+    stem = []
+    for p in model.parameters():
+        if id(p) in first:
+            return stem
+        stem.append(p)
+    return stem
+
+
 def chosen_parameters(model: nn.Module, cfg: SurgicalConfig) -> dict[int, nn.Parameter]:
     """The tensors a selection trains, by identity (shared tensors once), in model order."""
     layers = blocks(model)
@@ -93,6 +112,8 @@ def chosen_parameters(model: nn.Module, cfg: SurgicalConfig) -> dict[int, nn.Par
                 if not hasattr(model, "get_input_embeddings") or model.get_input_embeddings() is None:
                     raise ConfigError("blocks", "'embeddings': the model has no input embeddings")
                 tensors = list(model.get_input_embeddings().parameters())
+            elif item == "stem":
+                tensors = stem_parameters(model)
             else:
                 tensors = [p for i in block_indices(item, len(layers)) for p in layers[i].parameters()]
         except ConfigError as exc:
@@ -128,6 +149,8 @@ class Surgical:
                 tensors += head_parameters(model)
             elif item == "embeddings":
                 tensors += list(model.get_input_embeddings().parameters())
+            elif item == "stem":
+                tensors += stem_parameters(model)
             else:
                 tensors += [p for i in block_indices(item, len(layers)) for p in layers[i].parameters()]
         return sum(p.numel() for p in {id(p): p for p in tensors}.values())

@@ -13,6 +13,7 @@ from conftest import build_model, make_batch
 import methods
 from methods.auto_rgn import AutoRGNConfig, norm_parameter_ids
 from methods.glora import Support
+from methods.layers import blocks
 from methods.qalora import QALoRAConfig
 from methods.quantizers import quant_lora_layers
 
@@ -94,3 +95,52 @@ def test_auto_rgn_skip_norms_freezes_every_norm() -> None:
         build_model("llama"), AutoRGNConfig(skip_norms=True))
     _, default, _ = _auto_rgn()
     assert sum(p.numel() for p in default.trainable) > sum(p.numel() for p in adapted.trainable)
+
+
+STEMS = [("llama", {"model.embed_tokens.weight"}), ("gpt2", {"transformer.wte.weight", "transformer.wpe.weight"})]
+
+
+@pytest.mark.parametrize("kind, stem", STEMS)
+def test_surgical_stem_plus_first_is_the_references_first_block(kind: str, stem: set[str]) -> None:
+    """The reference's first block is conv1 (the stem) plus block1: blocks = ["stem", "first"]."""
+    method = methods.get("surgical")
+    model = build_model(kind)
+    cfg = method.Config.from_dict({"blocks": ["stem", "first"]})
+    adapted = method.apply(model, cfg)
+    first = {n for n, p in model.named_parameters() if any(p is q for q in blocks(model)[0].parameters())}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == stem | first
+    assert sum(p.numel() for p in adapted.trainable) == method.expected_trainable(build_model(kind), cfg)
+
+
+def test_surgical_stem_of_our_cnn_is_inside_stage_zero() -> None:
+    from bench import vision
+
+    method = methods.get("surgical")
+    model = vision.ResNet4(10, widths=(8, 8, 8, 8))
+    adapted = method.apply(model, method.Config.from_dict({"blocks": ["stem", "first"]}))
+    stage0 = {n for n, _ in model.named_parameters() if n.startswith("stages.0.")}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == stage0
+    assert adapted.trainable
+
+
+def test_prompt_tuning_vocab_init_draws_from_the_first_vocab_top_rows() -> None:
+    """The authors' from_sample_of_embeddings draws from the first population_size (5,000) rows."""
+    method = methods.get("prompt_tuning")
+    model = build_model("llama")
+    embed = model.get_input_embeddings().weight.detach().clone()
+    torch.manual_seed(0)
+    adapted = method.apply(model, method.Config.from_dict({"n_tokens": 16, "init": "vocab", "vocab_top": 5}))
+    prompt = adapted.trainable[0].detach()
+    # Each prompt row is a copy of one of the first 5 embedding rows.
+    assert all(any(torch.equal(row, embed[i]) for i in range(5)) for row in prompt)
+
+
+def test_houlsby_adapter_bert_init_std() -> None:
+    """adapter-bert's feedforward_adapter: truncated normal with stddev init_scale = 1e-3 (an option here)."""
+    method = methods.get("bottleneck_adapter")
+    model = build_model("bert")
+    torch.manual_seed(0)
+    adapted = method.apply(model, method.Config.from_dict({"size": 64, "init_std": 1e-3}))
+    weights = torch.cat([p.detach().reshape(-1) for p in adapted.trainable if p.dim() == 2])
+    assert float(weights.abs().max()) <= 2e-3
+    assert 0.5e-3 < float(weights.std()) < 1e-3  # a N(0, 1e-6) truncated at two std has std 0.88e-3
