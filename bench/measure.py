@@ -59,18 +59,26 @@ def optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:
     return sum(tensor_bytes(t) for t in _unique(tensors).values())
 
 
+def storage_key(t: torch.Tensor) -> int:
+    """What identifies a tensor's storage: its address, or on the meta device (no addresses) the
+    storage object itself, which views share, so a forecast on a meta model counts as a real step does."""
+    storage = t.untyped_storage()
+    return storage._cdata if t.device.type == "meta" else storage.data_ptr()
+
+
 @contextlib.contextmanager
 def saved_for_backward(model: nn.Module) -> Iterator[dict[str, int]]:
     """Bytes autograd saves for backward inside the block: unique storages that are not
-    parameters or buffers (saved weights are already counted as weights)."""
-    known = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    parameters or buffers (saved weights are already counted as weights). Works on a meta model
+    too (bench/forecast.py), counting what a real step would store."""
+    known = {storage_key(t) for t in list(model.parameters()) + list(model.buffers())}
     seen: dict[int, int] = {}
     result = {"bytes": 0}
 
     def pack(t: torch.Tensor):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in known and t.device.type != "meta":
-            seen[ptr] = tensor_bytes(t)
+        key = storage_key(t)
+        if key not in known:
+            seen[key] = tensor_bytes(t)
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

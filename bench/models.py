@@ -229,13 +229,21 @@ def config_of(spec: dict[str, Any]):
         ) from None
 
 
-def skeleton(spec: dict[str, Any]) -> nn.Module:
-    """The model's module tree on the meta device: structure without memory, for validation."""
+def skeleton(spec: dict[str, Any], dtype: str | None = None) -> nn.Module:
+    """The model's module tree on the meta device: structure without memory, for validation and
+    for memory forecasts (bench/forecast.py), which need it in the trial's `dtype` as load() builds it."""
+    torch_dtype = DTYPES[dtype] if dtype else None
     if spec["name"] in vision.MODELS:
-        return vision.build(spec["name"], "meta")
+        model = vision.build(spec["name"], "meta")
+        return model.to(dtype=torch_dtype) if torch_dtype else model
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     config = config_of(spec)
     auto = AutoModelForSequenceClassification if spec["name"] == "minilm-l6" else AutoModelForCausalLM
     with torch.device("meta"):
-        return auto.from_config(config)
+        return auto.from_config(config, **({"dtype": torch_dtype} if torch_dtype else {}))
+
+
+def quantize_skeleton(model: nn.Module, spec: dict[str, Any]) -> dict[str, Any] | None:
+    """Quantize a meta skeleton as load() quantizes the real model (bench.quant on the meta device)."""
+    return _quantize(model, spec)

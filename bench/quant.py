@@ -103,8 +103,8 @@ def _quantized_layer(layer: nn.Module, quant: str, double_quant: bool, compute_d
         new = bnb.nn.Linear4bit(in_features, out_features, bias=has_bias, compute_dtype=compute_dtype,
                                 compress_statistics=double_quant, quant_type=quant, device="meta")
         # Moving an unquantized Params4bit to a device quantizes it there (bitsandbytes' API).
-        new.weight = bnb.nn.Params4bit(weight.contiguous(), requires_grad=False, blocksize=BLOCKSIZE,
-                                       compress_statistics=double_quant, quant_type=quant, module=new).to(device)
+        new.weight = _moved(bnb.nn.Params4bit(weight.contiguous(), requires_grad=False, blocksize=BLOCKSIZE,
+                                              compress_statistics=double_quant, quant_type=quant, module=new), device)
         # DESIGN.md section 6: on CPUs with AVX512-BF16, the first eval-mode no-grad forward
         # repacks the weight for a fast inference kernel, and later training silently gets
         # wrong gradients. Never repack.
@@ -116,11 +116,20 @@ def _quantized_layer(layer: nn.Module, quant: str, double_quant: bool, compute_d
                                   threshold=INT8_THRESHOLD, device="meta")
         # Int8Params quantizes only when moved from the CPU: a weight already on the GPU
         # would be moved as it is, unquantized.
-        new.weight = bnb.nn.Int8Params(weight.cpu().contiguous(), requires_grad=False, has_fp16_weights=False).to(device)
+        new.weight = _moved(bnb.nn.Int8Params(weight.contiguous() if device.type == "meta" else weight.cpu().contiguous(),
+                                              requires_grad=False, has_fp16_weights=False), device)
     if has_bias:
         new.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
     new.train(layer.training)
     return new
+
+
+def _moved(param: nn.Parameter, device: torch.device) -> nn.Parameter:
+    """The bitsandbytes parameter quantized on `device`. A move to the meta device does not quantize
+    (bitsandbytes' API), so there we quantize directly: bitsandbytes' fake kernels give the packed
+    weight and its constants their real shapes and dtypes, which is what a memory forecast
+    (bench/forecast.py) of a quantized model needs."""
+    return param._quantize(device) if device.type == "meta" else param.to(device)
 
 
 def _check_cpu_dequantize(weight: nn.Parameter, quant: str) -> None:
