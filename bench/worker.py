@@ -26,6 +26,7 @@ from bench import calibrate, compare, inject, results
 from bench.measure import PeakMemory, dir_bytes, param_counts, weight_bytes
 from bench.train import Diverged, train
 from methods.base import MethodContext
+from methods.layers import inert_parameters
 
 
 def _die_with_runner(runner_pid: int) -> None:
@@ -137,6 +138,8 @@ def run(trial, result: dict[str, Any], adapters_dir: Path | None, show_progress:
     if injected := inject.apply(adapted):  # test-only, off by default: see bench/inject.py
         result["test_injected"] = injected
     result["params"].update(param_counts(adapted.model, adapted.trainable))
+    if inert := inert_parameters(adapted.model, adapted.trainable, adapted.inert):
+        result["params"]["inert"] = inert  # trainable, but the architecture gives them no gradient
     weights = weight_bytes(adapted.model)
     result["memory"]["weights_by_dtype"] = weights
 

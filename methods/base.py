@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable, Iterator, Protocol, Sequence
@@ -84,6 +85,10 @@ def _check_type(name: str, value: Any, hint: str) -> None:
     checks = [_SCALARS[o] for o in options if o in _SCALARS]
     if checks and not any(check(value) for check in checks):
         raise ConfigError(name, f"expected {hint}, got {type(value).__name__} {value!r}")
+    # TOML spells nan and inf, and both slip through every range check (nan < 0 is False): refused
+    # here, once, for every float field of every config.
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(name, f"must be a finite number, got {value}")
 
 
 @dataclass
@@ -119,6 +124,10 @@ class Adapted:
     state_fn: Callable[[], dict[str, Tensor]] | None = None
     save_fn: Callable[[Path], None] | None = None
     load_fn: Callable[[Path], None] | None = None
+    inert: dict[str, str] = field(default_factory=dict)
+    """Trainable tensors (qualified names) that the architecture gives a zero gradient in exact
+    arithmetic, with the reason; kept trainable (the paper counts them) and reported in the result.
+    `methods.layers.inert_parameters` adds what every method shares (key-projection biases)."""
 
     def merge(self) -> nn.Module:
         if self.merge_fn is None:

@@ -18,10 +18,21 @@ search is out of scope here: one config fixes the forms of all targeted layers (
 As in the authors' code, C and E also act on layers without a bias (b0 = 0, so D is dropped there);
 peft's GLoRA drops C, D and E on such layers. On a quantized (4-bit, int8) base only the forms
 that act through W0 x work: a "lora" A or any C needs W0 itself and is refused.
+
+Support tensors the architecture makes inert. Some forms add a shift that the model reads in a way
+that ignores it, so their gradient is zero in exact arithmetic (`methods.layers.shift_invariant_layers`):
+on a key projection without rotary positions, C, D and E only add the same vector to every key,
+which softmax ignores; on a block output projection of a LayerNorm model (GPT-2, BERT), a constant B
+(x.sum() · b, the same for every feature of a token) and a constant E are removed by the
+mean-centring LayerNorms that read the residual stream. The paper's search space contains such
+subnets (its ViTs are LayerNorm models) and counts their parameters, so they stay trainable: `apply`
+names each one with its reason in `Adapted.inert` (the trial result's `params.inert`) and warns, and
+the battery holds that exactly these tensors, and no others, get no gradient.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -30,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from methods.base import Adapted, ConfigError, freeze, load_trainable, merging, MethodConfig, require_float_weights, Targets
-from methods.layers import Conv1D, modules_of, replace_module, resolve_targets
+from methods.layers import SHIFT_REASONS, Conv1D, modules_of, replace_module, resolve_targets, shift_invariant_layers
 from methods.lora import features
 
 FORMS = {
@@ -67,6 +78,13 @@ class GLoRAConfig(MethodConfig):
                 raise ConfigError(key, f"unknown form {getattr(self, key)!r}; {key} takes {', '.join(known)}")
         if all(getattr(self, key) == "none" for key in FORMS):
             raise ConfigError("a", "a, b, c, d and e are all 'none': nothing to train")
+
+# Which support forms only add a shift that an invariant layer's readers ignore ("token": the same
+# vector for every token; "feature": a per-token scalar for every feature).
+INERT_SUPPORTS = {
+    "token": {"glora_c": FORMS["c"], "glora_d": FORMS["d"], "glora_e": FORMS["e"]},
+    "feature": {"glora_b": ("constant",), "glora_e": ("constant",)},
+}
 
 
 class Support(nn.Module):
@@ -229,10 +247,9 @@ class GLoRA:
     version = "2"
     init_atol: ClassVar[float] = 0.0
     Config = GLoRAConfig
-    # D scales b0, and the tiny random GPT-2 and BERT start with zero biases: D would get no
-    # gradient there, so the battery leaves it out (tests/test_adapter_methods.py trains it).
+    # The second config puts a constant B and E before GPT-2's and BERT's LayerNorms: inert there.
     battery_configs: ClassVar[list[dict[str, Any]]] = [
-        {"r": 2, "d": "none", "targets": "qv"},
+        {"r": 2, "targets": "qv"},
         {"a": "vector", "b": "constant", "c": "vector", "d": "none", "e": "constant", "targets": "mlp"},
         {"r": 2, "a": "vector", "c": "none", "d": "none", "targets": "qv"},  # the forms a 4-bit base allows
     ]
@@ -245,17 +262,30 @@ class GLoRA:
             # The other forms act through W0 x, which a 4-bit layer computes itself.
             require_float_weights(targets, f"GLoRA's a = {cfg.a!r} and c = {cfg.c!r} read W0 itself (W0 ⊙ A, W0 C): "
                                            "use a float base, or a vector/constant a and c = 'none'")
+        invariant = shift_invariant_layers(model)  # before wrapping: it reads the layers' own names
         freeze(model)
         for name, layer in targets:
             replace_module(model, name, GLoRALinear(layer, cfg))
         layers = glora_layers(model)
         trainable = [p for layer in layers.values() for n, p in layer.named_parameters() if not n.startswith("base_layer.")]
+        inert = {
+            f"{name}.{key}.{leaf}": f"{key} ({support.form}) on {name} {SHIFT_REASONS[invariant[name]]}"
+            for name, layer in layers.items()
+            if name in invariant
+            for key, support in layer.named_children()
+            if key in INERT_SUPPORTS[invariant[name]] and support.form in INERT_SUPPORTS[invariant[name]][key]
+            for leaf, _ in support.named_parameters()
+        }
+        if inert:
+            warnings.warn(f"GLoRA: {len(inert)} support tensors get no gradient on this architecture "
+                          f"(first: {next(iter(inert.values()))}); they stay trainable, see Adapted.inert", stacklevel=2)
 
         return Adapted(
             model=model,
             trainable=trainable,
             **merging(model, layers.values()),
             load_fn=lambda directory: load_trainable(model, trainable, directory, list(layers.values())),
+            inert=inert,
         )
 
     def expected_trainable(self, model: nn.Module, cfg: GLoRAConfig) -> int:

@@ -158,3 +158,57 @@ def sublayer_outputs(model: nn.Module, sublayer: str) -> list[tuple[str, nn.Modu
 def block_norms(model: nn.Module) -> list[nn.Module]:
     """The normalisation layers inside the repeated blocks (LayerNorm, RMSNorm), in model order."""
     return [m for block in blocks(model) for m in block.modules() if "norm" in type(m).__name__.lower()]
+
+
+def _mean_centering(norm: nn.Module) -> bool:
+    # LayerNorm subtracts each token's mean over features; RMSNorm (Llama, Gemma) does not.
+    return isinstance(norm, nn.LayerNorm)
+
+
+def shift_invariant_layers(model: nn.Module) -> dict[str, str]:
+    """Linear layers whose outputs the architecture reads in a way that ignores some shifts, by
+    qualified name, with the shift they ignore:
+
+    - "token": a key projection in attention without rotary positions. Softmax over keys ignores a
+      shift shared by every key (q·(k_j + c) = q·k_j + q·c, the same for every j), so anything that
+      adds the same vector to every token's key (the layer's bias, a bias-like adapter term) gets a
+      zero gradient in exact arithmetic. Rotary embeddings rotate that vector differently at each
+      position, which breaks the invariance, so models with them (Llama, Qwen2) are left out.
+    - "feature": a block's attention or feed-forward output projection in a model whose every
+      normalisation is a mean-centring LayerNorm (GPT-2, BERT): each reader of the residual stream
+      subtracts the token's mean over features, so a per-token shift that is the same for every
+      feature (a scalar times the ones vector) is removed before anything reads it.
+    """
+    out: dict[str, str] = {}
+    names = [type(m).__name__.lower() for m in model.modules()]
+    if not any("rotary" in n for n in names):
+        out.update({n: "token" for n, _ in linear_modules(model) if role(n) == "k"})
+    norms = [m for m in model.modules() if "norm" in type(m).__name__.lower() and not isinstance(m, nn.ModuleList)]
+    if norms and all(_mean_centering(m) for m in norms):
+        for sublayer in _SUBLAYER_OUTPUTS:
+            try:
+                out.update({n: "feature" for n, _ in sublayer_outputs(model, sublayer)})
+            except ConfigError:  # a layout whose output projections we cannot name: claim nothing
+                pass
+    return out
+
+
+SHIFT_REASONS = {
+    "token": "adds the same vector to every key, which softmax over keys ignores",
+    "feature": "adds a per-token shift shared by all features, which the mean-centring LayerNorms reading it remove",
+}
+
+
+def inert_parameters(model: nn.Module, trainable: list[nn.Parameter], declared: dict[str, str] | None = None) -> dict[str, str]:
+    """Trainable tensors whose gradient the architecture makes zero in exact arithmetic, by name, with
+    the reason: the method's own declarations plus the biases of key projections (a bias is a
+    shift shared by every token), which full fine-tuning and block-wise methods train."""
+    ids = {id(p) for p in trainable}
+    invariant = shift_invariant_layers(model)
+    out = {}
+    for name, p in model.named_parameters():
+        layer, _, leaf = name.rpartition(".")
+        if id(p) in ids and leaf == "bias" and invariant.get(layer) == "token":
+            out[name] = f"bias of {layer}: {SHIFT_REASONS['token']}"
+    out.update(declared or {})
+    return out

@@ -81,7 +81,21 @@ def build_model(kind: str, hidden: int = 32) -> nn.Module:
         )
     else:
         raise ValueError(f"unknown tiny model kind {kind!r}; known: {MODEL_KINDS}")
-    return model.float().eval()
+    return pretrained_like(model).float().eval()
+
+
+@torch.no_grad()
+def pretrained_like(model: nn.Module) -> nn.Module:
+    """Norm gains and biases away from their init values (1 and 0), as in any trained model.
+    At init, a LayerNorm's outputs sum to exactly zero over features and every bias is zero, so
+    some adapter terms (a pooled or summed input, a bias scale) would get a zero gradient in exact
+    arithmetic that no real model gives them, and tests would pass or fail on rounding."""
+    for module in model.modules():
+        if getattr(module, "bias", None) is not None:
+            module.bias.normal_(0.0, 0.05)
+        if "norm" in type(module).__name__.lower() and getattr(module, "weight", None) is not None:
+            module.weight.normal_(1.0, 0.1)
+    return model
 
 
 def make_batch(kind: str, batch: int = 2, seq: int = 8, seed: int = 1) -> dict[str, Tensor]:

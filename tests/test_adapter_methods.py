@@ -21,7 +21,7 @@ from methods.adapters import Bottleneck, BottleneckAdapter, BottleneckConfig, ad
 from methods.base import AdapterFileError, ConfigError
 from methods.glora import GLoRA, GLoRAConfig, glora_layers
 from methods.ia3 import IA3, IA3Config, ia3_layers
-from methods.layers import block_norms
+from methods.layers import block_norms, inert_parameters, shift_invariant_layers
 from methods.lora import LoRA, LoRAConfig, lora_layers
 from methods.multilora import MultiLoRA, MultiLoRAConfig, multilora_layers
 
@@ -349,6 +349,49 @@ def test_glora_merge_matches_unmerged(kind: str, forms: dict[str, str]) -> None:
         else:
             assert layer.base_layer.bias is None
     torch.testing.assert_close(logits(adapted.model, batch), unmerged, atol=1e-5, rtol=0)
+
+
+def test_shift_invariant_layers_follow_the_architecture() -> None:
+    """Keys without rotary positions ignore a shared shift (GPT-2's keys sit inside the fused c_attn,
+    which is not all key); LayerNorm models' block outputs ignore a feature-uniform one; Llama
+    (rotary, RMSNorm) has neither."""
+    assert shift_invariant_layers(build_model("llama")) == {}
+    gpt2 = shift_invariant_layers(build_model("gpt2"))
+    assert gpt2 == {f"transformer.h.{i}.{s}": "feature" for i in range(2) for s in ("attn.c_proj", "mlp.c_proj")}
+    bert = shift_invariant_layers(build_model("bert"))
+    assert {n for n, kind in bert.items() if kind == "token"} == {f"bert.encoder.layer.{i}.attention.self.key" for i in range(2)}
+    assert {n for n, kind in bert.items() if kind == "feature"} == {
+        f"bert.encoder.layer.{i}.{s}" for i in range(2) for s in ("attention.output.dense", "output.dense")
+    }
+
+
+def test_glora_names_the_support_tensors_the_architecture_makes_inert() -> None:
+    """The decision for inert support tensors: they stay trainable (the paper counts them), and apply
+    warns and names each with its reason. On BERT with every form on all attention and FFN layers:
+    C, D and E of each key projection, and the constant B and E of each block output projection."""
+    cfg = GLoRAConfig(r=2, a="vector", b="constant", c="vector", d="vector", e="constant", targets="all-linear")
+    with pytest.warns(UserWarning, match="get no gradient"):
+        adapted = GLoRA().apply(build_model("bert"), cfg)
+    keys = [f"bert.encoder.layer.{i}.attention.self.key.glora_{x}.value" for i in range(2) for x in "cde"]
+    outputs = [f"bert.encoder.layer.{i}.{s}.glora_{x}.value"
+               for i in range(2) for s in ("attention.output.dense", "output.dense") for x in "be"]
+    assert sorted(adapted.inert) == sorted(keys + outputs)
+    assert "softmax" in adapted.inert[keys[0]] and "LayerNorm" in adapted.inert[outputs[0]]
+    trainable = {id(p) for p in adapted.trainable}
+    assert all(id(p) in trainable for n, p in adapted.model.named_parameters() if n in adapted.inert)
+    # Llama: RMSNorm and rotary positions, so the same config has nothing inert and no warning.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert GLoRA().apply(build_model("llama"), cfg).inert == {}
+
+
+def test_full_fine_tuning_declares_the_key_biases_inert(kind: str) -> None:
+    adapted = methods.get("full").apply(build_model(kind), methods.get("full").Config())
+    inert = inert_parameters(adapted.model, adapted.trainable, adapted.inert)
+    expected = {"bert": {f"bert.encoder.layer.{i}.attention.self.key.bias" for i in range(2)}, "gpt2": set(), "llama": set()}[kind]
+    assert set(inert) == expected
 
 
 def test_glora_bias_scale_d_trains_when_biases_are_nonzero() -> None:

@@ -25,7 +25,7 @@ import methods
 from bench.suite import TrainSpec
 from bench.train import train
 from methods.base import Adapted, AdapterFileError, ConfigError, MethodConfig
-from methods.layers import resolve_targets
+from methods.layers import inert_parameters, resolve_targets
 from methods.lora import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -109,15 +109,62 @@ def test_trainable_count_is_closed_form(name: str, values: dict[str, Any], kind:
     assert sum(p.numel() for p in adapted.trainable) == expected
 
 
+def inert_names(adapted: Adapted) -> dict[str, str]:
+    return inert_parameters(adapted.model, adapted.trainable, adapted.inert)
+
+
+def trainable_names(adapted: Adapted) -> list[str]:
+    names = {id(p): n for n, p in adapted.model.named_parameters()}
+    return [names[id(p)] for p in adapted.trainable]
+
+
 @pytest.mark.parametrize(("name", "values", "kind"), CASES)
-def test_optimizer_step_changes_every_trainable(name: str, values: dict[str, Any], kind: str) -> None:
+def test_optimizer_steps_change_every_live_trainable(name: str, values: dict[str, Any], kind: str) -> None:
+    """Two steps, since a factor whose partner starts at zero (LoRA's A) gets its first gradient in the
+    second; tensors the architecture makes inert are left out (the next test pins them down)."""
     _, _, adapted = adapt(name, values, kind)
     if not adapted.trainable:
         pytest.skip("nothing to train")
     before = [p.detach().clone() for p in adapted.trainable]
-    train_step(adapted, make_batch(kind))
-    unchanged = [i for i, (p, old) in enumerate(zip(adapted.trainable, before)) if torch.equal(p, old)]
+    batch = make_batch(kind)
+    train_step(adapted, batch)
+    train_step(adapted, batch)
+    inert = inert_names(adapted)
+    unchanged = [n for n, p, old in zip(trainable_names(adapted), adapted.trainable, before) if torch.equal(p, old) and n not in inert]
     assert not unchanged, f"trainable tensors {unchanged} did not change"
+
+
+# A live tensor's float64 gradient is at least LIVE times the largest one, an inert tensor's at most
+# INERT: rounding in float64 leaves crumbs near 1e-16, so no CPU's rounding can cross the gap.
+LIVE, INERT = 1e-9, 1e-12
+
+
+@pytest.mark.parametrize(("name", "values", "kind"), CASES)
+def test_exactly_the_declared_inert_tensors_get_no_gradient(name: str, values: dict[str, Any], kind: str) -> None:
+    """In float64, at init and after one AdamW step without weight decay: every trainable tensor has a
+    real gradient, except those the method (or the shared key-bias rule) declares inert, whose
+    gradient is zero up to float64 rounding. A zero that only exact arithmetic gives would otherwise
+    make a test pass or fail on one CPU's rounding."""
+    method = methods.get(name)
+    adapted = method.apply(build_model(kind).double(), method.Config.from_dict(values))
+    if not adapted.trainable:
+        pytest.skip("nothing to train")
+    batch = make_batch(kind)
+    optimizer = torch.optim.AdamW(adapted.trainable, lr=1e-2, weight_decay=0.0)
+    scale = [0.0] * len(adapted.trainable)
+    for _ in range(2):
+        optimizer.zero_grad()
+        adapted.model(**batch).loss.backward()
+        grads = [0.0 if p.grad is None else p.grad.abs().max().item() for p in adapted.trainable]
+        scale = [max(s, g / max(grads)) for s, g in zip(scale, grads)]
+        optimizer.step()
+    inert = inert_names(adapted)
+    named = dict(zip(trainable_names(adapted), scale))
+    assert set(inert) <= set(named), "declared inert tensors that are not trainable"
+    dead = {n: f"{s:.1e}" for n, s in named.items() if s < LIVE and n not in inert}
+    assert not dead, f"trainable tensors with no real gradient, not declared inert: {dead}"
+    live = {n: f"{named[n]:.1e}" for n in inert if named[n] > INERT}
+    assert not live, f"declared inert but got a gradient: {live}"
 
 
 @pytest.mark.parametrize(("name", "values", "kind"), CASES)
