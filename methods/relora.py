@@ -11,8 +11,21 @@ Differences from the paper, which pre-trains from scratch:
 - only the adapters train; the paper also trains the layers it does not wrap (embeddings, norms,
   head) fully;
 - the jag multiplies the suite's schedule (cosine in the paper) instead of warming up towards the
-  envelope's value at the end of the warm-up: the same curve up to how the envelope moves during
-  the restart's few warm-up steps;
+  envelope's value at the end of the warm-up (Guitaricet/relora, commit 176f376,
+  peft_pretraining/training_utils.py `_get_cosine_schedule_with_multiple_warmups_lambda`): the
+  same curve up to how the envelope moves during the restart's few warm-up steps (the hook
+  that jags sees only the step, not the suite's schedule);
+- the order of the zero-learning-rate step: by default the merge follows step k R - 1 and the
+  step with learning rate 0 comes right after it (k R), on the fresh adapter; in the reference
+  (torchrun_main.py, "MERGE AND REINIT": the merge and the optimizer reset run when
+  update_step % relora == 1) the zero-rate step k R comes first, on the old adapter, and the merge
+  and the pruning follow it. zero_lr_before_merge = true takes the reference's order (an option,
+  so that committed results keep their meaning);
+- prune_ratio 0.99 is magnitude pruning of the moments as the paper describes it; the reference
+  code offers magnitude pruning (--optimizer_magnitude_pruning, its README recommends 0.9) or a
+  reset (--reset_optimizer_on_relora, the default of its example commands, implemented in
+  training_utils.py `optimizer_reset` as random pruning with ratio 0.999). The paper's 99% figure
+  could not be checked against the paper's text here: unverified;
 - the saved adapter holds the merged weights of the targeted layers once a restart has happened
   (their change is full rank: no low-rank file can carry it).
 """
@@ -48,6 +61,9 @@ class ReLoRAConfig(LoRAConfig):
     restart_warmup: int = 10
     """Steps of linear learning-rate warm-up from zero after each restart (the paper: 50 to 100);
     0 keeps the suite's schedule unjagged."""
+    zero_lr_before_merge: bool = False
+    """The reference's order: the zero-learning-rate step k R runs on the old adapter and the merge
+    follows it (default: the merge follows step k R - 1, then the zero-rate step)."""
 
     def validate(self) -> None:
         super().validate()
@@ -57,6 +73,14 @@ class ReLoRAConfig(LoRAConfig):
             raise ConfigError("prune_ratio", f"must be in [0, 1], got {self.prune_ratio}")
         if not 0 <= self.restart_warmup < self.reset_every:
             raise ConfigError("restart_warmup", f"must be in [0, reset_every={self.reset_every}), got {self.restart_warmup}")
+
+
+def restarts_after(step: int, cfg: ReLoRAConfig) -> bool:
+    """Whether a merge-and-reinit follows the optimizer step with this 0-based index: steps
+    R - 1, 2 R - 1, ... by default, R, 2 R, ... (each zero-rate step) in the reference's order."""
+    if cfg.zero_lr_before_merge:
+        return step >= cfg.reset_every and step % cfg.reset_every == 0
+    return (step + 1) % cfg.reset_every == 0
 
 
 def jagged(step: int, reset_every: int, restart_warmup: int) -> float:
@@ -149,7 +173,7 @@ class ReLoRA:
             if not checked[0]:  # fail on the first step, not at the first restart
                 check_prunable(optimizer, lora_params)
                 checked[0] = True
-            if (step + 1) % cfg.reset_every:
+            if not restarts_after(step, cfg):
                 return
             for layer in layers.values():
                 merge_and_reinit(layer)

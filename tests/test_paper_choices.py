@@ -144,3 +144,28 @@ def test_houlsby_adapter_bert_init_std() -> None:
     weights = torch.cat([p.detach().reshape(-1) for p in adapted.trainable if p.dim() == 2])
     assert float(weights.abs().max()) <= 2e-3
     assert 0.5e-3 < float(weights.std()) < 1e-3  # a N(0, 1e-6) truncated at two std has std 0.88e-3
+
+
+@pytest.mark.parametrize("reference, merge_after", [(False, 3), (True, 4)])
+def test_relora_zero_lr_step_position(reference: bool, merge_after: int) -> None:
+    """Guitaricet/relora merges after the zero-rate step (update_step % relora == 1); ours before it by default."""
+    from methods.relora import ReLoRAConfig, jagged
+    from methods.lora import lora_layers
+
+    cfg = ReLoRAConfig.from_dict({"r": 2, "targets": "qv", "reset_every": 4, "restart_warmup": 2, "zero_lr_before_merge": reference})
+    model = build_model("llama")
+    adapted = methods.get("relora").apply(model, cfg)
+    layer = next(iter(lora_layers(model).values()))
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    optimizer = torch.optim.SGD(adapted.trainable, lr=0.0)
+    first_merge = None
+    for step in range(8):
+        before = layer.base_layer.weight.detach().clone()
+        adapted.hooks.on_step(step, optimizer)
+        if first_merge is None and not torch.equal(before, layer.base_layer.weight):
+            first_merge = step
+    assert first_merge == merge_after
+    # Step 4 is the zero-rate step in both orders: in the reference's it precedes the merge.
+    assert adapted.hooks.lr_multiplier(4) == jagged(4, 4, 2) == 0.0
+    assert adapted.hooks.lr_multiplier(5) == 0.5
