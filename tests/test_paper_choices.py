@@ -169,3 +169,85 @@ def test_relora_zero_lr_step_position(reference: bool, merge_after: int) -> None
     # Step 4 is the zero-rate step in both orders: in the reference's it precedes the merge.
     assert adapted.hooks.lr_multiplier(4) == jagged(4, 4, 2) == 0.0
     assert adapted.hooks.lr_multiplier(5) == 0.5
+
+
+def _randomise_adapters(model) -> None:
+    from methods.adapters import adapter_layers
+
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer in adapter_layers(model).values():
+            for p in (layer.adapter_down.weight, layer.adapter_up.weight):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+
+
+@pytest.mark.parametrize("kind, wrapped", [
+    ("bert", {"bert.encoder.layer.0.attention.output.dropout", "bert.encoder.layer.0.output.dropout"}),
+    ("gpt2", {"transformer.h.0.attn.resid_dropout", "transformer.h.0.mlp.dropout"}),
+    ("llama", {"model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj"}),  # no dropout there
+])
+def test_adapter_after_dropout_as_adapter_bert(kind: str, wrapped: set[str]) -> None:
+    """adapter-bert applies the adapter to dropout(dense(h)), before the residual add and LN."""
+    from methods.adapters import adapter_layers
+
+    method = methods.get("bottleneck_adapter")
+    model = build_model(kind)
+    cfg = method.Config.from_dict({"size": 4, "position": "after_dropout"})
+    adapted = method.apply(model, cfg)
+    names = set(adapter_layers(model))
+    assert wrapped <= names and len(names) == 2 * len(blocks(model))
+    assert sum(p.numel() for p in adapted.trainable) == method.expected_trainable(build_model(kind), cfg)
+    model(**make_batch(kind)).loss.backward()
+    assert all(p.grad is not None for p in adapted.trainable if p.dim() == 2)
+
+
+def test_pfeiffer_stream_on_a_pre_ln_block_is_y_plus_adapter_of_y() -> None:
+    """adapter-hub SeqBnConfig on Llama: block output residual + h + A(residual + h) = y + A(y)."""
+    method = methods.get("bottleneck_adapter")
+    base, model = build_model("llama"), build_model("llama")
+    method.apply(model, method.Config.from_dict({"size": 4, "placement": "pfeiffer", "position": "stream", "activation": "relu"}))
+    _randomise_adapters(model)
+    outputs = {}
+    # Registered after the adapter's hook, so it sees the adapted output.
+    base.model.layers[0].register_forward_hook(lambda m, args, out: outputs.update(y=out))
+    model.model.layers[0].register_forward_hook(lambda m, args, out: outputs.update(got=out))
+    batch = make_batch("llama")
+    with torch.no_grad():
+        base(**batch)
+        model(**batch)
+        adapter = model.model.layers[0].pfeiffer_adapter
+        y = outputs["y"]
+        expected = y + adapter.adapter_up(torch.relu(adapter.adapter_down(y)))
+    torch.testing.assert_close(outputs["got"], expected, atol=1e-5, rtol=1e-5)
+    assert float((outputs["got"] - y).abs().max()) > 1e-2  # the adapter matters
+
+
+def test_pfeiffer_stream_on_a_post_ln_block_reapplies_the_original_ln() -> None:
+    """On BERT: LN(s + A(LN(s))), s = dropout(dense(h)) + x the FFN's residual sum."""
+    from methods.adapters import StreamAdapterPostLN
+
+    method = methods.get("bottleneck_adapter")
+    model = build_model("bert")
+    method.apply(model, method.Config.from_dict({"size": 4, "placement": "pfeiffer", "position": "stream", "activation": "relu"}))
+    _randomise_adapters(model)
+    wrapper = model.bert.encoder.layer[0].output.LayerNorm
+    assert isinstance(wrapper, StreamAdapterPostLN)
+    seen = {}
+    wrapper.register_forward_hook(lambda m, args, out: seen.update(s=args[0], out=out))
+    with torch.no_grad():
+        model(**make_batch("bert"))
+        ln = wrapper.base_layer
+        y = ln(seen["s"])
+        expected = ln(seen["s"] + wrapper.adapter_up(torch.relu(wrapper.adapter_down(y))))
+    torch.testing.assert_close(seen["out"], expected)
+    assert float((seen["out"] - y).abs().max()) > 1e-2
+    # The blocks' norms stay findable (train_norms): the wrapped LN is among them, once.
+    from methods.layers import block_norms
+
+    assert sum(n is ln for n in block_norms(model)) == 1
+
+
+def test_stream_position_needs_pfeiffer() -> None:
+    with pytest.raises(methods.base.ConfigError) as info:
+        methods.get("bottleneck_adapter").Config.from_dict({"position": "stream"})
+    assert info.value.key == "position"
