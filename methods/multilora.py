@@ -6,6 +6,13 @@ more directions (a flatter singular-value spectrum) than one LoRA's, which suits
 Initialisation as in the paper: every A_i and B_i Kaiming-uniform (B is not zero, unlike LoRA),
 and the scaling factors s_i start at zero, so the model is exactly unchanged at init.
 
+What was checked (no code from the authors could be found; the paper's full text could not be
+read here, only its abstract and secondary summaries of it): the abstract's "scales LoRA modules
+horizontally and change[s] parameter initialization of adaptation matrices" (arXiv 2311.11501v1),
+and summaries' "learnable per-module scaling" and "Kaiming-uniform" initialization. Unverified:
+that the scaling factors start at zero, that B's Kaiming-uniform bound is computed per module
+(1 / sqrt(r)), and the defaults n = 3 and r = 8 (ours, not the paper's stated ones).
+
 The n modules are stored stacked along the rank dimension, A = [A_1; ...; A_n] (n r x in) and
 B = [B_1 | ... | B_n] (out x n r), because sum_i s_i B_i A_i = [s_1 B_1 | ... | s_n B_n] A: the
 forward stays two thin matmuls, as for LoRA, and LoRA's merge applies unchanged.

@@ -17,6 +17,14 @@ zero; it is the first trained factor from the output side: B = 0 with u = v = 1 
 (LoRA's init), else v = 0, else u = 0, else A = 0. A frozen B is random like A. Frozen tensors
 are saved with the trained ones, so an adapter reloads exactly whatever the seed.
 
+What could be checked: the paper's abstract (arXiv 2311.09578v2) and the authors' related code in
+NVIDIA NeMo (nemo/collections/nlp/modules/common/megatron/adapters/parallel_adapters.py,
+`ParallelLinearAdapterWeightTying`: one A and B tied across layers, A Xavier-initialised, B zero,
+and a learned per-layer position embedding rather than u and v). The paper's Table 1 (its
+configurations TL1 to TL6, which of v, B, u, A each trains, and its init of u and v) could not be
+read here: the names vBuA and "VeRA-like" above, the mapping to TL1-TL6, and the u = v = 1 init
+are unverified; `train` lets a suite set any of the paper's combinations by the factors it trains.
+
 Tying is real sharing: the layers of a kind hold the same Parameter object, so autograd sums the
 gradients of every use into its one .grad, and the model lists it once in named_parameters.
 """
