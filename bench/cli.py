@@ -25,7 +25,7 @@ def cmd_run(args) -> int:
         from bench import ray_backend
 
         try:  # before anything runs: a missing extra is a setup error, not a failed trial
-            ray_backend.import_ray()
+            ray_backend.check_installed()
         except runner.RunnerError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

@@ -6,14 +6,27 @@ fork server (its own memory high-water mark, its own crash, its timeout), and re
 and the adapter files. Only the driver writes them, into the same folder and by the same atomic
 rename as a local run (bench.runner.Sweep), so resume, statuses and the folder lock are the
 local runner's own, and the nodes need no shared filesystem.
+
+Which cluster a sweep joins is explicit (`Cluster`): the one at --address (else $RAY_ADDRESS), or
+else a cluster of the run's own. Ray's own defaults read state that earlier runs leave behind: a
+plain `ray.init()` joins the address that the last `ray start` recorded under /tmp/ray, turns on
+token auth when ~/.ray/auth_token exists and writes that file when it does not. The own cluster
+therefore gets its own temp dir, a token that lives only in its processes' environment, and
+loopback only; it is stopped and its temp dir removed when the run ends.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import importlib.util
 import os
+import secrets
 import shutil
+import socket
+import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +37,22 @@ from bench.suite import Suite, Trial
 INSTALL = "pip install 'peftbench[ray]'"
 # What the driver decided about the hub (bench/cli.py) holds on every node, and so do the test hooks (bench/inject.py).
 FORWARD = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TOKENIZERS_PARALLELISM", "TRANSFORMERS_VERBOSITY")
+# Ray reads these, in the driver and in the processes it starts; an own cluster sets every one.
+OWN_AUTH = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+# One token per driver process: Ray caches the token it loaded, so a second own cluster in the same
+# process (several suites in one command) must be started with the same one.
+_OWN_TOKEN = secrets.token_hex(32)
+
+
+def check_installed() -> None:
+    """Fails, saying how to install Ray, when it is missing; does not import it, because an own
+    cluster must set Ray's environment (loopback only) before the first import."""
+    try:
+        found = importlib.util.find_spec("ray") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise RunnerError(f"--backend ray needs Ray, which is not installed; install it with: {INSTALL}")
 
 
 def import_ray():
@@ -32,6 +61,144 @@ def import_ray():
     except ImportError as exc:
         raise RunnerError(f"--backend ray needs Ray, which is not installed ({exc}); install it with: {INSTALL}") from None
     return ray
+
+
+@dataclasses.dataclass
+class Cluster:
+    """The Ray cluster a sweep runs on. `address` set: exactly that cluster, nothing else (where
+    it came from is `source`: --address or $RAY_ADDRESS); None: a new one-machine cluster of this
+    run's own, started in `temp_dir` and gone, with that folder, when the run ends."""
+
+    address: str | None
+    source: str = ""
+    temp_dir: Path | None = None
+
+    @classmethod
+    def resolve(cls, address: str | None) -> "Cluster":
+        if address:
+            return cls(_checked(address, "--address"), "--address")
+        if os.environ.get("RAY_ADDRESS"):
+            return cls(_checked(os.environ["RAY_ADDRESS"], "$RAY_ADDRESS"), "$RAY_ADDRESS")
+        return cls(None)
+
+    @contextlib.contextmanager
+    def joined(self, runtime_env: dict[str, Any]) -> Iterator[Any]:
+        """ray.init into this cluster, ray.shutdown after; a cluster that cannot be joined is a
+        RunnerError of one line, and whatever Ray printed while trying is kept for a successful join."""
+        with self._environment():
+            ray = import_ray()
+            kwargs: dict[str, Any] = {"log_to_driver": False, "configure_logging": False, "runtime_env": runtime_env}
+            if self.address is None:
+                # "local", not None: None would join the address the last `ray start` left in /tmp/ray.
+                kwargs.update(address="local", _temp_dir=str(self.temp_dir), include_dashboard=False)
+            else:
+                _listening(self.address, self.source)
+                kwargs.update(address=self.address)
+            try:
+                with _quiet_stderr() as said:
+                    context = ray.init(**kwargs)
+            except Exception as exc:  # Ray raises many kinds here; all mean this cluster cannot be used
+                raise RunnerError(self._why(exc, "".join(said))) from None
+            print(self._describe(context), file=sys.stderr)
+            try:
+                yield ray
+            finally:
+                ray.shutdown()
+
+    @contextlib.contextmanager
+    def _environment(self) -> Iterator[None]:
+        if self.address is not None:
+            yield
+            return
+        # Short, under TMPDIR: Ray's unix sockets live under it and their paths must stay under 108 bytes.
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="pbray-"))
+        own = {
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": _OWN_TOKEN,  # from the environment, so nothing is written to ~/.ray
+            "RAY_TMPDIR": str(self.temp_dir),  # whatever Ray puts in its default temp dir lands here too
+            # Ray otherwise binds the machine's routable address; with this, loopback and no other node.
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        }
+        saved = {key: os.environ.get(key) for key in (*OWN_AUTH, *own)}
+        os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+        os.environ.update(own)
+        try:
+            yield
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def _describe(self, context) -> str:
+        gcs = getattr(context, "address_info", {}).get("gcs_address", "?")
+        if self.address is None:
+            return f"ray: a local cluster of this run's own at {gcs} (temp dir {self.temp_dir}), stopped when the run ends"
+        return f"ray: joined the cluster at {self.address} (from {self.source})"
+
+    def _why(self, exc: BaseException, printed: str) -> str:
+        said = " ".join(printed.split())
+        chain = []
+        while exc is not None and len(chain) < 10:
+            chain.append(exc)
+            exc = exc.__cause__ or exc.__context__
+        text = " ".join(" ".join(str(e).split()) for e in chain)
+        where = f"the Ray cluster at {self.address} ({self.source})" if self.address else "a local Ray cluster"
+        if "InvalidAuthToken" in text or "InvalidAuthToken" in said:
+            mode = os.environ.get("RAY_AUTH_MODE", "unset")
+            sent = "a token that is not the cluster's" if mode == "token" else f"no token (RAY_AUTH_MODE is {mode})"
+            return (
+                f"{where} refused this driver: it sent {sent}; set RAY_AUTH_MODE=token and the cluster's token "
+                "in RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH"
+            )
+        if "Version mismatch" in text:
+            return f"cannot join {where}: {text[text.index('Version mismatch'):]}"
+        last = next((m for m in reversed([" ".join(str(e).split()) for e in chain]) if m), type(chain[0]).__name__)
+        return f"cannot {'join' if self.address else 'start'} {where}: {last[:500]}"
+
+
+def _checked(address: str, source: str) -> str:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or "/" in address:
+        raise RunnerError(f"{source} {address!r}: expected the cluster's GCS address, host:port (what `ray start --head` prints)")
+    return address
+
+
+def _listening(address: str, source: str) -> None:
+    """Fails at once, in one line, when nothing listens at the address (a stopped cluster, a wrong
+    port): Ray itself would retry for some 20 s and then raise a traceback."""
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise RunnerError(f"no Ray cluster at {address} ({source}): nothing answers there ({reason}); is it still running?") from None
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[list[str]]:
+    """Holds back what Ray's C++ core writes to stderr (a warning per failed connection attempt),
+    into the list it yields, filled when the block ends. It is written out after all if the block
+    succeeds: nothing is lost."""
+    said: list[str] = []
+    with tempfile.TemporaryFile() as held:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(held.fileno(), 2)
+        ok = False
+        try:
+            yield said
+            ok = True
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            said.append(held.read().decode(errors="replace"))
+            if ok and said[0]:
+                sys.stderr.write(said[0])
 
 
 class _Tracker:
@@ -127,15 +294,15 @@ def _died(ray, trial: Trial, exc: Exception) -> dict[str, Any]:
 def run(
     suite: Suite, results_root: Path, address: str | None = None, force: bool = False, progress: bool = True, save_adapters: bool = True
 ) -> SweepReport:
-    ray = import_ray()
+    cluster = Cluster.resolve(address)
     with Sweep(suite, results_root, force, progress) as sweep:
         if not sweep.todo:
             return sweep.report
         # Trial output stays in the workers' logs: the result records every error, and the driver
         # shows the progress bar, not a stream of prefixed log lines.
         env = {k: v for k, v in os.environ.items() if k in FORWARD or k.startswith("PEFTBENCH_")}
-        ray.init(address=address, log_to_driver=False, configure_logging=False, runtime_env={"env_vars": env})
-        try:
+        # Leaving the cluster takes the unfinished tasks with it; what was published stays.
+        with cluster.joined({"env_vars": env}) as ray:
             tracker = ray.remote(_Tracker).options(num_cpus=0).remote()
             task = ray.remote(_run_on_worker)
             pending = {}
@@ -158,6 +325,4 @@ def run(
                         result, files = _died(ray, trial, exc), {}
                     _publish_adapters(sweep.directory, trial, result, files)
                     sweep.publish(trial, result)
-        finally:  # a driver that leaves takes its unfinished tasks with it; what it published stays
-            ray.shutdown()
     return sweep.report

@@ -2,13 +2,21 @@
 
 Every byte of the tests' traffic stays on loopback: the head is pinned to 127.0.0.1 (with
 RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, else Ray swaps in the machine's routable address, in the
-head and in the driver alike); a second node lives only in network namespaces made here."""
+head and in the driver alike); a second node lives only in network namespaces made here.
+
+Nothing here reads or writes the machine's Ray state (~/.ray, /tmp/ray, $RAY_ADDRESS): every Ray
+process runs with a HOME and RAY_TMPDIR of the module's own and its auth settings given
+explicitly. That sandbox starts out holding what a local run of an earlier peftbench left behind
+(a token in ~/.ray, a stale session and a recorded address in the temp dir), so every cluster
+test also proves that such leftovers change nothing."""
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +35,62 @@ LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 NICE = {"RAY_worker_niceness": "0"}
 # A dead worker node is noticed in about a second, not half a minute.
 FAST_HEALTH = {"RAY_health_check_period_ms": "500", "RAY_health_check_failure_threshold": "3"}
+# The test cluster's token, given to its nodes and drivers explicitly; never written to a file.
+TOKEN = secrets.token_hex(32)
+CLUSTER_AUTH = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN}
+RAY_STATE = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_TMPDIR")
+
+
+def free_port() -> int:
+    """A loopback port that nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def plant_leftovers(home: Path) -> None:
+    """What a local `--backend ray` run of an earlier peftbench (plain `ray.init()`) and a
+    `ray start` leave behind: a token Ray then turns auth on with, a session that is no longer
+    running, and the address the default `ray.init()` would join."""
+    (home / ".ray").mkdir()
+    (home / ".ray" / "auth_token").write_text(secrets.token_hex(32))
+    ray_tmp = home / "tmp" / "ray"
+    session = ray_tmp / "session_2000-01-01_00-00-00_000000_1"
+    (session / "sockets").mkdir(parents=True)
+    dead = free_port()
+    (session / f"gcs_server_port_{'0' * 56}").write_text(str(dead))
+    (ray_tmp / "session_latest").symlink_to(session)
+    (ray_tmp / "ray_current_cluster").write_text(f"127.0.0.1:{dead}")
+
+
+def snapshot(home: Path) -> dict[str, str]:
+    """Every Ray file under the sandbox (the data caches live elsewhere), with its content."""
+    return {
+        str(p.relative_to(home)): p.read_text() if p.is_file() else ("-> " + os.readlink(p) if p.is_symlink() else "dir")
+        for p in sorted([*(home / ".ray").rglob("*"), *(home / "tmp").rglob("*")])
+    }
+
+
+@pytest.fixture(scope="module")
+def sandbox():
+    """A HOME (and RAY_TMPDIR under it) of the module's own, holding an earlier run's leftovers."""
+    home = Path(tempfile.mkdtemp(prefix="pbh-", dir="/tmp"))
+    plant_leftovers(home)
+    yield home
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def isolated(home: Path, **extra: str | None) -> dict[str, str]:
+    """The environment of a Ray process here: the machine's Ray state out of reach, the data and
+    model caches still the machine's (they hold no Ray state, and rebuilding them costs time);
+    an `extra` of None unsets that variable."""
+    env = {k: v for k, v in os.environ.items() if k not in RAY_STATE}
+    real_home = Path.home()
+    env.setdefault("PEFTBENCH_CACHE", str(real_home / ".cache" / "peftbench"))
+    env.setdefault("HF_HOME", str(real_home / ".cache" / "huggingface"))
+    env.update(HOME=str(home), RAY_TMPDIR=str(home / "tmp"), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env.update({k: v for k, v in extra.items() if v is not None})
+    return {k: v for k, v in env.items() if extra.get(k, "") is not None}
 
 
 @pytest.fixture(autouse=True)
@@ -43,7 +107,7 @@ class Node:
     """`ray start --block` as a child process in its own session, with its own temp dir and a
     bounded object store; stopped by its process group, which only it and its children are in."""
 
-    def __init__(self, ip: str, head: str | None = None, cpus: int = 2, netns: str | None = None, env: dict | None = None):
+    def __init__(self, ip: str, env: dict[str, str], head: str | None = None, cpus: int = 2, netns: str | None = None):
         # Short: Ray's unix sockets live under it, and their paths must stay under 108 bytes.
         self.temp = Path(tempfile.mkdtemp(prefix="pbray-", dir="/tmp"))
         ray = Path(sys.executable).with_name("ray")
@@ -65,7 +129,7 @@ class Node:
         self.proc = subprocess.Popen(
             cmd,
             cwd=REPO,
-            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+            env=env,
             stdout=self.log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -99,28 +163,34 @@ class Node:
 
 
 @pytest.fixture(scope="module")
-def head():
+def head(sandbox):
     pytest.importorskip("ray")
-    node = Node("127.0.0.1", env={**LOOPBACK, **FAST_HEALTH, **NICE})
+    node = Node("127.0.0.1", isolated(sandbox, **CLUSTER_AUTH, **LOOPBACK, **FAST_HEALTH, **NICE))
     yield node
     node.stop()
 
 
-def ray_cli(*args: str, address: str, netns: str | None = None) -> subprocess.Popen:
-    """The driver, as test_runner.run_cli starts the local runner; in `netns` if given."""
-    cmd = [sys.executable, "-m", "bench.cli", "run", *args, "--no-progress", "--backend", "ray", "--address", address]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **({} if netns else LOOPBACK)}
+def start(cmd: list[str], env: dict[str, str], netns: str | None = None, stderr=subprocess.STDOUT) -> subprocess.Popen:
+    """A driver, as test_runner.run_cli starts the local runner; in `netns` if given."""
     proc = subprocess.Popen(
         ["ip", "netns", "exec", netns, *cmd] if netns else cmd,
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+        stderr=stderr,
         text=True,
         start_new_session=True,
     )
     RUNNING.append(proc)
     return proc
+
+
+def ray_cli(*args: str, home: Path, address: str | None, netns: str | None = None, stderr=subprocess.STDOUT, **env: str | None):
+    """`peftbench run ... --backend ray` with the test cluster's token, unless `env` says otherwise
+    (None: unset)."""
+    cmd = [sys.executable, "-m", "bench.cli", "run", *args, "--no-progress", "--backend", "ray"]
+    cmd += ["--address", address] if address else []
+    return start(cmd, isolated(home, **{**CLUSTER_AUTH, **({} if netns else LOOPBACK), **env}), netns, stderr)
 
 
 def descendants(pid: int) -> set[int]:
@@ -145,12 +215,51 @@ def alive(pid: int) -> bool:
         return False
 
 
-def test_smoke_suite_on_ray_gives_the_local_successes(head, tmp_path):
+def children(pid: int) -> set[int]:
+    return {c for c in descendants(pid) if parent_of(c) == pid}
+
+
+def parent_of(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def kill_mid_trial(worker: int, trial_id: str, directory: Path) -> set[int]:
+    """SIGKILL a Ray worker while the trial it supervises still runs, and return the processes
+    under it. The worker and everything under it are stopped first, so the trial cannot end
+    between the check and the kill: the check finds the trial's process (the worker's child is
+    the fork server, its child the trial) alive, hence the worker has not returned the task and
+    the kill costs this attempt. A trial that already ended is reported as such, never counted
+    as killed: the result it returned would be no retry."""
+    os.kill(worker, signal.SIGSTOP)
+    tree: set[int] = set()
+    while new := descendants(worker) - tree:  # anything forked just before the stop is caught by the next pass
+        for pid in new:
+            try:
+                os.kill(pid, signal.SIGSTOP)
+            except ProcessLookupError:
+                pass
+        tree |= new
+    trials = {t for server in children(worker) for t in children(server) if alive(t)}
+    published = (directory / f"{trial_id}.json").exists()
+    os.kill(worker, signal.SIGKILL)
+    for pid in tree:  # stopped, they could not notice that their worker died
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    assert trials and not published, f"trial {trial_id} ended before its worker {worker} was killed: not a retry"
+    return tree
+
+
+def test_smoke_suite_on_ray_gives_the_local_successes(head, sandbox, tmp_path):
     smoke = REPO / "suites" / "smoke.toml"
     local = run_cli(str(smoke), "--results", str(tmp_path / "local"))
     out_local, _ = local.communicate(timeout=900)
     assert local.returncode == 0, out_local
-    proc = ray_cli(str(smoke), "--results", str(tmp_path / "ray"), address=head.address)
+    proc = ray_cli(str(smoke), "--results", str(tmp_path / "ray"), home=sandbox, address=head.address)
     out, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, out
     on_local, on_ray = load_all(tmp_path / "local" / "smoke"), load_all(tmp_path / "ray" / "smoke")
@@ -166,7 +275,7 @@ def test_smoke_suite_on_ray_gives_the_local_successes(head, tmp_path):
                 p.name for p in Path(on_local[trial_id]["adapter_dir"]).iterdir()
             )
     # Resume: the same skip rule as local runs, and no cluster needed to skip.
-    proc = ray_cli(str(smoke), "--results", str(tmp_path / "ray"), address=head.address)
+    proc = ray_cli(str(smoke), "--results", str(tmp_path / "ray"), home=sandbox, address=head.address)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0 and "ran 0, skipped 11" in out, out
 
@@ -200,40 +309,39 @@ method = "frozen"
 """
 
 
-def test_killed_ray_worker_is_recorded_or_retried_and_rerun_completes(head, tmp_path):
+def test_killed_ray_worker_is_recorded_or_retried_and_rerun_completes(head, sandbox, tmp_path):
     path = tmp_path / "kill.toml"
     path.write_text(RETRY_SUITE.format(name="kill", steps=100))
     directory = tmp_path / "r" / "kill"
-    proc = ray_cli(str(path), "--results", str(tmp_path / "r"), address=head.address)
+    proc = ray_cli(str(path), "--results", str(tmp_path / "r"), home=sandbox, address=head.address)
     lora = {t.id for t in suite.load(path).trials if t.spec["method"]["name"] == "lora"}
     killed: dict[str, tuple[int, set[int]]] = {}
-    # Kill each LoRA trial's Ray worker, mid-trial, once: the frozen trial and the retry run on.
+    # Kill each LoRA trial's Ray worker once, while its trial provably runs: the frozen trial and the retry run on.
     deadline = time.time() + 600
     while proc.poll() is None and time.time() < deadline:
         running = directory / ".running"
         for trial_id, pid, node_ip in [line.split() for line in running.read_text().splitlines()] if running.exists() else []:
-            if trial_id in lora and trial_id not in killed and not (directory / f"{trial_id}.json").exists():
+            if trial_id in lora and trial_id not in killed:
                 assert node_ip == "127.0.0.1"
-                time.sleep(1.0)
-                killed[trial_id] = (int(pid), descendants(int(pid)))
-                assert killed[trial_id][1], "the Ray worker runs the trial in a child process"
-                os.kill(int(pid), signal.SIGKILL)
+                killed[trial_id] = (int(pid), kill_mid_trial(int(pid), trial_id, directory))
         time.sleep(0.1)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
-    for pid, children in killed.values():  # the trial's process died with its Ray worker
-        wait_for(lambda: not any(alive(c) for c in children), timeout=30)
+    for _, tree in killed.values():  # the trial's process died with its Ray worker
+        wait_for(lambda: not any(alive(c) for c in tree), timeout=30)
     found = load_all(directory)
     assert len(found) == 3, out
     by_rank = {r["spec"]["method"]["config"].get("r"): r for r in found.values()}
     failed, retried = by_rank[2], by_rank[4]
     assert failed["status"] == "failed" and "after 0 retries" in failed["error"], failed["error"]
+    assert sorted(killed) == sorted(lora), out
+    # The success comes from a second attempt, in another worker than the one killed mid-trial.
     assert retried["status"] == "success" and retried["env"]["ray"]["worker_pid"] != killed[retried["trial_id"]][0]
     assert by_rank[None]["status"] == "success"
     assert not list(directory.glob(".*.tmp")) and not list(directory.glob(".*draft*"))
     mtimes = {p.stem: p.stat().st_mtime_ns for p in result_files(directory) if p.stem != failed["trial_id"]}
 
-    proc = ray_cli(str(path), "--results", str(tmp_path / "r"), address=head.address)
+    proc = ray_cli(str(path), "--results", str(tmp_path / "r"), home=sandbox, address=head.address)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0 and "ran 1, skipped 2" in out, out
     after = load_all(directory)
@@ -246,6 +354,78 @@ def test_killed_ray_worker_is_recorded_or_retried_and_rerun_completes(head, tmp_
     for trial_id in (p.name for p in adapters.iterdir()):
         assert Path(after[trial_id]["adapter_dir"]) == adapters / trial_id and any((adapters / trial_id).iterdir())
     assert not list(directory.glob(".*.tmp")) and not list(directory.glob(".*draft*"))
+
+
+def ray_processes(marker: str) -> list[int]:
+    """Processes whose command line names `marker` (a Ray temp dir is on every one of its node's)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if marker in cmdline.read_bytes().decode(errors="replace") and alive(int(cmdline.parent.name)):
+                found.append(int(cmdline.parent.name))
+        except OSError:
+            pass
+    return found
+
+
+def error_line(proc: subprocess.Popen) -> str:
+    """The driver's whole stderr, which must be one line, and its exit code 2."""
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, out + err
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in out + err, out + err
+    print(err.strip())  # the exact line, for the record (pytest -s)
+    return err
+
+
+def test_local_run_owns_its_cluster_and_leaves_nothing_behind(sandbox, tmp_path):
+    """No --address: a cluster of the run's own, on loopback, in its own temp dir; the sandbox's
+    leftovers (a token that plain Ray would turn auth on with, a recorded address that plain
+    `ray.init()` would join and fail on) are neither used nor changed, and nothing is added."""
+    pytest.importorskip("ray")
+    before = snapshot(sandbox)
+    path = make_suite(tmp_path, name="own")
+    proc = ray_cli(str(path), "--results", str(tmp_path / "r"), home=sandbox, address=None, RAY_AUTH_MODE=None, RAY_AUTH_TOKEN=None)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    found = load_all(tmp_path / "r" / "own")
+    assert len(found) == 4 and all(r["status"] == "success" for r in found.values()), out
+    assert {r["env"]["ray"]["node_ip"] for r in found.values()} == {"127.0.0.1"}  # pinned by the backend, not by the test
+    line = next(x for x in out.splitlines() if x.startswith("ray: a local cluster of this run's own at "))
+    address, temp = line.split(" at ", 1)[1].split()[0], line.split("(temp dir ", 1)[1].split(")")[0]
+    assert address.startswith("127.0.0.1:") and Path(temp).name.startswith("pbray-")
+    assert not Path(temp).exists() and snapshot(sandbox) == before
+    wait_for(lambda: not ray_processes(temp), timeout=30)
+    # The cluster is gone: its address is a dead session now, and says so in one line.
+    err = error_line(ray_cli(str(path), "--results", str(tmp_path / "r2"), home=sandbox, address=address, stderr=subprocess.PIPE))
+    assert f"no Ray cluster at {address} (--address): nothing answers there (Connection refused)" in err
+    assert not result_files(tmp_path / "r2" / "own")
+
+
+VERSION_MISMATCH = "import sys, ray; ray.__version__ = '0.0.0-other'; from bench.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def test_an_address_that_cannot_be_joined_is_one_error_line(head, sandbox, tmp_path):
+    path = make_suite(tmp_path, name="no")
+    args = (str(path), "--results", str(tmp_path / "r"))
+    # Ray would retry a refused token for 20 s; two attempts show the same refusal.
+    quick = {"RAY_gcs_server_port_wait_time_s": "2", "stderr": subprocess.PIPE}
+    nothing = f"127.0.0.1:{free_port()}"
+    err = error_line(ray_cli(*args, home=sandbox, address=nothing, stderr=subprocess.PIPE))
+    assert f"no Ray cluster at {nothing} (--address): nothing answers there" in err
+    err = error_line(ray_cli(*args, home=sandbox, address=head.address, RAY_AUTH_TOKEN=secrets.token_hex(32), **quick))
+    assert f"the Ray cluster at {head.address} (--address) refused this driver: it sent a token that is not the cluster's" in err
+    # The issue's own case: no auth settings, an old token in ~/.ray (which Ray ignores for an explicit address).
+    err = error_line(ray_cli(*args, home=sandbox, address=head.address, RAY_AUTH_MODE=None, RAY_AUTH_TOKEN=None, **quick))
+    assert "refused this driver: it sent no token (RAY_AUTH_MODE is unset)" in err
+    # $RAY_ADDRESS is an explicit choice too, and named as the source.
+    err = error_line(ray_cli(*args, home=sandbox, address=None, RAY_ADDRESS=nothing, stderr=subprocess.PIPE))
+    assert f"no Ray cluster at {nothing} ($RAY_ADDRESS)" in err
+    err = error_line(ray_cli(*args, home=sandbox, address="auto", stderr=subprocess.PIPE))
+    assert "--address 'auto': expected the cluster's GCS address, host:port" in err
+    cmd = [sys.executable, "-c", VERSION_MISMATCH, "run", *args, "--no-progress", "--backend", "ray", "--address", head.address]
+    err = error_line(start(cmd, isolated(sandbox, **CLUSTER_AUTH, **LOOPBACK), stderr=subprocess.PIPE))
+    assert f"cannot join the Ray cluster at {head.address} (--address): Version mismatch" in err and "Ray: 0.0.0-other" in err
+    assert not result_files(tmp_path / "r" / "no")
 
 
 def test_without_ray_the_message_says_how_to_install(tmp_path, monkeypatch, capsys):
@@ -304,19 +484,19 @@ def namespaces():
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
-def test_second_node_in_network_namespaces_shares_the_sweep(namespaces, tmp_path):
+def test_second_node_in_network_namespaces_shares_the_sweep(namespaces, sandbox, tmp_path):
     pytest.importorskip("ray")
     a, b = namespaces
-    head = Node("10.241.0.1", cpus=1, netns=a, env={**FAST_HEALTH, **NICE})
+    head = Node("10.241.0.1", isolated(sandbox, **CLUSTER_AUTH, **FAST_HEALTH, **NICE), cpus=1, netns=a)
     try:
-        worker = Node("10.241.0.2", head=head.address, cpus=1, netns=b, env={**FAST_HEALTH, **NICE})
+        worker = Node("10.241.0.2", isolated(sandbox, **CLUSTER_AUTH, **FAST_HEALTH, **NICE), head=head.address, cpus=1, netns=b)
         try:
             wait_for(
                 lambda: "Ray runtime started" in (worker.temp / "start.log").read_text() or worker.proc.poll() is not None, timeout=120
             )
             assert worker.proc.poll() is None, (worker.temp / "start.log").read_text()[-2000:]
             path = make_suite(tmp_path, name="two")
-            proc = ray_cli(str(path), "--results", str(tmp_path / "r"), address=head.address, netns=a)
+            proc = ray_cli(str(path), "--results", str(tmp_path / "r"), home=sandbox, address=head.address, netns=a)
             out, _ = proc.communicate(timeout=600)
             assert proc.returncode == 0, out
         finally:
