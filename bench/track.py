@@ -159,14 +159,18 @@ class MlflowTracker:
         # Alembic announces each migration of a new SQLite store on the sweep's terminal.
         for name in ("mlflow", "alembic"):
             logging.getLogger(name).setLevel(logging.WARNING)
-        artifacts = None
         if uri is None:
             root = (directory / FOLDER).resolve()
             root.mkdir(parents=True, exist_ok=True)
-            uri, artifacts = f"sqlite:///{root / 'mlflow.db'}", (root / "mlartifacts").as_uri()
-        else:
+            uri = f"sqlite:///{root / 'mlflow.db'}"
+        elif uri.startswith(("http://", "https://")):
             for key, value in HTTP_DEFAULTS.items():
                 os.environ.setdefault(key, value)
+        # A server decides where artifacts go; without one MLflow would put them in ./mlruns of
+        # whatever folder the command ran in: they go beside the SQLite file instead.
+        artifacts = None
+        if uri.startswith("sqlite:///"):
+            artifacts = (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
         self.client = MlflowClient(tracking_uri=uri)
         found = self.client.get_experiment_by_name(experiment)
         if found is None:

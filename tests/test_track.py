@@ -167,6 +167,16 @@ def test_replay_of_a_tracked_sweep_adds_nothing(tracked):
     assert len(mlflow_runs(store_uri(tracked), "tracked")) == 3
 
 
+def test_replay_into_another_sqlite_store_keeps_artifacts_beside_it(tracked, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # MLflow's own default would be ./mlruns here
+    (tmp_path / "other").mkdir()
+    done = track.replay(rr.files(tracked), ["mlflow"], "sqlite:///other/mlflow.db")
+    assert done.written == {"mlflow": 3} and not done.errors
+    assert not (tmp_path / "mlruns").exists()
+    saved = {p.name for p in (tmp_path / "other" / "mlartifacts").glob("*/artifacts/*.json")}
+    assert saved == {f"{i}.json" for i in published(tracked)}
+
+
 def test_unwritable_store_loses_no_trial_and_replay_adds_each_once(tmp_path):
     path = make_suite(tmp_path, "blocked", 'track = ["mlflow", "tensorboard"]')
     directory = tmp_path / "r" / "blocked"
