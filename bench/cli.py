@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--backend", choices=["local", "ray"], default="local",
                    help="local: one trial at a time on this machine (default); ray: each trial a task on a Ray cluster")
-    p.add_argument("--address", help="--backend ray: the cluster's address, host:port (default: $RAY_ADDRESS, else a new local cluster)")
+    p.add_argument("--address", help="--backend ray: the cluster's address, host:port (default: $RAY_ADDRESS, else one of the run's own)")
     track_arguments(p)
     p.set_defaults(fn=cmd_run)
     p = sub.add_parser("track", help="copy results into MLflow / TensorBoard where a sweep could not (idempotent)")
