@@ -34,10 +34,18 @@ without scipy, a greedy upgrade by error saved per extra bit stands in (not exac
 Deviations: our NF-k codebook for k != 4 uses QLoRA's per-k offset (NF4 is identical to the
 authors' and bitsandbytes'); the authors reuse NF4's offset 0.9677 for every k. The randomized
 SVD is seeded (the same W always gives the same decomposition, which `load` relies on).
-Missing: the Fisher-weighted variant (Section 3.3: errors and the SVD weighted by a diagonal
-Fisher estimated from calibration data, the authors' `weighted_svd_decomposition` with the
-"two-sided" heuristic) is not implemented; errors here are unweighted Frobenius norms. The
-plan's decomposition of the chosen configuration is recomputed once more when the layer is
+The Fisher-weighted variant (Section 3.3), fisher_samples > 0: F, the diagonal empirical Fisher of
+each target weight, is the sum over that many training texts of the squared per-example gradient
+of the language-model loss (the authors' models/allocation_utils.py
+`compute_empirical_Fisher_LLaMA`; they use 10,000 C4 sequences, we the trial's own training
+texts, the only data a trial has). The SVD step becomes the authors' `weighted_svd_decomposition`
+with its default "two-sided" heuristic: with row weights d1 = sqrt(mean_j F_ij) and column
+weights d2 = sqrt(mean_i F_ij), L1 L2 = diag(d1)^-1 svd_r(diag(d1) (W - Q) diag(d2)) diag(d2)^-1;
+the quantization step is unchanged, and every error (the stopping rule's and the ILP's) is
+||sqrt(F) ⊙ (W - Q - L1 L2)||_F. It needs a causal language model and the trial's texts (the
+runner passes them; `apply(model, cfg, context=MethodContext(...))`).
+
+The plan's decomposition of the chosen configuration is recomputed once more when the layer is
 built (deterministic, saves memory). The quantized base is recomputed from the base model on
 load; the saved adapter records the plan and load refuses a model whose plan differs.
 """
@@ -45,13 +53,14 @@ load; the saved adapter records the plan and load refuses a model whose plan dif
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from methods.base import Adapted, ConfigError, Targets
+from methods.base import Adapted, ConfigError, MethodContext, Targets
 from methods.lora import LowRankConfig
+from methods.layers import Conv1D
 from methods.loftq import Decomposition, adapted_layer
 from methods.quantizers import (
     BITS,
@@ -113,6 +122,10 @@ class LQLoRAConfig(LowRankConfig):
     """At most this many SVD / quantize steps per (matrix, configuration); stops when the error rises."""
     randomized: bool = True
     """Randomized SVD (the authors' default); False takes the exact SVD."""
+    fisher_samples: int = 0
+    """0: unweighted errors; n > 0: the Fisher-weighted variant, F from n training texts."""
+    fisher_max_length: int = 128
+    """Tokens per text when estimating F (longer texts are cut)."""
 
     def validate(self) -> None:
         super().validate()
@@ -129,6 +142,10 @@ class LQLoRAConfig(LowRankConfig):
             raise ConfigError("scale_dtype_choices", f"must be a non-empty list drawn from {known}, got {self.scale_dtype_choices}")
         if self.iters < 1:
             raise ConfigError("iters", f"must be >= 1, got {self.iters}")
+        if self.fisher_samples < 0:
+            raise ConfigError("fisher_samples", f"must be >= 0, got {self.fisher_samples}")
+        if self.fisher_max_length < 2:
+            raise ConfigError("fisher_max_length", f"must be >= 2, got {self.fisher_max_length}")
         cheapest = min(c.bits_per_weight for c in self.candidates())
         if self.budget < cheapest:
             raise ConfigError("budget", f"{self.budget} bits is below the cheapest configuration ({cheapest:g} bits per weight)")
@@ -167,9 +184,49 @@ def rank_r(residual: Tensor, r: int, scaling: float, randomized: bool) -> tuple[
     return u[:, :r] * root, root.unsqueeze(1) * vh[:r]
 
 
-def decompose(weight: Tensor, r: int, scaling: float, qc: QConfig, iters: int = 100, randomized: bool = True) -> Decomposition:
+def weighted_rank_r(residual: Tensor, fisher: Tensor, r: int, scaling: float, randomized: bool) -> tuple[Tensor, Tensor]:
+    """The authors' two-sided weighted SVD: rank r of diag(d1) R diag(d2), mapped back."""
+    d1, d2 = fisher.mean(1, keepdim=True).sqrt(), fisher.mean(0, keepdim=True).sqrt()
+    # A row or column no example reached has weight 0; a floor keeps the division finite (its
+    # error does not count in the weighted objective anyway).
+    floor = torch.finfo(torch.float32).tiny ** 0.5
+    d1, d2 = d1.clamp_min(floor), d2.clamp_min(floor)
+    b, a = rank_r(d1 * residual * d2, r, scaling, randomized)
+    return b / d1, a / d2
+
+
+def empirical_fisher(
+    model: nn.Module, chosen: list[tuple[str, nn.Module]], texts: Sequence[str], tokenizer: Any, max_length: int
+) -> dict[str, Tensor]:
+    """Sum over texts of the squared per-example gradient of the LM loss, per target weight (out, in)."""
+    weights = [layer.weight for _, layer in chosen]
+    saved = [w.requires_grad for w in weights]
+    for w in weights:
+        w.requires_grad_(True)
+    fisher = {name: torch.zeros_like(weight_of(layer)) for name, layer in chosen}
+    was_training = model.training
+    model.eval()  # no dropout: the gradients of the model that is decomposed
+    try:
+        for text in texts:
+            enc = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_length)
+            ids = enc["input_ids"].to(weights[0].device)
+            loss = model(input_ids=ids, attention_mask=enc["attention_mask"].to(ids.device), labels=ids).loss
+            for (name, layer), g in zip(chosen, torch.autograd.grad(loss, weights), strict=True):
+                g = g.detach().float()
+                fisher[name] += (g.T if isinstance(layer, Conv1D) else g).square()
+    finally:
+        for w, flag in zip(weights, saved, strict=True):
+            w.requires_grad_(flag)
+        model.train(was_training)
+    return fisher
+
+
+def decompose(
+    weight: Tensor, r: int, scaling: float, qc: QConfig, iters: int = 100, randomized: bool = True, fisher: Tensor | None = None
+) -> Decomposition:
     """The published order: SVD of W - Q (Q = 0 first), then Q = quantize(W - L1 L2); stop at
-    the first rise of the error and keep the best iterate. `errors` lists every step's error."""
+    the first rise of the error and keep the best iterate. `errors` lists every step's error.
+    With `fisher` (F, shaped like W) the SVD is the weighted one and errors are ||sqrt(F) ⊙ E||_F."""
     w = weight.detach().float()
     if w.is_meta:  # suite validation applies methods to a weightless skeleton: shapes only
         codes, scale, scales, _ = nf_round(w, qc.bits, qc.blocksize, qc.scale)
@@ -178,11 +235,16 @@ def decompose(weight: Tensor, r: int, scaling: float, qc: QConfig, iters: int = 
     q_values = torch.zeros_like(w)
     errors: list[float] = []
     best: tuple[Tensor, Tensor, QuantizedScales | None, Tensor, Tensor] | None = None
+    root = None if fisher is None else fisher.float().sqrt()
     for _ in range(iters):
-        b, a = rank_r(w - q_values, r, scaling, randomized)
+        if fisher is None:
+            b, a = rank_r(w - q_values, r, scaling, randomized)
+        else:
+            b, a = weighted_rank_r(w - q_values, fisher.float(), r, scaling, randomized)
         low = scaling * (b @ a)
         codes, scale, scales, q_values = nf_round(w - low, qc.bits, qc.blocksize, qc.scale)
-        err = float((w - low - q_values).norm())
+        residual = w - low - q_values
+        err = float((residual if root is None else root * residual).norm())
         if best is None or err < min(errors):
             best = (codes, scale, scales, a, b)
         errors.append(err)
@@ -269,6 +331,7 @@ class LQLoRA:
     name = "lqlora"
     version = "2"
     Config = LQLoRAConfig
+    needs_context: ClassVar[bool] = True  # the Fisher-weighted variant reads the trial's texts
     battery_configs: ClassVar[list[dict[str, Any]]] = [
         {"r": 4, "targets": "qv", "budget": 3.0, "scale_bits_choices": [8], "scale_dtype_choices": ["fp32"], "scale_block_choices": [256]},
         {
@@ -284,7 +347,19 @@ class LQLoRA:
         },
     ]
 
-    def plan(self, model: nn.Module, cfg: LQLoRAConfig) -> Plan:
+    def fisher(self, model: nn.Module, cfg: LQLoRAConfig, context: MethodContext | None) -> dict[str, Tensor] | None:
+        """F per target for the Fisher-weighted variant, None for the unweighted one."""
+        chosen = float_targets(model, cfg.targets)
+        if cfg.fisher_samples == 0 or any(layer.weight.is_meta for _, layer in chosen):
+            return None  # a weightless skeleton (suite validation) has no gradients to take
+        if context is None or not context.train:
+            raise ConfigError("fisher_samples", "the Fisher-weighted variant needs the trial's training texts (MethodContext)")
+        if not (hasattr(model, "can_generate") and model.can_generate()):
+            raise ConfigError("fisher_samples", f"the Fisher-weighted variant needs a causal language model, not {type(model).__name__}")
+        texts = [prompt + answer for prompt, answer in context.train[: cfg.fisher_samples]]
+        return empirical_fisher(model, chosen, texts, context.tokenizer, cfg.fisher_max_length)
+
+    def plan(self, model: nn.Module, cfg: LQLoRAConfig, fisher: dict[str, Tensor] | None = None) -> Plan:
         """Decompose every target under every candidate and solve the ILP."""
         chosen = float_targets(model, cfg.targets)
         rank_check(chosen, cfg.r)
@@ -292,8 +367,9 @@ class LQLoRA:
         names, numel, errors, costs = [], [], [], []
         for name, layer in chosen:
             w = weight_of(layer)
+            f = None if fisher is None else fisher[name]
             # Suite validation (a weightless skeleton) can check only the budget.
-            row = [0.0 if w.is_meta else decompose(w, cfg.r, cfg.scaling, qc, cfg.iters, cfg.randomized).error ** 2 for qc in candidates]
+            row = [0.0 if w.is_meta else decompose(w, cfg.r, cfg.scaling, qc, cfg.iters, cfg.randomized, f).error ** 2 for qc in candidates]
             names.append(name)
             numel.append(w.numel())
             errors.append(row)
@@ -301,12 +377,14 @@ class LQLoRA:
         choice, solver = solve(errors, costs, cfg.budget * sum(numel))
         return Plan(names, numel, candidates, errors, choice, solver)
 
-    def apply(self, model: nn.Module, cfg: LQLoRAConfig) -> Adapted:
-        plan = self.plan(model, cfg)
+    def apply(self, model: nn.Module, cfg: LQLoRAConfig, context: MethodContext | None = None) -> Adapted:
+        fisher = self.fisher(model, cfg, context)
+        plan = self.plan(model, cfg, fisher)
         index = {name: i for i, name in enumerate(plan.names)}
 
         def build(name: str, layer: nn.Module):
-            d = decompose(weight_of(layer), cfg.r, cfg.scaling, plan.config(index[name]), cfg.iters, cfg.randomized)
+            f = None if fisher is None else fisher[name]
+            d = decompose(weight_of(layer), cfg.r, cfg.scaling, plan.config(index[name]), cfg.iters, cfg.randomized, f)
             return adapted_layer(layer, d, cfg.scaling, cfg.dropout)
 
         layers = wrap(model, float_targets(model, cfg.targets), build)

@@ -465,3 +465,55 @@ def test_corrupt_adapter_names_the_file(corrupt, tmp_path: Path) -> None:
     bad = corrupt(tmp_path)
     with pytest.raises(AdapterFileError, match=bad.name):
         QALoRA().apply(build_model("llama"), cfg).load(tmp_path)
+
+
+# ---------------------------------------------------------------- LQ-LoRA, Fisher-weighted
+
+
+def test_weighted_svd_with_uniform_fisher_is_the_plain_svd() -> None:
+    from methods.lqlora import rank_r, weighted_rank_r
+
+    w = outlier_matrix()
+    b, a = rank_r(w, 8, 2.0, randomized=False)
+    wb, wa = weighted_rank_r(w, torch.full_like(w, 3.0), 8, 2.0, randomized=False)
+    torch.testing.assert_close(wb @ wa, b @ a, atol=1e-4, rtol=1e-4)
+
+
+def test_fisher_weighted_decomposition_trades_error_towards_heavy_rows() -> None:
+    """Where F is large the weighted decomposition errs less than the unweighted one (Section 3.3)."""
+    w = outlier_matrix()
+    fisher = torch.ones_like(w)
+    fisher[:32] = 100.0  # the first 32 output rows matter 100x more
+    plain = lq_decompose(w, 8, 1.0, NF3_DQ, iters=20)
+    weighted = lq_decompose(w, 8, 1.0, NF3_DQ, iters=20, fisher=fisher)
+
+    def weighted_error(d) -> float:
+        return float((fisher.sqrt() * (w - d.q.dequantize() - d.B @ d.A)).norm())
+
+    assert weighted.error == pytest.approx(weighted_error(weighted), rel=1e-5)
+    assert weighted_error(weighted) < 0.9 * weighted_error(plain)
+
+
+def test_lqlora_fisher_variant_reads_the_trials_texts() -> None:
+    from bench.models import _tiny_tokenizer
+    from conftest import VOCAB
+
+    from methods.base import MethodContext
+
+    texts = tuple((f"Q{i}: what is {i}?", f" {i}") for i in range(4))
+    context = MethodContext(tokenizer=_tiny_tokenizer(VOCAB), train=texts)
+    cfg = LQLoRAConfig.from_dict({"r": 2, "targets": "qv", "budget": 3.0, "fisher_samples": 3, **LQ_SPACE})
+    method = LQLoRA()
+    model = build_model("llama")
+    fisher = method.fisher(model, cfg, context)
+    assert fisher is not None and set(fisher) == {n for n, _ in resolve_targets(build_model("llama"), "qv")}
+    assert all(f.shape == weight_of(m).shape and float(f.sum()) > 0 for (n, m), f in zip(resolve_targets(model, "qv"), fisher.values()))
+    assert all(not p.requires_grad or p.grad is None for p in model.parameters())  # only autograd.grad was used
+    weighted = method.plan(model, cfg, fisher)
+    plain = method.plan(build_model("llama"), cfg)
+    assert weighted.errors != plain.errors
+    adapted = method.apply(build_model("llama"), cfg, context=context)
+    assert len(quant_lora_layers(adapted.model)) == len(weighted.names)
+    with pytest.raises(ConfigError) as info:
+        method.apply(build_model("llama"), cfg)
+    assert info.value.key == "fisher_samples"
