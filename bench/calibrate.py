@@ -2,21 +2,25 @@
 
 A step time says as much about the machine's load as about the code. So each trial also times a
 fixed piece of work in its own process, once after every training step (outside the step's
-timer): forward and backward to the inputs through a small frozen MLP, the same kind of work as
-a frozen model's backward to its input embeddings, at a size that never changes. Each step time
-divided by the calibration timed right after it cancels what the machine does to both (a busy
-neighbour, a slower CPU of the same class) and keeps what the method does to the step: the
-calibration does not touch the model, so a slower adapter layer slows the step alone.
+timer), and the regression check compares step time / the calibration timed right after it. The
+calibration does not touch the trial's model, so a slower adapter layer slows the step alone.
 
-Why between the steps and not once before training on the frozen model itself: on a shared
-machine the load changes within seconds, and a calibration timed before training saw another
-load than the steps did. Measured here on suites/ci.toml, seven reruns while other benchmarks
-ran: the step medians over such a calibration spread by up to 146% between reruns, the raw step
-medians by 77%, the medians of step / calibration timed after it (this module) by 29%. The
-frozen model is also no longer at hand once the method has adapted it, and running it between
-steps would add its activations to the peak memory of a method that saves fewer (top_k).
+What the calibration is made of decides what it cancels. It is the same kind of work as the
+regression suite's steps (suites/ci.toml): forward and backward to the input embeddings through
+one frozen Llama block and one frozen GPT-2 block of the CI models' width (64), on a 16 x 64-token
+batch, through the same transformers modules. Such steps are bound as much by the per-operator
+cost of PyTorch and Python as by arithmetic, and how those two compare differs between CPUs of one
+machine class, with the thread count and with a neighbour's load. An earlier calibration of eight
+256-wide matmuls and tanh (pure arithmetic) cancelled the load but not that balance: on a second
+machine of this class, every CI trial's ratio came out 28-44% lower. Measured here (one process,
+medians of 20 steps; results/baselines/README.md): one thread against two moved step / matmul
+calibration by up to X% and step / this calibration by Y%.
 
-Baselines are kept per machine class; the calibration covers load, not a change of hardware.
+Why between the steps and not once before training: on a shared machine the load changes within
+seconds, and a calibration timed before training sees another load than the steps do.
+
+Baselines are kept per machine class; the calibration covers load and the CPU's balance of
+overhead and arithmetic, not a change of hardware class.
 """
 
 from __future__ import annotations
@@ -26,10 +30,21 @@ import platform
 import time
 
 import torch
+from torch import nn
 
-ROWS, WIDTH, DEPTH, REPEAT = 64, 256, 8, 4
-"""About 5 ms on one core of this 2-core CPU, under 1 MiB of memory: small next to any step's
-activations, so it never sets a trial's peak."""
+WIDTH, HEADS, BATCH, TOKENS = 64, 4, 16, 64
+"""The CI models' width and heads (bench/models.py llama-tiny, gpt2-tiny) and suites/ci.toml's
+batch: about 10 ms on one core of this 2-core CPU, a few MiB of memory, so never a trial's peak."""
+
+
+def _blocks() -> list[nn.Module]:
+    from transformers import GPT2Config, GPT2Model, LlamaConfig, LlamaModel
+
+    tiny = dict(num_hidden_layers=1, vocab_size=8, max_position_embeddings=TOKENS)
+    llama = LlamaModel(LlamaConfig(hidden_size=WIDTH, intermediate_size=2 * WIDTH, num_attention_heads=HEADS,
+                                   num_key_value_heads=HEADS // 2, bos_token_id=0, eos_token_id=1, pad_token_id=None, **tiny))
+    gpt2 = GPT2Model(GPT2Config(n_embd=WIDTH, n_head=HEADS, bos_token_id=0, eos_token_id=1, **tiny))
+    return [m.eval().requires_grad_(False) for m in (llama, gpt2)]
 
 
 def machine_class() -> str:
@@ -47,10 +62,12 @@ class Calibration:
     """Call it between training steps; `times` holds one entry per call, `spent` their sum."""
 
     def __init__(self, device: torch.device):
-        generator = torch.Generator().manual_seed(0)
+        fork_rng = torch.random.fork_rng(devices=[])  # the trial's seed must not see this init
+        with fork_rng:
+            torch.manual_seed(0)
+            self.blocks = [m.to(device) for m in _blocks()]
+            self.inputs = torch.randn(BATCH, TOKENS, WIDTH).to(device)
         self.device = device
-        self.weights = [(torch.randn(WIDTH, WIDTH, generator=generator) / WIDTH**0.5).to(device) for _ in range(DEPTH)]
-        self.inputs = torch.randn(ROWS, WIDTH, generator=generator).to(device)
         self.times: list[float] = []
         self.spent = 0.0
         self._work()  # untimed: the first call pays for allocation and lazy initialisation
@@ -61,12 +78,9 @@ class Calibration:
 
     def _work(self) -> None:
         with torch.enable_grad():
-            for _ in range(REPEAT):
+            for block in self.blocks:  # frozen weights: the gradient flows to the inputs only
                 x = self.inputs.detach().requires_grad_(True)
-                h = x
-                for w in self.weights:  # frozen weights: the gradient flows to the inputs only
-                    h = torch.tanh(h @ w)
-                h.sum().backward()
+                block(inputs_embeds=x).last_hidden_state.sum().backward()
 
     def __call__(self) -> float:
         self._sync()
