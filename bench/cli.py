@@ -53,7 +53,8 @@ def cmd_run(args) -> int:
             rows = runner.estimate(s)
             df = pd.DataFrame(rows)
             print(f"{s.path}: {len(rows)} trials, estimated {df['est_s'].sum() / 60:.1f} min of compute")
-            print(df.to_string(index=False, formatters={"est_s": "{:.0f}".format}))
+            gb = {c: "{:.3f}".format for c in df.columns if c.endswith("_gb")}  # the memory forecast (bench/forecast.py)
+            print(df.to_string(index=False, formatters={"est_s": "{:.0f}".format, **gb}))
             continue
         try:
             if args.backend == "ray":
@@ -131,6 +132,39 @@ def cmd_track(args) -> int:
     for trial_id, errors in done.errors.items():
         print(f"{trial_id}: not tracked: {'; '.join(f'{k}: {v}' for k, v in errors.items())}", file=sys.stderr)
     return 1 if done.errors else 0
+
+
+def cmd_forecast(args) -> int:
+    """Forecast every result's spec and print it beside the measurement (bench/forecast.py)."""
+    import json
+
+    from bench import forecast
+    from reports import results as rr
+
+    folders = {}
+    try:
+        for d in args.results_dirs:
+            found = rr.files(d)
+            if not found:
+                raise rr.ResultFileError(f"{d}: no result files, nothing to forecast")
+            folders[d] = [rr.load_file(f) for f in found]
+        if args.calibrate:
+            calibration, tables = forecast.fit(folders)
+            path = forecast.calibration_path()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(calibration.to_dict(), indent=1) + "\n")
+            print(f"{path}: runtime {calibration.runtime_bytes / 1e6:.0f} MB, backward factor {calibration.backward_factor:.3f} "
+                  f"({calibration.trials} trials)")
+        else:
+            tables = {d: forecast.compare(results) for d, results in folders.items()}
+    except (rr.ResultFileError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for d, rows in tables.items():
+        print(forecast.table(rows, d))
+    if args.output:
+        Path(args.output).write_text(json.dumps(tables, indent=1, sort_keys=True))
+    return 0
 
 
 def cmd_compare(args) -> int:
@@ -217,6 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("results_dirs", nargs="+", metavar="RESULTS_DIR")
     p.add_argument("-o", "--output", required=True, help="FILE.csv or FILE.parquet")
     p.set_defaults(fn=cmd_export)
+    p = sub.add_parser("forecast", help="the memory forecast of each result's spec beside its measurement, per component")
+    p.add_argument("results_dirs", nargs="+", metavar="RESULTS_DIR")
+    p.add_argument("-o", "--output", help="also write the rows as JSON here")
+    p.add_argument("--calibrate", action="store_true", help="fit this machine class's CPU peak calibration on these results first "
+                   "(results/baselines/<machine class>/forecast_cpu.json)")
+    p.set_defaults(fn=cmd_forecast)
     p = sub.add_parser("show", help="a table of results")
     p.add_argument("results_dirs", nargs="+")
     p.set_defaults(fn=cmd_show)

@@ -11,7 +11,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -67,13 +67,13 @@ def storage_key(t: torch.Tensor) -> int:
 
 
 @contextlib.contextmanager
-def saved_for_backward(model: nn.Module) -> Iterator[dict[str, int]]:
+def saved_for_backward(model: nn.Module) -> Iterator[dict[str, Any]]:
     """Bytes autograd saves for backward inside the block: unique storages that are not
     parameters or buffers (saved weights are already counted as weights). Works on a meta model
     too (bench/forecast.py), counting what a real step would store."""
     known = {storage_key(t) for t in list(model.parameters()) + list(model.buffers())}
     seen: dict[int, int] = {}
-    result = {"bytes": 0}
+    result: dict[str, Any] = {"bytes": 0}
 
     def pack(t: torch.Tensor):
         key = storage_key(t)
@@ -84,6 +84,7 @@ def saved_for_backward(model: nn.Module) -> Iterator[dict[str, int]]:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         yield result
     result["bytes"] = sum(seen.values())
+    result["sizes"] = list(seen.values())  # per storage: a forecast splits them by how the allocator serves them
 
 
 def _proc_status(field_name: str) -> int:

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 SCHEMA = 1
-STATUSES = ("success", "failed", "oom", "diverged", "timeout")
+STATUSES = ("success", "failed", "oom", "diverged", "timeout", "skipped_memory")
+"""skipped_memory: not started, its memory forecast broke [run] memory_budget_gb (bench/forecast.py)."""
 PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "lm_eval", "datasets", "accelerate", "peftbench")
 REPO = Path(__file__).resolve().parent.parent
 

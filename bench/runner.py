@@ -162,6 +162,11 @@ class Sweep:
             if not force and _done(results.path_for(self.directory, trial.id)):
                 self.report.skipped.append(trial.id)
                 self.report.statuses[trial.id] = "success"
+            elif trial.run.get("memory_budget_gb") and (skipped := _over_budget(trial)) is not None:
+                # Recorded, not run: a rerun forecasts again, so a larger budget runs it.
+                results.write(results.path_for(self.directory, trial.id), skipped)
+                self.report.statuses[trial.id] = skipped["status"]
+                print(f"{trial.id} {trial.label}: {skipped['status']}: {skipped['error']}", file=sys.stderr)
             else:
                 self.todo.append(trial)
         self._running: dict[str, tuple[Trial, str]] = {}
@@ -210,6 +215,22 @@ class Sweep:
             self._bar.set_postfix_str(labels[0] if len(labels) == 1 else f"{len(labels)} running: {'; '.join(labels)}", refresh=True)
 
 
+def _over_budget(trial: Trial) -> dict[str, Any] | None:
+    """The result of a trial whose memory forecast breaks its [run] memory_budget_gb (status
+    skipped_memory, the error naming the component), or None if it fits."""
+    import torch
+
+    from bench import forecast
+
+    f = forecast.forecast(trial.spec, device="cuda" if torch.cuda.is_available() else "cpu")
+    reason = f.over(trial.run["memory_budget_gb"] * forecast.GB)
+    if reason is None:
+        return None
+    result = results.skeleton(trial, forecast.SKIPPED, reason)
+    result["memory"]["forecast"] = f.to_dict()
+    return result
+
+
 def run(suite: Suite, results_root: Path, force: bool = False, progress: bool = True,
         save_adapters: bool = True) -> SweepReport:
     with Sweep(suite, results_root, force, progress) as sweep:
@@ -222,17 +243,21 @@ def run(suite: Suite, results_root: Path, force: bool = False, progress: bool = 
 
 
 def estimate(suite: Suite) -> list[dict[str, Any]]:
-    """A rough cost per trial for --dry-run, from parameter and token counts.
+    """A rough cost per trial for --dry-run, from parameter and token counts, beside the memory
+    forecast (bench/forecast.py: accounted components and peak, GB).
 
     Compute per token: forward 2N FLOPs, backward to the inputs 2N more, and weight gradients
     2N more only for trained weights; lm-eval scores each choice with one forward. The
     throughput (PEFTBENCH_FLOPS, default 1e11 FLOP/s, about this 2-core CPU in fp32) sizes a
     sweep and ranks its trials; it does not predict to the second."""
+    import torch
+
     import methods
-    from bench import data, models, vision
+    from bench import data, forecast, models, vision
     from bench.measure import param_counts
     from bench.train import total_steps
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the memory forecast is for where trials will run
     flops_per_s = float(os.environ.get("PEFTBENCH_FLOPS", 1e11))
     lengths: dict[str, float] = {}
 
@@ -262,6 +287,7 @@ def estimate(suite: Suite) -> list[dict[str, Any]]:
             rows_eval = len(data.examples(task, "eval"))
             n = min(rows_eval, s["eval"]["limit"] or rows_eval)
             flops += n * 2 * length * 2 * counts["total"]  # two choices a row, one forward each
+        f = forecast.forecast(s, device=device)
         rows.append({"trial_id": trial.id, "label": trial.label, "trainable": counts["trainable"],
-                     "steps": steps, "est_s": flops / flops_per_s})
+                     "steps": steps, "est_s": flops / flops_per_s, **forecast.columns(f)})
     return rows

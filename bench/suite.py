@@ -179,6 +179,10 @@ class RunSpec(Config):
     """--backend ray: GPUs a trial reserves; a fraction packs several trials on one GPU."""
     memory_gb: float | None = None
     """--backend ray: host memory a trial reserves, in GB; Ray schedules by it but does not cap it."""
+    memory_budget_gb: float | None = None
+    """Skip, before it starts, a trial whose memory forecast (bench/forecast.py: its peak on this
+    machine's device) exceeds this many GB (1e9 bytes); it is recorded with status skipped_memory and
+    the component that breaks the budget. Unlike memory_gb (a Ray reservation) this is a cap."""
     retries: int = 0
     """--backend ray: reruns of a trial whose Ray worker or node died under it (not of one that
     failed, ran out of memory or timed out on its own)."""
@@ -208,6 +212,8 @@ class RunSpec(Config):
             raise ConfigError("gpus", f"must be >= 0, and a whole number above 1, got {self.gpus}")
         if self.memory_gb is not None and self.memory_gb <= 0:
             raise ConfigError("memory_gb", f"must be > 0, got {self.memory_gb}")
+        if self.memory_budget_gb is not None and self.memory_budget_gb <= 0:
+            raise ConfigError("memory_budget_gb", f"must be > 0, got {self.memory_budget_gb}")
         if self.retries < 0:
             raise ConfigError("retries", f"must be >= 0, got {self.retries}")
 

@@ -93,6 +93,22 @@ def _base_loss(model, tokenizer, spec: dict[str, Any]) -> float:
     return loss
 
 
+def _store_forecast(spec: dict[str, Any], device: torch.device, result: dict[str, Any]) -> None:
+    """memory.forecast beside the measurement, computed on the meta device before anything loads;
+    the CPU runtime floor is this very process before loading. A forecast that fails is noted, never
+    fatal to the trial."""
+    from bench import forecast
+    from bench.measure import _proc_status
+
+    start = time.perf_counter()
+    try:
+        runtime = _proc_status("VmRSS") if device.type == "cpu" else None
+        result["memory"]["forecast"] = forecast.forecast(spec, device=device.type, runtime_bytes=runtime).to_dict()
+    except Exception as exc:  # noqa: BLE001  (the measurement matters more than its forecast)
+        result["memory"]["forecast_error"] = f"{type(exc).__name__}: {exc}"[:500]
+    result["runtime"]["forecast_s"] = time.perf_counter() - start
+
+
 def run(trial, result: dict[str, Any], adapters_dir: Path | None, show_progress: bool) -> None:
     from bench import data, models
 
@@ -107,6 +123,7 @@ def run(trial, result: dict[str, Any], adapters_dir: Path | None, show_progress:
     result["env"]["torch_threads"] = torch.get_num_threads()
     result["env"]["machine_class"] = calibrate.machine_class()
 
+    _store_forecast(spec, device, result)
     start = time.perf_counter()
     loaded = models.load(spec["model"], seed=t["seed"], device=device)  # quantized there, if asked
     model, tokenizer = loaded.model, loaded.tokenizer

@@ -14,7 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-from reports import figures, stats
+from reports import figures, forecast, stats
 from reports.blocks import (Cell, Section, Table, c_bytes, c_change, c_int, c_mem, c_num, c_pct, c_score, c_signed, c_text,
                             cite, missing, published_table)
 from reports.results import ACCOUNTED, seed_groups, spec_key
@@ -673,4 +673,5 @@ def build(trials: pd.DataFrame, pub: dict, records: dict[str, list[dict]] | None
     groups = pd.DataFrame() if trials.empty else seed_groups(trials)
     return [overview(trials, groups), rank_sweep(groups, pub), targets(groups, pub), optimizer(groups, pub),
             epochs(groups, pub), methods_section(groups, pub), lora_vs_qlora(groups, pub), gpu(records or {}, pub),
-            surgical(trials, groups, pub), memory_breakdown(groups), loss_curves(trials), failures(trials), provenance(trials)]
+            surgical(trials, groups, pub), memory_breakdown(groups), forecast.section(trials), loss_curves(trials), failures(trials),
+            provenance(trials)]
