@@ -86,14 +86,14 @@ class Cluster:
         """ray.init into this cluster, ray.shutdown after; a cluster that cannot be joined is a
         RunnerError of one line, and whatever Ray printed while trying is kept for a successful join."""
         with self._environment():
-            ray = import_ray()
             kwargs: dict[str, Any] = {"log_to_driver": False, "configure_logging": False, "runtime_env": runtime_env}
             if self.address is None:
                 # "local", not None: None would join the address the last `ray start` left in /tmp/ray.
                 kwargs.update(address="local", _temp_dir=str(self.temp_dir), include_dashboard=False)
             else:
-                _listening(self.address, self.source)
+                _listening(self.address, self.source)  # before importing Ray: seconds sooner
                 kwargs.update(address=self.address)
+            ray = import_ray()
             try:
                 with _quiet_stderr() as said:
                     context = ray.init(**kwargs)

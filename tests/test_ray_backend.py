@@ -13,6 +13,7 @@ test also proves that such leftovers change nothing."""
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -377,18 +378,30 @@ def error_line(proc: subprocess.Popen) -> str:
     return err
 
 
-def test_local_run_owns_its_cluster_and_leaves_nothing_behind(sandbox, tmp_path):
+def cli_error(capsys, *args: str) -> str:
+    """`peftbench run ARGS --backend ray` in this process: exit code 2 and one line on stderr."""
+    from bench import cli
+
+    assert cli.main(["run", *args, "--no-progress", "--backend", "ray"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    print(err.strip(), file=sys.__stdout__)  # the exact line, for the record (pytest -s)
+    return err
+
+
+def test_local_run_owns_its_cluster_and_leaves_nothing_behind(sandbox, tmp_path, capsys):
     """No --address: a cluster of the run's own, on loopback, in its own temp dir; the sandbox's
     leftovers (a token that plain Ray would turn auth on with, a recorded address that plain
     `ray.init()` would join and fail on) are neither used nor changed, and nothing is added."""
     pytest.importorskip("ray")
     before = snapshot(sandbox)
     path = make_suite(tmp_path, name="own")
+    path.write_text(re.sub(r"(?m)^grid\.rank = .*$", "config = { r = 2, alpha = 4 }", path.read_text()))  # two trials: lora, frozen
     proc = ray_cli(str(path), "--results", str(tmp_path / "r"), home=sandbox, address=None, RAY_AUTH_MODE=None, RAY_AUTH_TOKEN=None)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
     found = load_all(tmp_path / "r" / "own")
-    assert len(found) == 4 and all(r["status"] == "success" for r in found.values()), out
+    assert len(found) == 2 and all(r["status"] == "success" for r in found.values()), out
     assert {r["env"]["ray"]["node_ip"] for r in found.values()} == {"127.0.0.1"}  # pinned by the backend, not by the test
     line = next(x for x in out.splitlines() if x.startswith("ray: a local cluster of this run's own at "))
     address, temp = line.split(" at ", 1)[1].split()[0], line.split("(temp dir ", 1)[1].split(")")[0]
@@ -396,32 +409,39 @@ def test_local_run_owns_its_cluster_and_leaves_nothing_behind(sandbox, tmp_path)
     assert not Path(temp).exists() and snapshot(sandbox) == before
     wait_for(lambda: not ray_processes(temp), timeout=30)
     # The cluster is gone: its address is a dead session now, and says so in one line.
-    err = error_line(ray_cli(str(path), "--results", str(tmp_path / "r2"), home=sandbox, address=address, stderr=subprocess.PIPE))
+    err = cli_error(capsys, str(path), "--results", str(tmp_path / "r2"), "--address", address)
     assert f"no Ray cluster at {address} (--address): nothing answers there (Connection refused)" in err
     assert not result_files(tmp_path / "r2" / "own")
+
+
+def test_an_address_without_a_cluster_is_one_error_line(tmp_path, monkeypatch, capsys):
+    for key in RAY_STATE:
+        monkeypatch.delenv(key, raising=False)
+    path = make_suite(tmp_path, name="no")
+    args = (str(path), "--results", str(tmp_path / "r"))
+    nothing = f"127.0.0.1:{free_port()}"
+    err = cli_error(capsys, *args, "--address", nothing)
+    assert f"no Ray cluster at {nothing} (--address): nothing answers there (Connection refused)" in err
+    monkeypatch.setenv("RAY_ADDRESS", nothing)  # an explicit choice too, and named as the source
+    assert f"no Ray cluster at {nothing} ($RAY_ADDRESS)" in cli_error(capsys, *args)
+    err = cli_error(capsys, *args, "--address", "auto")
+    assert "--address 'auto': expected the cluster's GCS address, host:port" in err
+    assert not result_files(tmp_path / "r" / "no")
 
 
 VERSION_MISMATCH = "import sys, ray; ray.__version__ = '0.0.0-other'; from bench.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
-def test_an_address_that_cannot_be_joined_is_one_error_line(head, sandbox, tmp_path):
+def test_a_cluster_that_refuses_the_driver_is_one_error_line(head, sandbox, tmp_path):
     path = make_suite(tmp_path, name="no")
     args = (str(path), "--results", str(tmp_path / "r"))
     # Ray would retry a refused token for 20 s; two attempts show the same refusal.
     quick = {"RAY_gcs_server_port_wait_time_s": "2", "stderr": subprocess.PIPE}
-    nothing = f"127.0.0.1:{free_port()}"
-    err = error_line(ray_cli(*args, home=sandbox, address=nothing, stderr=subprocess.PIPE))
-    assert f"no Ray cluster at {nothing} (--address): nothing answers there" in err
     err = error_line(ray_cli(*args, home=sandbox, address=head.address, RAY_AUTH_TOKEN=secrets.token_hex(32), **quick))
     assert f"the Ray cluster at {head.address} (--address) refused this driver: it sent a token that is not the cluster's" in err
     # The issue's own case: no auth settings, an old token in ~/.ray (which Ray ignores for an explicit address).
     err = error_line(ray_cli(*args, home=sandbox, address=head.address, RAY_AUTH_MODE=None, RAY_AUTH_TOKEN=None, **quick))
     assert "refused this driver: it sent no token (RAY_AUTH_MODE is unset)" in err
-    # $RAY_ADDRESS is an explicit choice too, and named as the source.
-    err = error_line(ray_cli(*args, home=sandbox, address=None, RAY_ADDRESS=nothing, stderr=subprocess.PIPE))
-    assert f"no Ray cluster at {nothing} ($RAY_ADDRESS)" in err
-    err = error_line(ray_cli(*args, home=sandbox, address="auto", stderr=subprocess.PIPE))
-    assert "--address 'auto': expected the cluster's GCS address, host:port" in err
     cmd = [sys.executable, "-c", VERSION_MISMATCH, "run", *args, "--no-progress", "--backend", "ray", "--address", head.address]
     err = error_line(start(cmd, isolated(sandbox, **CLUSTER_AUTH, **LOOPBACK), stderr=subprocess.PIPE))
     assert f"cannot join the Ray cluster at {head.address} (--address): Version mismatch" in err and "Ray: 0.0.0-other" in err
