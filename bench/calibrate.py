@@ -12,9 +12,9 @@ batch, through the same transformers modules. Such steps are bound as much by th
 cost of PyTorch and Python as by arithmetic, and how those two compare differs between CPUs of one
 machine class, with the thread count and with a neighbour's load. An earlier calibration of eight
 256-wide matmuls and tanh (pure arithmetic) cancelled the load but not that balance: on a second
-machine of this class, every CI trial's ratio came out 28-44% lower. Measured here (one process,
-medians of 20 steps; results/baselines/README.md): one thread against two moved step / matmul
-calibration by up to X% and step / this calibration by Y%.
+machine of this class, every CI trial's ratio came out 28-44% lower. How this one holds under
+the conditions that can be made here (a busy neighbour, a cold page cache, two threads) is
+measured by benchmarks/false_alarms.py; the table is in results/baselines/README.md.
 
 Why between the steps and not once before training: on a shared machine the load changes within
 seconds, and a calibration timed before training sees another load than the steps do.
