@@ -87,8 +87,10 @@ def nf_codebook(bits: int) -> Tensor:
 @cache
 def _byte_codes(bits: int) -> Tensor:
     """(256, 8 // bits): the codes each possible byte holds, in `pack`'s order."""
-    shifts = torch.arange(0, 8, bits)
-    return (torch.arange(256).unsqueeze(1) >> shifts) & (2**bits - 1)
+    # Cached tables are built on the CPU explicitly: a first call inside a `with torch.device("meta")`
+    # block (a suite's weightless skeleton) would otherwise cache meta tensors for every later call.
+    shifts = torch.arange(0, 8, bits, device="cpu")
+    return (torch.arange(256, device="cpu").unsqueeze(1) >> shifts) & (2**bits - 1)
 
 
 @cache
@@ -108,9 +110,10 @@ def _nf_codebook(bits: int) -> Tensor:
     """
     n = 2**bits
     offset = ((1 - 1 / (2 * (n - 1))) + (1 - 1 / (2 * n))) / 2
-    pos = torch.special.ndtri(torch.linspace(offset, 0.5, n // 2 + 1, dtype=torch.float64)[:-1])
-    neg = -torch.special.ndtri(torch.linspace(offset, 0.5, n // 2, dtype=torch.float64)[:-1])
-    levels = torch.cat([pos / pos.max(), torch.zeros(1, dtype=torch.float64), neg / neg.abs().max()])
+    cpu = {"dtype": torch.float64, "device": "cpu"}  # see _byte_codes: never cache a meta tensor
+    pos = torch.special.ndtri(torch.linspace(offset, 0.5, n // 2 + 1, **cpu)[:-1])
+    neg = -torch.special.ndtri(torch.linspace(offset, 0.5, n // 2, **cpu)[:-1])
+    levels = torch.cat([pos / pos.max(), torch.zeros(1, **cpu), neg / neg.abs().max()])
     return levels.sort().values.float()
 
 

@@ -517,3 +517,20 @@ def test_lqlora_fisher_variant_reads_the_trials_texts() -> None:
     with pytest.raises(ConfigError) as info:
         method.apply(build_model("llama"), cfg)
     assert info.value.key == "fisher_samples"
+
+
+def test_quantizing_a_meta_skeleton_first_does_not_poison_the_cached_tables() -> None:
+    """Suite validation quantizes weightless skeletons inside `torch.device("meta")`; the codebook
+    and byte tables it caches must still serve real weights afterwards."""
+    from methods import quantizers
+
+    for table in (quantizers._nf_codebook, quantizers._byte_codes, quantizers._byte_values):
+        table.cache_clear()
+    with torch.device("meta"):
+        quantize(torch.empty(8, 64), "nf", 3, 64, ScaleQuant(8, "fp32", 256))
+        quantize(torch.empty(8, 64), "nf", 4, 64)
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+    for bits in (3, 4):
+        q = quantize(w, "nf", bits, 64)
+        assert q.dequantize().device.type == "cpu"
+        assert float((q.dequantize() - w).abs().max()) < float(w.abs().max())
