@@ -46,6 +46,13 @@ def cmd_run(args) -> int:
     except track.TrackingError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if not args.dry_run:
+        try:  # a file where a results folder goes stops here, before any suite runs
+            for s in suites:
+                runner.check_results_dir(Path(args.results) / s.name)
+        except runner.RunnerError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     for s in suites:
         if args.dry_run:
             import pandas as pd
@@ -96,6 +103,8 @@ def cmd_show(args) -> int:
 
     try:
         for d in args.results_dirs:
+            if not rr.files(d):  # an empty table would print as pandas' "Columns: [] Index: []"
+                raise rr.ResultFileError(f"{d}: no result files, nothing to show")
             _print_summary(Path(d))
     except rr.ResultFileError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -186,6 +186,11 @@ def _rows(task: str, split: str) -> tuple[Example, ...]:
     return tuple(e for e in source.train() if e.prompt not in eval_prompts)
 
 
+def size(task: str, split: str) -> int:
+    """Rows in a task's split: the most `examples` can give (suite validation asks)."""
+    return len(_rows(task, split))
+
+
 def examples(task: str, split: str, n: int | None = None, seed: int = 0) -> list[Example]:
     """`n` rows of a task's split (all if None), in an order shuffled by `seed`."""
     rows = list(_rows(task, split))

@@ -4,6 +4,7 @@ kill never leaves a partial result. The keys are listed in DESIGN.md section 4."
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import subprocess
@@ -37,13 +38,65 @@ def write(path: Path, result: dict[str, Any]) -> None:
 
 
 def read(path: Path) -> dict[str, Any]:
+    """A result file, checked (`check`); anything else is a ResultFileError naming the file."""
     try:
-        result = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ResultFileError(f"{path}: unreadable result file ({exc})") from None
-    if not isinstance(result, dict) or result.get("schema") != SCHEMA or result.get("status") not in STATUSES:
-        raise ResultFileError(f"{path}: not a peftbench result of schema {SCHEMA} (keys schema/status wrong)")
+        result = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON or not UTF-8
+        raise ResultFileError(f"{path}: unreadable result file ({type(exc).__name__}: {exc})") from None
+    check(result, path)
     return result
+
+
+# The shape of each key a reader uses, where the key is present (hand-made and older results
+# lack some). "number" is an int or float, never a bool; "?" admits null.
+SHAPES: dict[str, str] = {
+    "schema": "int", "trial_id": "str", "suite": "str", "label": "str", "status": "str", "error": "str?",
+    **{key: "dict" for key in ("spec", "run", "params", "memory", "runtime", "eval", "train", "env")},
+    "spec.model": "dict", "spec.data": "dict", "spec.method": "dict", "spec.train": "dict", "spec.eval": "dict",
+    "spec.method.name": "str", "spec.method.version": "str", "spec.method.config": "dict",
+    "params.trainable": "int?", "params.total": "int?", "params.adapter_bytes": "int?",
+    "memory.peak_bytes": "number?", "memory.peak_delta_bytes": "number?", "memory.accounted": "dict",
+    **{f"memory.accounted.{key}": "number?" for key in ("weights", "grads", "optimizer", "activations")},
+    **{f"runtime.{key}": "number?" for key in ("train_s", "step_s_median", "tokens_per_s", "eval_s", "step_ratio")},
+    "runtime.calibration_s": "durations", "eval.lm_eval": "dict", "eval.forgetting": "number?",
+    "train.loss_curve": "numbers", "train.step_times": "durations", "train.steps": "int", "env.machine_class": "str",
+}
+
+
+def _is(value: Any, shape: str) -> bool:
+    if shape.endswith("?"):
+        return value is None or _is(value, shape[:-1])
+    if shape == "number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if shape == "numbers":
+        return isinstance(value, list) and all(v is None or _is(v, "number") for v in value)
+    if shape == "durations":  # timed seconds: compare divides by them
+        return isinstance(value, list) and all(_is(v, "number") and 0 < v < math.inf for v in value)
+    return isinstance(value, {"int": int, "str": str, "dict": dict}[shape]) and not isinstance(value, bool)
+
+
+def check(result: Any, path: Path) -> None:
+    """Refuse, naming the file and the key, anything but a result of this schema whose keys have
+    the shapes readers rely on (SHAPES; every lm-eval score a number or null)."""
+    if not isinstance(result, dict) or result.get("schema") != SCHEMA:
+        raise ResultFileError(f"{path}: not a peftbench result of schema {SCHEMA} (no 'schema': {SCHEMA} in a JSON object)")
+    if result.get("status") not in STATUSES:
+        raise ResultFileError(f"{path}: key 'status' is {str(result.get('status'))[:40]!r}, expected one of {', '.join(STATUSES)}")
+    for key, shape in SHAPES.items():
+        node: Any = result
+        for part in key.split("."):
+            node = node.get(part, _ABSENT) if isinstance(node, dict) else _ABSENT
+        if node is not _ABSENT and not _is(node, shape):
+            raise ResultFileError(f"{path}: key {key!r} is {type(node).__name__} {str(node)[:40]!r}, expected {_SAY[shape]}")
+    for task, scores in (result.get("eval") or {}).get("lm_eval", {}).items():
+        if not isinstance(scores, dict) or not all(_is(v, "number?") for v in scores.values()):
+            raise ResultFileError(f"{path}: key 'eval.lm_eval.{task}' must map metric names to numbers, got {str(scores)[:40]!r}")
+
+
+_ABSENT = object()
+_SAY = {"int": "an integer", "str": "a string", "dict": "a JSON object", "number": "a number", "numbers": "a list of numbers",
+        "durations": "a list of positive, finite numbers of seconds",
+        **{f"{k}?": f"{v} or null" for k, v in {"int": "an integer", "str": "a string", "number": "a number"}.items()}}
 
 
 def skeleton(trial, status: str, error: str | None = None) -> dict[str, Any]:

@@ -43,9 +43,24 @@ class SweepReport:
     """Trial id -> tracker -> why it holds no copy; `peftbench track` replays them."""
 
 
+def check_results_dir(directory: Path) -> None:
+    """Refuse a results folder that a file stands in for (the folder itself or one above it),
+    before any trial runs; creates nothing."""
+    for path in (directory, *directory.parents):
+        if path.exists():
+            if not path.is_dir():
+                where = "" if path == directory else f", so it cannot hold the results folder {directory}"
+                raise RunnerError(f"{path}: is a file, not a folder{where} (--results names a folder)")
+            return
+
+
 def _lock(directory: Path):
-    directory.mkdir(parents=True, exist_ok=True)
-    handle = open(directory / ".lock", "w")
+    check_results_dir(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        handle = open(directory / ".lock", "w")
+    except OSError as exc:
+        raise RunnerError(f"{directory}: cannot create the results folder ({exc.strerror})") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -105,7 +105,7 @@ def load_suite(path: str | Path) -> ServingSuite:
     try:
         with open(path, "rb") as f:
             raw = tomllib.load(f)
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: invalid TOML, or bytes that are not UTF-8
         raise ConfigError(str(path), f"cannot read the suite: {exc}") from None
     try:
         return ServingSuite.from_dict(raw)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import importlib.util
 import itertools
@@ -274,9 +275,7 @@ class Suite:
 def load(path: str | Path, check_models: bool = True) -> Suite:
     """Parse, validate and expand a suite; any problem raises SuiteError naming file and key."""
     path = Path(path)
-    if not path.exists():
-        raise SuiteError(path, "-", "file not found")
-    text = path.read_text()
+    text = read_text(path)
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -307,6 +306,24 @@ def load(path: str | Path, check_models: bool = True) -> Suite:
     if check_models:
         _check_against_models(path, trials)
     return Suite(name=name, path=path, trials=trials)
+
+
+def read_text(path: Path) -> str:
+    """A suite file's text, or a SuiteError saying why it cannot be read."""
+    if not path.exists():
+        raise SuiteError(path, "-", "file not found")
+    if path.is_dir():
+        raise SuiteError(path, "-", "is a folder, not a suite file (pass a .toml file)")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise SuiteError(path, "-", f"cannot read the file ({exc.strerror})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise SuiteError(path, f"line {line}", f"not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}): "
+                                                "a suite is a TOML text file") from None
 
 
 def _toml_key(text: str, exc: Exception) -> str:
@@ -383,32 +400,55 @@ def _expand(path: Path, where: str, block: Any, defaults: dict[str, dict], suite
 
 def _check_against_models(path: Path, trials: list[Trial]) -> None:
     """Apply each trial's method to a weightless (meta) copy of its model: catches targets
-    that match nothing, k beyond the block count, unknown models, before anything runs."""
-    from bench import models, vision
-    from bench.data import TASKS
+    that match nothing, k beyond the block count, ranks beyond a layer's size, unknown models;
+    and asks each task for its size: more training examples than it has. All before anything runs."""
+    from bench import data, vision
 
     for trial in trials:
         spec = trial.spec
-        try:
-            skeleton = models.skeleton(spec["model"])
-        except models.ModelError as exc:
-            raise SuiteError(path, "model.name", str(exc)) from None
         if spec["model"].get("quant", "none") != "none" and importlib.util.find_spec("bitsandbytes") is None:
             raise SuiteError(path, "model.quant", f"{spec['model']['quant']!r} needs bitsandbytes, which is not installed")
-        method = methods.get(spec["method"]["name"])
-        cfg = method.Config.from_dict(spec["method"]["config"])
-        try:
-            method.apply(skeleton, cfg)
-        except ConfigError as exc:
-            raise SuiteError(path, f"method {spec['method']['name']}: {exc.key}", exc.message) from None
-        known = {**TASKS, **vision.TASKS}
-        if spec["data"]["task"] not in known:
-            raise SuiteError(path, "data.task", f"unknown task {spec['data']['task']!r}{_suggest(spec['data']['task'], known)}")
-        if problem := vision.mismatch(spec["model"]["name"], spec["data"]["task"], spec["eval"]["tasks"]):
+        if problem := _model_problem(json.dumps(spec["model"], sort_keys=True), json.dumps(spec["method"], sort_keys=True)):
+            raise SuiteError(path, *problem)
+        task = spec["data"]["task"]
+        known = {**data.TASKS, **vision.TASKS}
+        if task not in known:
+            raise SuiteError(path, "data.task", f"unknown task {task!r}{_suggest(task, known)}")
+        if problem := vision.mismatch(spec["model"]["name"], task, spec["eval"]["tasks"]):
             raise SuiteError(path, "data.task", problem)
-        for task in spec["eval"]["tasks"]:
-            if task not in TASKS:
-                raise SuiteError(path, "eval.tasks", f"unknown lm-eval task {task!r}{_suggest(task, TASKS)}")
+        # Vision tasks take at most what their image pool has (and record it); a text task
+        # asked for more rows than its train split has would fail inside the trial.
+        if task in data.TASKS:
+            try:
+                available = data.size(task, "train")
+            except data.DataError as exc:
+                raise SuiteError(path, "data.task", str(exc)) from None
+            if spec["data"]["train_examples"] > available:
+                raise SuiteError(path, "data.train_examples",
+                                 f"{spec['data']['train_examples']} requested, task {task!r} has {available} train rows")
+        for name in spec["eval"]["tasks"]:
+            if name not in data.TASKS:
+                raise SuiteError(path, "eval.tasks", f"unknown lm-eval task {name!r}{_suggest(name, data.TASKS)}")
+
+
+@functools.lru_cache(maxsize=1024)
+def _model_problem(model: str, method_spec: str) -> tuple[str, str] | None:
+    """(key, message) when the method cannot be applied to the model, else None. Keyed by the
+    JSON of both specs: a sweep repeats each (model, method config) pair for every optimizer,
+    learning rate and seed, and applying a method to a skeleton is the slow part of validation."""
+    from bench import models
+
+    try:
+        skeleton = models.skeleton(json.loads(model))
+    except models.ModelError as exc:
+        return "model.name", str(exc)
+    spec = json.loads(method_spec)
+    method = methods.get(spec["name"])
+    try:
+        method.apply(skeleton, method.Config.from_dict(spec["config"]))
+    except ConfigError as exc:
+        return f"method {spec['name']}: {exc.key}", exc.message
+    return None
 
 
 def to_dict(obj: Any) -> Any:

@@ -87,6 +87,22 @@ def features(layer: nn.Module) -> tuple[int, int]:
     return layer.in_features, layer.out_features
 
 
+def check_rank(targets: list[tuple[str, nn.Module]], rank: int, key: str = "r") -> None:
+    """Refuse a rank for which each factor alone outgrows the weight it adapts (rank > max(in, out),
+    so A is r x in > out x in and B is out x r > out x in), naming the first such layer. Every
+    method with a B A update on its targets checks here.
+
+    Ranks between min(in, out) and max(in, out) are accepted: the update's rank is capped at
+    min(in, out) there, but a fixed rank grid (Raschka's r = 256, suites/lora_vs_qlora.toml) must
+    still run on a model whose grouped-query key and value projections are narrow (SmolLM2-135M's
+    v_proj: 576 in, 192 out)."""
+    for name, layer in targets:
+        fin, fout = features(layer)
+        if rank > max(fin, fout):
+            raise ConfigError(key, f"{rank} exceeds both dimensions of {name} ({fin} in x {fout} out): "
+                                   f"each factor would be larger than the weight itself; use at most {min(fin, fout)}")
+
+
 class LoRALinear(nn.Module):
     """A frozen nn.Linear or transformers Conv1D plus a trainable low-rank branch."""
 
@@ -236,6 +252,7 @@ class LoRA:
         if lora_layers(model):
             raise ConfigError("model", "already has LoRA layers; apply LoRA to a fresh base model")
         targets = resolve_targets(model, cfg.targets)
+        check_rank(targets, cfg.r)
         freeze(model)
         for name, layer in targets:
             replace_module(model, name, self.wrap(layer, cfg))

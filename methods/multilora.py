@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from methods.base import Adapted, ConfigError, freeze, load_trainable, merging, MethodConfig, Targets
 from methods.layers import modules_of, replace_module, resolve_targets
-from methods.lora import LoRALinear, features
+from methods.lora import LoRALinear, check_rank, features
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,6 +107,8 @@ class MultiLoRA:
         if multilora_layers(model):
             raise ConfigError("model", "already has MultiLoRA layers; apply MultiLoRA to a fresh base model")
         targets = resolve_targets(model, cfg.targets)
+        check_rank(targets, cfg.r)
+        check_rank(targets, cfg.n * cfg.r, key="n")  # the n modules stack into one rank-n r branch
         freeze(model)
         for name, layer in targets:
             replace_module(model, name, MultiLoRALinear(layer, cfg.n, cfg.r, cfg.dropout))

@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from methods.base import Adapted, ConfigError, Targets
 from methods.lora import LowRankConfig
 from methods.layers import Conv1D
-from methods.lora import lora_layers
+from methods.lora import check_rank, lora_layers
 from methods.quantizers import (
     BITS,
     QuantizedLinear,
@@ -114,6 +114,7 @@ class QALoRA:
         for name, layer in chosen:
             if _in_features(layer) % cfg.group_size:
                 raise ConfigError("group_size", f"{cfg.group_size} does not divide the {_in_features(layer)} inputs of {name}")
+        check_rank(chosen, cfg.r)
         return chosen
 
     def apply(self, model: nn.Module, cfg: QALoRAConfig) -> Adapted:

@@ -55,7 +55,7 @@ from methods.base import (
     write_json,
 )
 from methods.layers import replace_module, resolve_targets
-from methods.lora import LoRAConfig, LoRALinear, features, lora_layers
+from methods.lora import LoRAConfig, LoRALinear, check_rank, features, lora_layers
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter.safetensors"
@@ -191,6 +191,7 @@ class TiedLoRA:
         if lora_layers(model):
             raise ConfigError("model", "already has LoRA layers; apply Tied-LoRA to a fresh base model")
         grouped = kinds(model, cfg.targets)
+        check_rank([m for members in grouped.values() for m in members], cfg.r)
         zero = next(f for f in ("B", "v", "u", "A") if f in cfg.train)
         shared: dict[str, tuple[nn.Parameter, nn.Parameter]] = {}
         for kind, members in grouped.items():

@@ -44,9 +44,18 @@ def html(folders: Sequence[str | Path]) -> str:
 
 def write(folders: Sequence[str | Path], output: str | Path | None = None) -> Path:
     out = Path(output) if output else default_output(folders)
+    if out.is_dir():
+        raise results.ResultFileError(f"{out}: is a folder; -o names the HTML file to write")
     text = html(folders)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text, encoding="utf-8")
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:  # written aside and renamed: a failed write leaves no partial report
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(out)
+    except OSError as exc:
+        if tmp.parent.is_dir():
+            tmp.unlink(missing_ok=True)
+        raise results.ResultFileError(f"{out}: cannot write the report ({exc.strerror})") from None
     return out
 
 

@@ -11,20 +11,18 @@ from typing import Any
 
 import pandas as pd
 
-SCHEMA = 1
+from bench import results as bench_results  # stdlib only: the report needs no torch
+from bench.results import ResultFileError  # one error class for every reader of results
 
-
-class ResultFileError(ValueError):
-    pass
+SCHEMA = bench_results.SCHEMA
 
 
 def load_file(path: Path) -> dict:
-    try:
-        result = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ResultFileError(f"{path}: unreadable result file ({exc})") from None
-    if not isinstance(result, dict) or result.get("schema") != SCHEMA or "status" not in result:
-        raise ResultFileError(f"{path}: not a peftbench result of schema {SCHEMA}")
+    """A trial result with the keys every table here reads; else a ResultFileError naming the file."""
+    result = bench_results.read(path)
+    for key in ("trial_id", "label", "spec"):
+        if key not in result:
+            raise ResultFileError(f"{path}: key {key!r} missing: not a complete trial result")
     return result
 
 
@@ -43,6 +41,8 @@ def _json_files(dirs: Sequence[str | Path]) -> list[Path]:
     for d in map(Path, dirs):
         if not d.exists():
             raise ResultFileError(f"{d}: no such results folder")
+        if not d.is_dir():
+            raise ResultFileError(f"{d}: is a file; pass the results folder that holds it")
         out += sorted(p for p in d.rglob("*.json")
                       if not p.name.startswith(".") and not set(p.relative_to(d).parts) & set(NOT_RESULTS))
     return out
@@ -50,8 +50,8 @@ def _json_files(dirs: Sequence[str | Path]) -> list[Path]:
 
 def _is_benchmark(path: Path) -> bool:
     try:
-        head = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        head = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):
         return False  # a damaged trial file: load_file reports it
     return isinstance(head, dict) and isinstance(head.get(BENCHMARK_KEY), str)
 
