@@ -542,6 +542,7 @@ class CpuPeak:
 
         runtime + weights + load_freed + optimizer + activations + loss buffers + backward transient
 
+    with the activations of the run's widest micro-batch (widest_batch), which need not be the first.
     At the step's worst moment (backward starts) the process holds its runtime, the model, what
     loading freed but kept (a bf16 copy converted from the float32 checkpoint; the float weights a
     4-bit base replaced), the optimizer state (from the previous step), everything saved for
@@ -555,10 +556,13 @@ class CpuPeak:
         c = self.calibration
         parts = {"runtime": c.runtime_bytes, "load_freed": sizes.load_freed}
         if f.grads or f.optimizer or f.activations:  # the frozen baseline never steps
+            # The widest micro-batch saves the most (sizes.saved is its step's, f.activations the first's).
+            parts["optimizer"] = f.optimizer
+            parts["activations_at_peak"] = sum(sizes.saved)
             parts["loss_buffers"] = LOSS_BUFFERS["cpu"] * sizes.loss_buffer + (sizes.loss_buffer // 2 if sizes.half_logits else 0)
-            parts["backward_transient"] = int(c.backward_factor * f.activations)
+            parts["backward_transient"] = int(c.backward_factor * parts["activations_at_peak"])
         f.peak_parts = parts
-        f.peak = f.weights + sum(parts.values()) + (f.optimizer + f.activations if len(parts) > 2 else 0)
+        f.peak = f.weights + sum(parts.values())
 
 
 CUDA_BLOCK = 512
@@ -680,12 +684,13 @@ def fit(folders: dict[str, list[dict[str, Any]]]) -> tuple[CpuCalibration, dict[
     bare = CpuCalibration(int(statistics.median(overall)), 0.0)
     tables = {d: compare(results, bare) for d, results in folders.items()}
     trained = [row for rows in tables.values() for row in rows
-               if row.get("forecast") and row["forecast"]["activations"] and row["forecast"]["device"] == "cpu"]
+               if row.get("forecast") and row["forecast"]["peak_parts"].get("activations_at_peak") and row["forecast"]["device"] == "cpu"]
     if not trained:
         raise ValueError("calibration needs CPU trials that train (with saved activations)")
-    factor = statistics.median((row["measured_peak"] - row["forecast"]["peak"]) / row["forecast"]["activations"] for row in trained)
+    factor = statistics.median((row["measured_peak"] - row["forecast"]["peak"]) / row["forecast"]["peak_parts"]["activations_at_peak"]
+                               for row in trained)
     for row in trained:  # the same forecast with the fitted transient: CpuPeak's term, added
-        transient = int(factor * row["forecast"]["activations"])
+        transient = int(factor * row["forecast"]["peak_parts"]["activations_at_peak"])
         row["forecast"]["peak_parts"]["backward_transient"] = transient
         row["forecast"]["peak"] += transient
     return CpuCalibration(bare.runtime_bytes, factor, len(trained), f"fit on {', '.join(folders)}"), tables

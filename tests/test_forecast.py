@@ -92,8 +92,12 @@ def test_sgd_without_momentum_keeps_no_state_and_with_momentum_one_buffer():
     assert adamw.optimizer == 2 * adamw.grads + 4 * n_tensors  # exp_avg, exp_avg_sq and a float32 step each
 
 
+def _trial_files(directory: Path) -> list[Path]:
+    return [p for p in sorted(directory.glob("*.json")) if not p.name.startswith(".")]  # .baseline.json is the baseline's own record
+
+
 def _committed(directory: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(directory.glob("*.json"))]
+    return [json.loads(p.read_text()) for p in _trial_files(directory)]
 
 
 def test_forecast_holds_against_the_committed_ci_baselines():
@@ -194,7 +198,7 @@ def _write(tmp_path: Path, budget: float) -> Path:
 def test_forecast_cli_prints_the_comparison_and_refuses_a_missing_folder(tmp_path):
     picked = tmp_path / "ci"
     picked.mkdir()
-    for p in sorted(CI.glob("*.json"))[:2]:
+    for p in _trial_files(CI)[:2]:
         (picked / p.name).write_text(p.read_text())
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     ok = subprocess.run([sys.executable, "-m", "bench.cli", "forecast", str(picked), "-o", str(tmp_path / "f.json")], cwd=ROOT, env=env,
@@ -205,3 +209,20 @@ def test_forecast_cli_prints_the_comparison_and_refuses_a_missing_folder(tmp_pat
     bad = subprocess.run([sys.executable, "-m", "bench.cli", "forecast", str(tmp_path / "nothing")], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "nothing" in bad.stderr
+
+
+def test_report_section_sets_the_stored_forecast_beside_the_measurement():
+    import pandas as pd
+
+    from reports import forecast as section
+
+    row = {"label": "lora", "status": "success", "memory.peak_bytes": 2.0e9, "memory.forecast.peak": 1.8e9,
+           "memory.forecast.activations_from": "meta-forward"}
+    for k, measured, forecast_ in [("weights", 5e8, 5e8), ("grads", 2e6, 2e6), ("optimizer", 4e6, 4e6), ("activations", 6e8, 6.6e8)]:
+        row[f"memory.accounted.{k}"], row[f"memory.forecast.{k}"] = measured, forecast_
+    s = section.section(pd.DataFrame([row]))
+    table = next(b.table for b in s.blocks if b.kind == "table")
+    cells = [c.text for c in table.rows[0]]
+    assert "+10.0%" in cells and "-10.0%" in cells  # activations over by 10%, peak under by 10%
+    empty = section.section(pd.DataFrame([{"label": "x", "status": "success"}]))
+    assert "peftbench forecast" in " ".join(b.text for b in empty.blocks)
