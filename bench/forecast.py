@@ -323,6 +323,15 @@ def _batches(key: str) -> tuple[Batch, Batch]:
     return shapes[0], max(shapes, key=lambda b: (b.width, b.padded))
 
 
+def clear_caches() -> None:
+    """Drop the cached tokenizers and batch shapes (a trial process forecasts once, then measures)."""
+    import gc
+
+    _batches.cache_clear()
+    _tokenizer.cache_clear()
+    gc.collect()
+
+
 @functools.lru_cache(maxsize=8)
 def _tokenizer(name: str):
     from bench import models
