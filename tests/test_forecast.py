@@ -181,7 +181,9 @@ def test_memory_budget_skips_exactly_the_trial_over_it_and_runs_the_others(tmp_p
              for p in (tmp_path / "r" / "budget").glob("*.json")}
     assert set(found) == {"lora", "full"}, out
     assert found["lora"]["status"] == "success", out
-    assert found["lora"]["memory"]["forecast"]["version"] == forecast.VERSION  # every result stores its forecast
+    stored, measured = found["lora"]["memory"]["forecast"], found["lora"]["memory"]["accounted"]
+    assert stored["version"] == forecast.VERSION  # every result stores its forecast, made before loading
+    assert {k: stored[k] for k in measured} == measured, (stored, measured)
     skipped = found["full"]
     assert skipped["status"] == forecast.SKIPPED and skipped["train"]["steps"] == 0
     assert "exceeds memory_budget_gb" in skipped["error"] and "breaking component: " in skipped["error"]
