@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from bench import cli, runner, serve_bench
 from bench.suite import Suite
 from methods.base import ConfigError
+from test_suite import GOOD as SUITE
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITES = sorted((ROOT / "suites").glob("*.toml"))
@@ -301,18 +302,8 @@ def test_fuzz_report(data):
 
 # ---- one plain regression test per case of issue 15 ---------------------------------------------
 
-GOOD = """
-name = "t"
-[model]
-name = "synthetic:llama-tiny"
-[data]
-task = "sst2"
-train_examples = 8
-[train]
-lr = 1e-3
-[[sweep]]
-method = "lora"
-"""
+GOOD = SUITE.split("grid.rank")[0]
+"""tests/test_suite.py's suite up to its first sweep's method: one LoRA trial on a tiny Llama."""
 
 
 def refused(tmp_path: Path, *argv: str | Path, named: Path, says: str) -> str:
