@@ -319,7 +319,11 @@ def _batches(key: str) -> tuple[Batch, Batch]:
     tokenizer = None if data_spec["task"] in vision.TASKS else _tokenizer(name)
     prepared = data.prepare(data_spec, tokenizer, seed=t["seed"])
     stream = batches(prepared.train, t, prepared.collate, torch.device("cpu"))
-    shapes = [Batch.of(next(stream)) for _ in range(total_steps(len(prepared.train), t) * t["grad_accum"])]
+    # One epoch at most: every epoch holds every row, so its widest batch is as wide as any later
+    # one, and a suite asking for 10^18 steps is forecast in the time of one pass.
+    per_epoch = total_steps(len(prepared.train), {**t, "max_steps": None, "epochs": 1})
+    count = min(total_steps(len(prepared.train), t), per_epoch) * t["grad_accum"]
+    shapes = [Batch.of(next(stream)) for _ in range(count)]
     return shapes[0], max(shapes, key=lambda b: (b.width, b.padded))
 
 
