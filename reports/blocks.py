@@ -4,6 +4,7 @@ that turns measured values into text. Formatting lives here so that the template
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +16,7 @@ class Cell:
     text: str
     sort: float | str = ""
     pre: bool = False  # keep line breaks (error messages)
+    title: str = ""  # shown on hover: the full text of an abbreviated cell
 
 
 @dataclass
@@ -24,6 +26,10 @@ class Table:
     caption: str = ""
     filterable: bool = False
     row_class: list[str] = field(default_factory=list)
+    facets: list[str] = field(default_factory=list)  # columns that get a drop-down filter
+    details: list[dict[str, Any]] = field(default_factory=list)  # per row: the drill-down (see trial_detail)
+    csv: str = ""  # file name of the CSV download of the visible rows; "" for none
+    collapsed: bool = False  # inside a <details> element, closed
 
 
 @dataclass
@@ -56,6 +62,12 @@ class Section:
     def published(self, table: Table, cite: str) -> None:
         self.blocks.append(Block("published", table=table, cite=cite))
 
+    @property
+    def has_data(self) -> bool:
+        """A table of results with rows, or a figure. Text and published tables alone do not count:
+        a section without results of its own is left out of the page (the template closes it away)."""
+        return any((b.kind == "table" and b.table is not None and b.table.rows) or b.kind == "figure" for b in self.blocks)
+
 
 def missing(v: Any) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v))
@@ -63,6 +75,36 @@ def missing(v: Any) -> bool:
 
 def c_text(v: Any) -> Cell:
     return Cell("—", "") if missing(v) else Cell(str(v), v if isinstance(v, int | float) else str(v))
+
+
+_NUMBER = re.compile(r"(\d+(?:\.\d+)?)")
+# Settings a label spells out that say nothing a reader needs (defaults, empty values).
+_NOISE = re.compile(r"^(dropout=0(\.0)?|rslora=False|[a-z_]+=(None)?)$")
+SHORT_LABEL = 64  # characters; the full label is on hover
+
+
+def natural_key(text: str) -> tuple:
+    """Sort key with numbers compared as numbers: r=4 < r=8 < r=16 < r=64."""
+    return tuple((0, float(p), "") if i % 2 else (1, 0.0, p) for i, p in enumerate(_NUMBER.split(text)) if p)
+
+
+def short_label(label: str) -> str:
+    """A trial label without its default settings: 'lora(r=16,alpha=32,dropout=0.0,targets=qv,rslora=False) adamw ep2'
+    reads 'lora(r=16, α=32, qv) adamw ep2'; cut at SHORT_LABEL characters."""
+    head, paren, rest = label.partition("(")
+    if paren and ")" in rest:
+        inner, _, tail = rest.partition(")")
+        parts = [p.strip() for p in inner.split(",")]
+        parts = [p.removeprefix("targets=").replace("alpha=", "α=") for p in parts if p and not _NOISE.match(p)]
+        label = f"{head}({', '.join(parts)}){tail}"
+    return label if len(label) <= SHORT_LABEL else label[: SHORT_LABEL - 1] + "…"
+
+
+def c_config(label: Any) -> Cell:
+    """A configuration label, abbreviated, the full label on hover; sorted with numbers as numbers."""
+    if missing(label):
+        return Cell("—", "")
+    return Cell(short_label(str(label)), str(label), title=str(label))
 
 
 def c_int(v: Any) -> Cell:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import io
 import itertools
 import math
-from collections.abc import Iterator
+import re
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import matplotlib as mpl
@@ -38,7 +39,23 @@ def _svg(fig: Figure) -> str:
         fig.savefig(buf, format="svg", bbox_inches="tight",
                     metadata={"Creator": None, "Date": None, "Format": None, "Type": None})
     text = buf.getvalue()
-    return text[text.index("<svg"):]  # drop the XML declaration and DOCTYPE: not allowed inline
+    return _point_titles(text[text.index("<svg"):])  # drop the XML declaration and DOCTYPE: not allowed inline
+
+
+POINT_URL = "#peftbench-point:"
+_POINT = re.compile(r'<a xlink:href="' + re.escape(POINT_URL) + r'([^"]*)">(.*?)</a>', re.S)
+
+
+def label_points(collection, labels: Sequence[str]) -> None:
+    """Name each point of a scatter collection (e.g. ax.collections[0] after sns.scatterplot), in
+    the order of its data: the SVG gets a <g class="point"><title>label</title>…</g> per point,
+    which the browser and the report's tooltip show on hover. Matplotlib writes a point's url as an
+    <a> around it; _svg turns that into the titled group (the label is already XML-escaped there)."""
+    collection.set_urls([POINT_URL + str(label) for label in labels])
+
+
+def _point_titles(svg: str) -> str:
+    return _POINT.sub(r'<g class="point"><title>\1</title>\2</g>', svg)
 
 
 def memory_unit(max_bytes: float) -> tuple[float, str]:
@@ -61,6 +78,8 @@ def pareto(points: pd.DataFrame, front: pd.DataFrame) -> str:
             div, unit = memory_unit(pts["peak"].max())
             data = pts.assign(mem=pts["peak"] / div, pct=pts["score"] * 100)
             sns.scatterplot(data=data, x="mem", y="pct", hue="method", style="method", s=60, ax=ax)
+            label_points(ax.collections[0], [f"{lab}: {pct:.1f}%, {mem:.2f} {unit}"
+                                             for lab, pct, mem in zip(data["config_label"], data["pct"], data["mem"])])
             fr = fr.sort_values("peak")
             ax.step(fr["peak"] / div, fr["score"] * 100, where="post", color="black", lw=1, label="Pareto front")
             ax.set(xlabel=f"peak memory ({unit})", ylabel="score (%)", title=str(model))

@@ -2,11 +2,14 @@
 
     python -m reports.render RESULTS_DIR... [-o FILE.html]
     peftbench report RESULTS_DIR... [-o FILE.html]
+    python -m reports.render --index [DIR]     # DIR/index.html linking every report in DIR (default reports)
 """
 
 from __future__ import annotations
 
 import argparse
+import html as html_lib
+import re
 import sys
 import tomllib
 from collections.abc import Sequence
@@ -59,12 +62,59 @@ def write(folders: Sequence[str | Path], output: str | Path | None = None) -> Pa
     return out
 
 
+INDEX = "index.html"
+_TITLE = re.compile(r"<title>(.*?)</title>", re.S)
+_META = re.compile(r'<p class="meta">(.*?)</p>', re.S)
+_TAG = re.compile(r"<[^>]+>")
+
+
+def index_html(folder: Path) -> str:
+    """One page linking every report in the folder, each with its title and the results it reads."""
+    items = []
+    for page in sorted(p for p in folder.glob("*.html") if p.name != INDEX):
+        text = page.read_text(encoding="utf-8", errors="replace")
+        title = _TITLE.search(text)
+        meta = _META.search(text)
+        # Title and meta are already HTML-escaped in the report; the tags are dropped, not escaped.
+        about = " ".join(_TAG.sub("", meta.group(1)).split()) if meta else ""
+        items.append(f'<li><a href="{html_lib.escape(page.name)}">{html_lib.escape(page.name)}</a>: '
+                     f'{title.group(1).strip() if title else ""}<br><span class="meta">{about}</span></li>')
+    body = "\n".join(items) or "<li>No reports in this folder yet.</li>"
+    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<title>peftbench reports</title>\n"
+            "<style>body { font-family: \"DejaVu Sans\", sans-serif; max-width: 60em; margin: 2em auto; padding: 0 1.5em; "
+            "line-height: 1.5; } li { margin: .6em 0; } .meta { color: #555; font-size: 90%; }</style>\n</head>\n<body>\n"
+            "<h1>peftbench reports</h1>\n<p>Each report is one self-contained file: it opens offline and reads nothing "
+            "else. Regenerate them with the commands in README.md; this page with "
+            "<code>python -m reports.render --index</code>.</p>\n"
+            f"<ul>\n{body}\n</ul>\n</body>\n</html>\n")
+
+
+def write_index(folder: str | Path = "reports") -> Path:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise results.ResultFileError(f"{folder}: no such folder of reports")
+    out = folder / INDEX
+    out.write_text(index_html(folder), encoding="utf-8")
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="peftbench report", description="Render result folders into one HTML file.")
-    parser.add_argument("results_dirs", nargs="+", metavar="RESULTS_DIR")
+    parser.add_argument("results_dirs", nargs="*", metavar="RESULTS_DIR")
     parser.add_argument("-o", "--output", help="output file (default: reports/<folder name>.html)")
+    parser.add_argument("--index", nargs="?", const="reports", metavar="DIR",
+                        help="write DIR/index.html linking every report in DIR (default: reports)")
     args = parser.parse_args(argv)
-    return run(args.results_dirs, args.output)
+    if args.index is None and not args.results_dirs:
+        parser.error("give RESULTS_DIR... or --index")
+    status = run(args.results_dirs, args.output) if args.results_dirs else 0
+    if args.index is not None and status == 0:
+        try:
+            print(write_index(args.index))
+        except results.ResultFileError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    return status
 
 
 def run(folders: Sequence[str], output: str | None) -> int:

@@ -14,13 +14,13 @@ from typing import Any
 
 import pandas as pd
 
-from reports import figures, forecast, stats
-from reports.blocks import (Cell, Section, Table, c_bytes, c_change, c_int, c_mem, c_num, c_pct, c_score, c_signed, c_text,
-                            cite, missing, published_table)
+from reports import answer, figures, forecast, stats
+from reports import trials as trial_table
+from reports.blocks import (Cell, Section, Table, c_bytes, c_change, c_config, c_int, c_mem, c_num, c_score, c_signed,
+                            c_text, cite, missing, published_table)
 from reports.results import ACCOUNTED, seed_groups, spec_key
 
 SURGICAL_METHODS = ("surgical", "auto_rgn")  # names a surgical fine-tuning method will register under
-BUDGETS_GIB = (0.25, 0.5, 0.75, 1, 1.5, 2, 2.5, 3, 4, 6, 8, 12, 16, 24, 32, 40, 48, 64, 80, 96, 141, 192)
 
 
 # ---- Helpers ------------------------------------------------------------------------------------
@@ -109,43 +109,25 @@ def overview(trials: pd.DataFrame, groups: pd.DataFrame) -> Section:
     s.p(f"{len(trials)} trials from suite(s) {', '.join(sorted(map(str, trials['suite'].dropna().unique())))}; "
         + ", ".join(f"{n} {status}" for status, n in counts.items()) + ". "
         + f"{len(groups)} distinct successful configurations (trials that differ only in train.seed are one "
-          "configuration; their scores are averaged with a 95% t-distribution confidence interval).")
+          "configuration; their scores are averaged with a 95% t-distribution confidence interval). "
+          "Every trial, with filters, a CSV download and its details, is in the last section.")
     names = trials["score_name"].dropna().unique()
     s.p("Score: " + (", ".join(names) if len(names) else "none (no lm-eval results in these files)")
         + " (lm-eval; the mean over tasks when there are several). Peak memory is memory.peak_bytes "
         + f"(source: {', '.join(sorted(map(str, trials.get('memory.peak_source', pd.Series()).dropna().unique()))) or 'unknown'}).")
-    s.table(trials_table(trials))
-
     scored = groups.dropna(subset=["score", "peak"]) if not groups.empty else groups
     if scored.empty:
-        s.p("Best configuration per memory budget, Pareto front: no results with both a score and a peak memory "
-            "(synthetic models never report scores).")
+        s.p("Pareto front: no results with both a score and a peak memory (synthetic models never report scores).")
         return s
     front = pareto_front(scored)
-    s.table(budget_table(scored))
-    s.figure(figures.pareto(scored, front), "Peak memory against score, one point per configuration (seed means); "
-             "the line joins the Pareto front: no other configuration scores higher with less memory.")
+    s.figure(figures.pareto(scored, front), "Peak memory against score, one point per configuration (seed means; hover "
+             "a point for its configuration); the line joins the Pareto front: no other configuration scores higher "
+             "with less memory.")
     s.table(Table(["model", "configuration", "seeds", "score", "peak memory", "trainable"],
-                  [[c_text(r["model"]), c_text(r["config_label"]), c_int(r["n"]), c_score(r["score_values"]),
+                  [[c_text(r["model"]), c_config(r["config_label"]), c_int(r["n"]), c_score(r["score_values"]),
                     c_mem(r["peak_values"]), c_int(r["params.trainable"])] for _, r in front.iterrows()],
                   caption="The Pareto front of peak memory against score"))
     return s
-
-
-def trials_table(trials: pd.DataFrame) -> Table:
-    rows, classes = [], []
-    for _, r in trials.sort_values(["suite", "config_label", "seed"], na_position="last").iterrows():
-        classes.append(f"status-{r['status']}")
-        curve = r.get("train.loss_curve")
-        final = curve[-1] if isinstance(curve, list) and curve else float("nan")
-        rows.append([c_text(r["id"]), c_text(r.get("suite")), c_text(r["method"]), c_text(r["config_label"]),
-                     c_text(r["seed"]), c_text(r["status"]), c_int(r["params.trainable"]), c_bytes(r["memory.peak_bytes"]),
-                     c_num(r["runtime.train_s"], 1, " s"), c_pct(r["score"]), c_num(r.get("eval.forgetting"), 3),
-                     c_num(final, 3)])
-    return Table(["id", "suite", "method", "configuration", "seed", "status", "trainable", "peak memory", "train time",
-                  "score", "forgetting", "final loss"], rows,
-                 caption="Every trial (click a header to sort; type to filter). Forgetting: the held-out LM loss change "
-                         "against the base model.", filterable=True, row_class=classes)
 
 
 def pareto_front(scored: pd.DataFrame) -> pd.DataFrame:
@@ -158,23 +140,6 @@ def pareto_front(scored: pd.DataFrame) -> pd.DataFrame:
                 keep.append(idx)
                 best = row["score"]
     return scored.loc[keep]
-
-
-def budget_table(scored: pd.DataFrame) -> Table:
-    rows = []
-    for model, g in scored.groupby("model", sort=False):
-        lo, hi = g["peak"].min() / 2**30, g["peak"].max() / 2**30
-        ladder = [b for b in BUDGETS_GIB if b >= lo]
-        ladder = ladder[: next((i + 1 for i, b in enumerate(ladder) if b >= hi), len(ladder))]
-        for budget in ladder:
-            fits = g[g["peak"] <= budget * 2**30]
-            if fits.empty:
-                continue
-            best = fits.sort_values(["score", "peak"], ascending=[False, True]).iloc[0]
-            rows.append([c_text(model), Cell(f"{budget:g} GiB", budget), c_text(best["config_label"]),
-                         c_score(best["score_values"]), c_mem(best["peak_values"]), c_int(len(fits))])
-    return Table(["model", "memory budget", "best configuration", "score", "peak memory", "configurations that fit"],
-                 rows, caption="The best configuration per memory budget (highest mean score whose mean peak fits)")
 
 
 def rank_sweep(groups: pd.DataFrame, pub: dict) -> Section:
@@ -671,7 +636,8 @@ def _gpu_memory_text(lora: dict, longer: list[dict], published_gb: float | None)
 
 def build(trials: pd.DataFrame, pub: dict, records: dict[str, list[dict]] | None = None) -> list[Section]:
     groups = pd.DataFrame() if trials.empty else seed_groups(trials)
-    return [overview(trials, groups), rank_sweep(groups, pub), targets(groups, pub), optimizer(groups, pub),
+    return [answer.section(trials, groups), overview(trials, groups),
+            rank_sweep(groups, pub), targets(groups, pub), optimizer(groups, pub),
             epochs(groups, pub), methods_section(groups, pub), lora_vs_qlora(groups, pub), gpu(records or {}, pub),
             surgical(trials, groups, pub), memory_breakdown(groups), forecast.section(trials), loss_curves(trials), failures(trials),
-            provenance(trials)]
+            provenance(trials), trial_table.section(trials)]

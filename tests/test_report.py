@@ -113,8 +113,8 @@ def test_failed_trials_are_listed_with_their_error(report):
     failures = section_text(html, "failures")
     assert "unique-error-3141" in failures and "OOM killer" in failures
     assert "oom" in failures and "failed" in failures
-    overview = section_text(html, "overview")
-    assert "status-failed" in overview and "status-oom" in overview  # in the main table, not dropped
+    every = section_text(html, "trials")
+    assert "status-failed" in every and "status-oom" in every  # in the table of every trial, not dropped
 
 
 def test_published_numbers_are_printed_and_come_from_the_data_file(report):
@@ -144,11 +144,12 @@ def test_statistics_over_seeds(report):
     assert "single seed, no CI" in section_text(html, "methods")  # top_k ran once
 
 
-def test_overview_has_budget_and_pareto_tables(report):
+def test_answer_box_pareto_and_trial_tables(report):
     _, html = report
-    overview = section_text(html, "overview")
-    assert "best configuration per memory budget" in overview and "Pareto front" in overview
-    assert 'class="filter"' in overview and 'class="sortable"' in overview
+    assert "best configuration per memory budget" in section_text(html, "answer")
+    assert "Pareto front" in section_text(html, "overview")
+    every = section_text(html, "trials")
+    assert 'class="filter"' in every and 'class="sortable drillable"' in every
 
 
 def test_self_contained_with_valid_svg(report):
@@ -252,19 +253,20 @@ def test_report_opens_in_a_browser_without_errors(report, tmp_path):
             page.on("pageerror", lambda exc: errors.append(str(exc)))
             page.on("request", lambda req: requests.append(req.url))
             page.goto(page_file.as_uri())
-            table = page.locator("#overview table.sortable").first
+            page.click("#trials details > summary")  # the table of every trial starts closed
+            table = page.locator("#trials table.sortable").first
             seed_col = table.locator("th", has_text="trainable")
             seed_col.click()
-            values = [float(v) for v in table.locator("tbody tr td:nth-child(7)").evaluate_all(
+            values = [float(v) for v in table.locator("tbody tr td:nth-child(9)").evaluate_all(
                 "cells => cells.map(c => c.getAttribute('data-sort'))") if v != ""]
             assert values == sorted(values)
             seed_col.click()
-            values = [float(v) for v in table.locator("tbody tr td:nth-child(7)").evaluate_all(
+            values = [float(v) for v in table.locator("tbody tr td:nth-child(9)").evaluate_all(
                 "cells => cells.map(c => c.getAttribute('data-sort'))") if v != ""]
             assert values == sorted(values, reverse=True)
-            page.fill("#overview input.filter", "unique-nonexistent-word")
+            page.fill("#trials input.filter", "unique-nonexistent-word")
             assert table.locator("tbody tr:visible").count() == 0
-            page.fill("#overview input.filter", "oom")
+            page.fill("#trials input.filter", "oom")
             assert table.locator("tbody tr:visible").count() >= 1
         finally:
             browser.close()
