@@ -109,6 +109,7 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
 
 # Preferred lm-eval metric per task, in order; the score of a trial is their mean over its tasks.
 SCORE_METRICS = ("acc", "exact_match", "f1", "mcc")
+TEST_ACCURACY = "eval.accuracy.test"
 ACCOUNTED = ("weights", "grads", "optimizer", "activations")
 _SEED_SUFFIX = re.compile(r"\s*seed\d+$")
 
@@ -137,6 +138,45 @@ def _without(spec: dict, dotted: Sequence[str]) -> dict:
 def spec_key(spec: dict, drop: Sequence[str] = ()) -> str:
     """Canonical text of a spec minus some settings; trials with equal keys differ only there."""
     return json.dumps(_without(spec, ["train.seed", *drop]), sort_keys=True, default=str)
+
+
+def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(node, dict):
+        return {prefix: json.dumps(node, sort_keys=True, default=str)}
+    out: dict[str, Any] = {}
+    for k, v in node.items():
+        out.update(_leaves(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def _distinct_labels(labels: pd.Series, configs: pd.Series, specs: pd.Series) -> pd.Series:
+    """Labels that name every setting telling two configurations apart. A trial label leaves out the
+    data task and the learning rate, so the surgical suite's 116 configurations (5 shifts x 3 learning
+    rates x ...) would share 13 labels; those settings are appended where labels collide."""
+    out = labels.copy()
+    for _, idx in labels.groupby(labels, sort=False).groups.items():
+        if configs.loc[idx].nunique() < 2:
+            continue
+        leaves = {i: _leaves(specs.loc[i]) for i in idx}
+        paths = sorted({p for v in leaves.values() for p in v} - {"train.seed"})
+        differ = [p for p in paths if len({leaves[i].get(p) for i in idx}) > 1]
+        for i in idx:
+            extra = " ".join(f"{_short(p)}={_plain(leaves[i].get(p))}" for p in differ)
+            out.loc[i] = f"{labels.loc[i]} {extra}"
+    return out
+
+
+def _short(path: str) -> str:
+    """model.name -> model, train.lr -> lr, data.task -> task."""
+    parts = path.split(".")
+    return parts[-2] if parts[-1] == "name" and len(parts) > 1 else parts[-1]
+
+
+def _plain(text: str | None) -> str:
+    if text is None:
+        return "—"
+    value = json.loads(text)
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _targets_text(value: Any) -> str | None:
@@ -179,11 +219,21 @@ def tidy(df: pd.DataFrame) -> pd.DataFrame:
     out["model"] = specs.map(lambda s: get_path(s, "model.name"))
     # nf4 with double quantization is its own base ("nf4-dq", LitGPT's name for it).
     out["quant"] = specs.map(lambda s: (get_path(s, "model.quant") or "none") + ("-dq" if get_path(s, "model.double_quant") else ""))
+    out["dtype"] = specs.map(lambda s: get_path(s, "model.dtype") or "float32")
+    # The base a trial tunes: its storage format, the quantization when there is one, else the dtype.
+    out["base"] = out["quant"].where(out["quant"] != "none", out["dtype"])
     out["config"] = specs.map(spec_key)
-    out["config_label"] = out.get("label", out["id"]).fillna(out["id"]).astype(str).str.replace(_SEED_SUFFIX, "", regex=True)
+    out["config_label"] = _distinct_labels(
+        out.get("label", out["id"]).fillna(out["id"]).astype(str).str.replace(_SEED_SUFFIX, "", regex=True), out["config"], specs)
     metrics = score_metrics(out)
     out["score"] = out.apply(_score, axis=1, metrics=metrics) if metrics else float("nan")
     out["score_name"] = ", ".join(f"{t} {m}" for t, m in metrics.items()) or None
+    out.loc[out["score"].isna(), "score_name"] = None
+    # Trials scored outside lm-eval (the surgical CNN: eval.accuracy.test) keep that accuracy as their score.
+    if TEST_ACCURACY in out:
+        own = out["score"].isna() & pd.to_numeric(out[TEST_ACCURACY], errors="coerce").notna()
+        out.loc[own, "score"] = pd.to_numeric(out.loc[own, TEST_ACCURACY], errors="coerce")
+        out.loc[own, "score_name"] = "test accuracy"
     for col in ("memory.peak_bytes", "runtime.train_s", "params.trainable", "params.total",
                 *(f"memory.accounted.{k}" for k in ACCOUNTED)):
         if col not in out:
@@ -202,7 +252,7 @@ def seed_groups(df: pd.DataFrame) -> pd.DataFrame:
     for _, g in ok.groupby("config", sort=False):
         first = g.iloc[0]
         row = {k: first[k] for k in ("config", "config_label", "method", "r", "alpha", "targets", "optimizer",
-                                      "epochs", "model", "quant", "suite", "synthetic", "spec", "params.trainable",
+                                      "epochs", "model", "quant", "dtype", "base", "suite", "synthetic", "spec", "params.trainable",
                                       "params.total", "memory.peak_source") if k in g}
         # A repeat of the same seed (a rerun, or the same trial in two suites) is not another sample:
         # repeats are averaged first, so n counts distinct seeds.
