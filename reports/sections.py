@@ -14,7 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-from reports import answer, figures, forecast, stats
+from reports import answer, figures, forecast, matched, stats
 from reports import trials as trial_table
 from reports.blocks import (Cell, Section, Table, c_bytes, c_change, c_config, c_int, c_mem, c_num, c_score, c_signed,
                             c_text, cite, missing, published_table)
@@ -636,7 +636,7 @@ def _gpu_memory_text(lora: dict, longer: list[dict], published_gb: float | None)
 
 def build(trials: pd.DataFrame, pub: dict, records: dict[str, list[dict]] | None = None) -> list[Section]:
     groups = pd.DataFrame() if trials.empty else seed_groups(trials)
-    return [answer.section(trials, groups), overview(trials, groups),
+    return [answer.section(trials, groups), overview(trials, groups), matched.section(trials, groups),
             rank_sweep(groups, pub), targets(groups, pub), optimizer(groups, pub),
             epochs(groups, pub), methods_section(groups, pub), lora_vs_qlora(groups, pub), gpu(records or {}, pub),
             surgical(trials, groups, pub), memory_breakdown(groups), forecast.section(trials), loss_curves(trials), failures(trials),
