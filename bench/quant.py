@@ -129,7 +129,15 @@ def _moved(param: nn.Parameter, device: torch.device) -> nn.Parameter:
     (bitsandbytes' API), so there we quantize directly: bitsandbytes' fake kernels give the packed
     weight and its constants their real shapes and dtypes, which is what a memory forecast
     (bench/forecast.py) of a quantized model needs."""
-    return param._quantize(device) if device.type == "meta" else param.to(device)
+    if device.type == "meta":
+        # bitsandbytes caches its 8-bit "dynamic" code (the double-quantization map) on the device
+        # of its first use: made on meta, every later real double-quantized layer in the process
+        # fails with "Cannot copy out of meta tensor". Make it on the CPU first; it is moved per call.
+        from bitsandbytes import functional as bnb_functional
+
+        bnb_functional.name2qmap.setdefault("dynamic", bnb_functional.create_dynamic_map())
+        return param._quantize(device)
+    return param.to(device)
 
 
 def _check_cpu_dequantize(weight: nn.Parameter, quant: str) -> None:

@@ -254,6 +254,16 @@ def test_bits_per_parameter_as_stored(q: tuple[str, bool], bits: float) -> None:
     assert stored * 8 / 2048**2 == pytest.approx(bits, rel=1e-3)
 
 
+def test_a_double_quantized_forecast_on_meta_leaves_real_quantization_working(monkeypatch) -> None:
+    # The memory forecast quantizes a meta-device model first, in the trial's own process.
+    monkeypatch.delitem(bnb.functional.name2qmap, "dynamic", raising=False)
+    quant.quantize(models.build_synthetic("llama-tiny").to("meta"), "nf4", double_quant=True)
+    model = models.build_synthetic("llama-tiny")
+    info = quant.quantize(model, "nf4", double_quant=True)
+    assert info.layers == 28
+    assert bnb.functional.name2qmap["dynamic"].device.type == "cpu"
+
+
 def test_models_load_quantizes_after_loading() -> None:
     loaded = models.load({"name": "synthetic:llama-tiny", "quant": "nf4", "double_quant": True, "compute_dtype": "bfloat16"})
     assert loaded.quant == {"quant": "nf4", "double_quant": True, "compute_dtype": "bfloat16", "blocksize": 64,
