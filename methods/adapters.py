@@ -170,7 +170,10 @@ def _place(model: nn.Module, name: str, layer: nn.Module, cfg: BottleneckConfig)
                 return
     if cfg.position == "stream":
         norm = next(((n, m) for n, m in parent.named_children() if "norm" in type(m).__name__.lower()), None)
-        if norm is not None:  # post-LN: the sublayer's residual add and LN sit beside its projection
+        # Post-LN (BERT's BertOutput): the sublayer's residual add and LN sit beside its projection in
+        # a module of their own. A projection whose parent is the block itself (OPT's fc2) sits
+        # among all the block's norms, which says nothing about where the residual add is.
+        if norm is not None and not any(parent is b for b in blocks(model)):
             replace_module(model, f"{parent_name}.{norm[0]}", StreamAdapterPostLN(norm[1], layer, cfg))
             return
         block = next(b for b in blocks(model) if any(m is layer for m in b.modules()))

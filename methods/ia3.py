@@ -7,8 +7,9 @@ intermediate activation (the input of the feed-forward output projection: down_p
 BERT's output.dense). All start at one, so the model is exactly unchanged at init, and each folds
 into its frozen weight (rows for k and v, columns for ff), so the adapted model merges.
 
-GPT-2 computes q, k and v with one fused c_attn: l_k and l_v scale only its k and v thirds, as
-the paper defines them (peft's IA3 on c_attn scales all three thirds, q included).
+A fused q|k|v projection (GPT-2's c_attn, GPT-NeoX's and Falcon's query_key_value, with grouped or
+multi-query key/value heads) is split by the model's head counts (methods.arch): l_k and l_v scale
+only its k and v rows, as the paper defines them (peft's IA3 on c_attn scales all of it, q included).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from methods.base import Adapted, ConfigError, freeze, load_trainable, merging, MethodConfig
-from methods.layers import Conv1D, linear_modules, modules_of, replace_module, role, sublayer_outputs
+from methods.arch import layout
+from methods.layers import Conv1D, modules_of, replace_module, sublayer_outputs
 from methods.lora import features
 
 VECTORS = ("k", "v", "ff")
@@ -49,19 +51,22 @@ class IA3Config(MethodConfig):
 class IA3Linear(nn.Module):
     """A frozen linear layer whose output (k, v) or input (ff) is rescaled elementwise by a learned vector.
 
-    For an output scaling, `start` skips the first output features: a fused q|k|v projection keeps q unscaled.
+    For an output scaling, `rows` (None: all) are the output features scaled: a fused q|k|v
+    projection keeps its q rows unscaled.
     """
 
-    def __init__(self, base_layer: nn.Module, on_input: bool, start: int = 0):
+    def __init__(self, base_layer: nn.Module, on_input: bool, rows: Tensor | None = None):
         super().__init__()
         self.base_layer = base_layer
         self.on_input = on_input
-        self.start = start
         self.fan_in_fan_out = isinstance(base_layer, Conv1D)
         n_in, n_out = features(base_layer)
         weight = base_layer.weight
         dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-        self.ia3_l = nn.Parameter(torch.ones(n_in if on_input else n_out - start, dtype=dtype, device=weight.device))
+        # Not in the state dict: the rows follow from the model and the config.
+        self.register_buffer("rows", None if rows is None else rows.to(weight.device), persistent=False)
+        width = n_in if on_input else n_out if rows is None else len(rows)
+        self.ia3_l = nn.Parameter(torch.ones(width, dtype=dtype, device=weight.device))
         self.merged = False
 
     @property
@@ -70,9 +75,9 @@ class IA3Linear(nn.Module):
 
     def scale(self) -> Tensor:
         """The full-width scaling vector (ones over an unscaled leading part)."""
-        if self.start == 0:
+        if self.rows is None:
             return self.ia3_l
-        return torch.cat([self.ia3_l.new_ones(self.start), self.ia3_l])
+        return self.ia3_l.new_ones(features(self.base_layer)[1]).index_put((self.rows,), self.ia3_l)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
@@ -112,27 +117,22 @@ def ia3_layers(model: nn.Module) -> dict[str, IA3Linear]:
     return modules_of(model, IA3Linear)
 
 
-def ia3_targets(model: nn.Module, cfg: IA3Config) -> list[tuple[str, nn.Module, bool, int]]:
-    """(name, layer, on_input, start) for every layer that gets a vector; raises before any change."""
+def ia3_targets(model: nn.Module, cfg: IA3Config) -> list[tuple[str, nn.Module, bool, Tensor | None]]:
+    """(name, layer, on_input, rows) for every layer that gets a vector; raises before any change.
+    Key and value projections come from the model's layout: separate ones whole, a fused q|k|v
+    projection by the rows of its k and v heads."""
     chosen = cfg.chosen
-    targets: list[tuple[str, nn.Module, bool, int]] = []
+    targets: list[tuple[str, nn.Module, bool, Tensor | None]] = []
     kv = [v for v in ("k", "v") if v in chosen]
     if kv:
-        for name, layer in linear_modules(model):
-            r = role(name)
-            if r in kv:
-                targets.append((name, layer, False, 0))
-            elif r == "qkv":
-                if not name.endswith("c_attn"):
-                    raise ConfigError("vectors", f"{name}: fused qkv layout other than GPT-2's c_attn is not supported")
-                if kv != ["k", "v"]:
-                    raise ConfigError("vectors", f"{name}: fused q|k|v projection; only k and v together are supported")
-                third = features(layer)[1] // 3
-                targets.append((name, layer, False, third))
-        if not targets:
-            raise ConfigError("vectors", f"{type(model).__name__} has no key/value projections to scale")
+        for block in layout(model).blocks:
+            attn = block.attention
+            if attn.qkv is not None:
+                targets.append((attn.qkv, model.get_submodule(attn.qkv), False, attn.rows(*kv)))
+            else:
+                targets += [(getattr(attn, part), model.get_submodule(getattr(attn, part)), False, None) for part in kv]
     if "ff" in chosen:
-        targets += [(name, layer, True, 0) for name, layer in sublayer_outputs(model, "ffn")]
+        targets += [(name, layer, True, None) for name, layer in sublayer_outputs(model, "ffn")]
     return targets
 
 
@@ -150,8 +150,8 @@ class IA3:
             raise ConfigError("model", "already has IA3 layers; apply IA3 to a fresh base model")
         targets = ia3_targets(model, cfg)
         freeze(model)
-        for name, layer, on_input, start in targets:
-            replace_module(model, name, IA3Linear(layer, on_input, start))
+        for name, layer, on_input, rows in targets:
+            replace_module(model, name, IA3Linear(layer, on_input, rows))
         layers = ia3_layers(model)
 
         trainable = [layer.ia3_l for layer in layers.values()]
@@ -163,10 +163,12 @@ class IA3:
         )
 
     def expected_trainable(self, model: nn.Module, cfg: IA3Config) -> int:
-        """out_features of each k and v projection (2/3 of out for a fused q|k|v), plus
-        in_features of each feed-forward output projection."""
+        """Per block kv_heads * head_dim for each of k and v (separate or fused), plus in_features of
+        each feed-forward output projection."""
         total = 0
-        for _, layer, on_input, start in ia3_targets(model, cfg):
-            n_in, n_out = features(layer)
-            total += n_in if on_input else n_out - start
+        for block in layout(model).blocks:
+            heads = block.attention.heads
+            total += sum(heads.kv_heads * heads.head_dim for v in ("k", "v") if v in cfg.chosen)
+        if "ff" in cfg.chosen:
+            total += sum(features(layer)[0] for _, layer in sublayer_outputs(model, "ffn"))
         return total

@@ -1,7 +1,8 @@
 """Finding the parts of a model that methods act on: linear layers by role, blocks, the head.
 
-Works across the three layouts the suite meets: Llama-style (q_proj ... down_proj), GPT-2
-(fused c_attn, Conv1D) and BERT (attention.self.query ... output.dense).
+Roles inside the blocks come from the model's structure and config (methods.arch.layout: any
+transformers architecture with attention blocks, fused q|k|v or not); the name patterns below
+only serve layers outside the blocks (the head) and models without attention blocks.
 """
 
 from __future__ import annotations
@@ -52,6 +53,23 @@ def role(name: str) -> str:
     return "other"
 
 
+def roles(model: nn.Module) -> dict[str, str]:
+    """The role of every linear layer of the model, by qualified name: from its structure
+    (methods.arch.layout) inside the blocks, from its name elsewhere and in models whose layout
+    cannot be read (a CNN, say)."""
+    from methods.arch import layout
+
+    try:
+        structural = layout(model).roles()
+    except ConfigError:
+        structural = {}
+    out = {}
+    for name, _ in linear_modules(model):
+        found = role(name)
+        out[name] = "head" if found == "head" else structural.get(name, found if not structural else "other")
+    return out
+
+
 def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
     """Put `module` where the submodule called `name` is."""
     parent, _, child = name.rpartition(".")
@@ -77,10 +95,11 @@ def resolve_targets(model: nn.Module, targets: Targets, key: str = "targets") ->
     if not items:
         raise ConfigError(key, "empty target list")
     chosen: dict[str, nn.Module] = {}
+    by_role = roles(model) if any(item in ALIASES for item in items) else {}
     for item in items:
         if item in ALIASES:
-            roles = ALIASES[item]
-            hits = [(n, m) for n, m in layers if role(n) in roles]
+            wanted = ALIASES[item]
+            hits = [(n, m) for n, m in layers if by_role[n] in wanted]
         elif isinstance(targets, list) and re.fullmatch(r"[\w.]+", item):
             hits = [(n, m) for n, m in layers if n == item or n.endswith("." + item)]
         else:
@@ -132,27 +151,14 @@ def head_parameters(model: nn.Module) -> list[nn.Parameter]:
     return list(params.values())
 
 
-# The projection that closes each sublayer of a block, just before its residual add.
-_SUBLAYER_OUTPUTS = {
-    "attention": re.compile(r"(^|\.)(self_attn\.o_proj|attn\.c_proj|attention\.output\.dense)$"),
-    "ffn": re.compile(r"(^|\.)(mlp\.down_proj|mlp\.c_proj|(?<!attention\.)output\.dense)$"),
-}
-
-
 def sublayer_outputs(model: nn.Module, sublayer: str) -> list[tuple[str, nn.Module]]:
     """The output projection of every block's attention ("attention") or feed-forward ("ffn")
-    sublayer, one per block: o_proj / down_proj (Llama), attn.c_proj / mlp.c_proj (GPT-2),
-    attention.output.dense / output.dense (BERT)."""
-    rx = _SUBLAYER_OUTPUTS[sublayer]
-    found = [(n, m) for n, m in linear_modules(model) if rx.search(n)]
-    n_blocks = len(blocks(model))
-    if len(found) != n_blocks:
-        raise ConfigError(
-            "model",
-            f"{type(model).__name__}: found {len(found)} {sublayer} output projections for {n_blocks} blocks "
-            "(known layouts: Llama o_proj/down_proj, GPT-2 attn.c_proj/mlp.c_proj, BERT attention.output.dense/output.dense)",
-        )
-    return found
+    sublayer, one per block, found from the structure (methods.arch.layout): o_proj / down_proj
+    (Llama), attn.c_proj / mlp.c_proj (GPT-2), attention.dense / dense_4h_to_h (GPT-NeoX),
+    self_attn.dense / fc2 (Phi), attention.output.dense / output.dense (BERT), ..."""
+    from methods.arch import layout
+
+    return [(n, model.get_submodule(n)) for n in layout(model).sublayer_outputs(sublayer)]
 
 
 def block_norms(model: nn.Module) -> list[nn.Module]:
@@ -182,10 +188,10 @@ def shift_invariant_layers(model: nn.Module) -> dict[str, str]:
     out: dict[str, str] = {}
     names = [type(m).__name__.lower() for m in model.modules()]
     if not any("rotary" in n for n in names):
-        out.update({n: "token" for n, _ in linear_modules(model) if role(n) == "k"})
+        out.update({n: "token" for n, r in roles(model).items() if r == "k"})
     norms = [m for m in model.modules() if "norm" in type(m).__name__.lower() and not isinstance(m, nn.ModuleList)]
     if norms and all(_mean_centering(m) for m in norms):
-        for sublayer in _SUBLAYER_OUTPUTS:
+        for sublayer in ("attention", "ffn"):
             try:
                 out.update({n: "feature" for n, _ in sublayer_outputs(model, sublayer)})
             except ConfigError:  # a layout whose output projections we cannot name: claim nothing

@@ -1,8 +1,8 @@
 """LLaMA-Adapter: Efficient Fine-tuning of Language Models with Zero-init Attention (Zhang et al. 2023, arXiv 2303.16199).
 
-The top `layers` attention layers of a frozen Llama-layout model each gain a trainable adaption
-prompt P (prompt_length x hidden). A layer's queries also attend to the prompt's keys and values
-(its own frozen k_proj and v_proj applied to P, without rotary position), but those scores are
+The top `layers` attention layers of a frozen model each gain a trainable adaption prompt P
+(prompt_length x hidden). A layer's queries also attend to the prompt's keys and values (its own
+frozen key and value projections applied to P, without positions), but those scores are
 softmaxed on their own and multiplied by a zero-initialised gate before they join the ordinary
 attention output (the paper's S_g = [softmax(S_K) · g; softmax(S_{M+1})]). With the gate at zero
 the model is exactly unchanged at init, and the prompt's influence grows as training opens it.
@@ -16,6 +16,16 @@ option rather than the default so that committed results keep their meaning
 Both start at exactly zero.
 
 The prompt part needs no cache: it is recomputed for each new query, so generation just works.
+
+Any architecture whose attention goes through transformers' attention interface takes it (Llama,
+Mistral, Qwen2, Gemma-3, Phi, GPT-NeoX, GPT-2, OPT, BERT): the adapted layers run an attention
+function registered under a name of its own, which calls the model's own one and adds the gated
+prompt attention to its output before the output projection. It gets the queries exactly as the
+model computed them (projected, normalised, rotated, scaled: Gemma-3's q_norm, OPT's pre-scaled
+queries), and the prompt's keys and values come from the layer's key and value projections as
+methods.arch finds them (separate, or the k and v rows of a fused q|k|v projection split by head
+counts; a per-head key norm applied as the model does). A model whose attention computes itself
+(Falcon) is refused by name.
 """
 
 from __future__ import annotations
@@ -27,11 +37,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from methods.arch import Attention, attention_function, check_attention_interface, layout
 from methods.base import Adapted, ConfigError, MethodConfig, freeze
-from methods.layers import blocks
 
 GATES = ("layer", "head")
-_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+_BASES: dict[str, str] = {}
+"""Our registered attention names -> the attention implementation they wrap."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,74 +63,77 @@ class LlamaAdapterConfig(MethodConfig):
             raise ConfigError("gate", f"must be one of {', '.join(GATES)}, got {self.gate!r}")
 
 
-def _rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 class AdaptionPrompt(nn.Module):
-    """One layer's prompt and gate; `forward` gives the gated prompt attention to add to the layer's output."""
+    """One layer's prompt and gate; `forward` gives the gated prompt attention to add to the
+    layer's attention output. It lives on the module that calls the attention function (the
+    `caller`: self_attn, BERT's attention.self), whose key and value projections it reads."""
 
-    def __init__(self, attn: nn.Module, length: int, hidden: int, gate: str):
+    def __init__(self, caller: nn.Module, attention: Attention, length: int, hidden: int, gate: str):
         super().__init__()
-        weight = attn.q_proj.weight
+        base = attention.caller
+        self.projections = {part: (attention.qkv or getattr(attention, part))[len(base) + 1 :] for part in ("k", "v")}
+        self.fused = attention.qkv is not None
+        for part in ("k", "v"):
+            self.register_buffer(f"{part}_rows", attention.rows(part) if self.fused else None, persistent=False)
+        self.heads = attention.heads
+        weight = caller.get_submodule(self.projections["k"]).weight
         # Half-precision prompts train poorly; keep them in float32 as LoRA here does.
         dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-        heads = attn.config.num_attention_heads
         # N(0, 1), as the authors' nn.Embedding and peft start it.
         self.prompt = nn.Parameter(torch.randn(length, hidden, dtype=dtype, device=weight.device))
-        self.gate = nn.Parameter(torch.zeros(heads if gate == "head" else 1, dtype=dtype, device=weight.device))
+        self.gate = nn.Parameter(torch.zeros(self.heads.heads if gate == "head" else 1, dtype=dtype, device=weight.device))
         self.per_head = gate == "head"
 
-    def forward(self, attn: nn.Module, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor]) -> Tensor:
-        batch, length, _ = hidden_states.shape
-        dtype = hidden_states.dtype
-        # The attention module does not hand out its rotated queries: recompute them (one extra q_proj).
-        query = attn.q_proj(hidden_states).view(batch, length, -1, attn.head_dim).transpose(1, 2)
-        cos, sin = (t.unsqueeze(1) for t in position_embeddings)
-        query = query * cos + _rotate_half(query) * sin
+    def keys_values(self, caller: nn.Module, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The prompt's keys and values, (heads, prompt_length, head_dim) each, kv heads repeated
+        for grouped-query attention as repeat_kv does; keys normalised like the model's (k_norm)."""
         prompt = self.prompt.to(dtype)
-        # (heads, prompt_length, head_dim); kv heads repeated for grouped-query attention as repeat_kv does.
-        key, value = (
-            proj(prompt).view(prompt.shape[0], -1, attn.head_dim).transpose(0, 1).repeat_interleave(attn.num_key_value_groups, dim=0)
-            for proj in (attn.k_proj, attn.v_proj)
-        )
-        scores = torch.matmul(query, key.transpose(-1, -2)) * attn.scaling
-        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
-        gate = (self.gate.tanh().view(1, -1, 1, 1) if self.per_head else self.gate).to(dtype)
-        mixed = torch.matmul(gate * probs, value).transpose(1, 2).reshape(batch, length, -1)
-        out = attn.o_proj(mixed)
-        # The ordinary attention output already carries o_proj's bias once.
-        return out - attn.o_proj.bias if attn.o_proj.bias is not None else out
+        h = self.heads
+        out = []
+        for part in ("k", "v"):
+            projected = caller.get_submodule(self.projections[part])(prompt)
+            if self.fused:
+                projected = projected[:, getattr(self, f"{part}_rows")]
+            per_head = projected.view(prompt.shape[0], h.kv_heads, h.head_dim)
+            norm = getattr(caller, f"{part}_norm", None)
+            if isinstance(norm, nn.Module):  # Gemma-3, Qwen3: a norm over each head, before positions
+                per_head = norm(per_head)
+            out.append(per_head.transpose(0, 1).repeat_interleave(h.heads // h.kv_heads, dim=0))
+        return out[0], out[1]
+
+    def forward(self, caller: nn.Module, query: Tensor, scaling: float) -> Tensor:
+        """query (batch, heads, n, head_dim) as the attention function got it -> (batch, n, heads,
+        head_dim), the layout attention functions return."""
+        key, value = self.keys_values(caller, query.dtype)
+        scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        gate = (self.gate.tanh().view(1, -1, 1, 1) if self.per_head else self.gate).to(query.dtype)
+        return torch.matmul(gate * probs, value).transpose(1, 2)
 
 
-def _add_prompt_attention(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
-    """Forward hook on a Llama attention module: add the gated prompt attention to its output."""
-    hidden_states = kwargs.get("hidden_states", args[0] if args else None)
-    position_embeddings = kwargs.get("position_embeddings", args[1] if len(args) > 1 else None)
-    if position_embeddings is None:
-        raise RuntimeError(f"{type(module).__name__} was called without position_embeddings; LLaMA-Adapter needs the rotary cos/sin")
-    attn_output, *rest = output
-    return (attn_output + module.adaption(module, hidden_states, position_embeddings), *rest)
+def register_prompt_attention(base: str) -> str:
+    """Register, once, the attention function that runs the model's own `base` attention and adds
+    an adapted layer's prompt attention; returns its name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+    name = f"llama_adapter_{base}"
+    if name in ALL_ATTENTION_FUNCTIONS:
+        return name
+    _BASES[name] = base
 
-def _check_layout(model: nn.Module) -> list[nn.Module]:
-    """The attention modules of a Llama-layout model, or a ConfigError saying what is missing."""
-    layers = blocks(model)
-    attns = [getattr(block, "self_attn", None) for block in layers]
-    first = attns[0]
-    missing = [p for p in _PROJECTIONS if not isinstance(getattr(first, p, None), nn.Module)] if first is not None else ["self_attn"]
-    missing += [a for a in ("head_dim", "num_key_value_groups", "scaling", "config") if first is not None and not hasattr(first, a)]
-    if missing:
-        raise ConfigError(
-            "model",
-            f"LLaMA-Adapter needs the Llama attention layout (self_attn with q_proj, k_proj, v_proj, o_proj and rotary "
-            f"embeddings); {type(model).__name__} lacks {', '.join(missing)}",
-        )
-    if any(hasattr(first, norm) for norm in ("q_norm", "k_norm")):
-        # The recomputed queries would skip that normalisation.
-        raise ConfigError("model", f"{type(model).__name__} normalises queries and keys; LLaMA-Adapter here supports plain Llama attention")
-    return attns
+    def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, **kwargs: Any):
+        out, weights = attention_function(module, base)(module, query, key, value, attention_mask, **kwargs)
+        adaption = getattr(module, "adaption", None)
+        if adaption is not None:
+            scaling = kwargs.get("scaling")
+            out = out + adaption(module, query, query.shape[-1] ** -0.5 if scaling is None else scaling).to(out.dtype)
+        return out, weights
+
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+    return name
 
 
 class LlamaAdapter:
@@ -128,23 +142,33 @@ class LlamaAdapter:
     Config = LlamaAdapterConfig
     init_atol: ClassVar[float] = 0.0  # the zero gate
     battery_configs: ClassVar[list[dict[str, Any]]] = [{"prompt_length": 4, "layers": 1}, {"prompt_length": 3, "layers": 2, "gate": "head"}]
-    battery_kinds: ClassVar[tuple[str, ...]] = ("llama",)
     # Adam moves the zero gate by about lr a step, so 30 steps at 1e-2 barely open it.
     battery_lr: ClassVar[float] = 3e-2
 
     def apply(self, model: nn.Module, cfg: LlamaAdapterConfig) -> Adapted:
-        attns = _check_layout(model)
-        if cfg.layers > len(attns):
-            raise ConfigError("layers", f"{cfg.layers} exceeds the model's {len(attns)} layers")
-        if any(hasattr(attn, "adaption") for attn in attns):
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+        implementation = check_attention_interface(model, "LLaMA-Adapter")
+        base = _BASES.get(implementation, implementation)
+        if base not in ALL_MASK_ATTENTION_FUNCTIONS:
+            raise ConfigError("model", f"LLaMA-Adapter wraps a registered attention implementation; this model uses {base!r}")
+        attentions = [block.attention for block in layout(model).blocks]
+        if cfg.layers > len(attentions):
+            raise ConfigError("layers", f"{cfg.layers} exceeds the model's {len(attentions)} layers")
+        callers = [model.get_submodule(a.caller) for a in attentions]
+        if any(hasattr(caller, "adaption") for caller in callers):
             raise ConfigError("model", "already has adaption prompts; apply LLaMA-Adapter once")
+        top = list(zip(callers, attentions))[len(attentions) - cfg.layers :]
+        for _, attention in top:  # before the model is touched: a fused layout must be splittable
+            if attention.qkv is not None:
+                attention.rows("k")
         freeze(model)
         hidden = model.get_input_embeddings().weight.shape[1]
         trainable: list[nn.Parameter] = []
-        for attn in attns[len(attns) - cfg.layers :]:
-            attn.adaption = AdaptionPrompt(attn, cfg.prompt_length, hidden, cfg.gate)
-            attn.register_forward_hook(_add_prompt_attention, with_kwargs=True)
-            trainable += [attn.adaption.prompt, attn.adaption.gate]
+        for caller, attention in top:
+            caller.adaption = AdaptionPrompt(caller, attention, cfg.prompt_length, hidden, cfg.gate)
+            trainable += [caller.adaption.prompt, caller.adaption.gate]
+        model.set_attn_implementation(register_prompt_attention(base))
         return Adapted(model=model, trainable=trainable)
 
     def expected_trainable(self, model: nn.Module, cfg: LlamaAdapterConfig) -> int:

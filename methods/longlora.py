@@ -1,12 +1,18 @@
 """LongLoRA: Efficient Fine-tuning of Long-Context Large Language Models (Chen et al. 2023, arXiv 2309.12307).
 
-Two parts, for Llama-family models:
+Two parts, for causal language models with rotary positions whose attention goes through
+transformers' attention interface (Llama, Mistral, Qwen2, Gemma-3, Phi, GPT-NeoX):
 - Shifted sparse attention (S²-Attn), while training only: the sequence is cut into groups of G
   tokens (G = group_size_ratio * length; 1/4 in the paper) and every token attends within its
   group; half of the heads use groups shifted by G/2, so that information flows between
   neighbouring groups. In eval mode (lm-eval, generation) attention is the model's own full one.
 - LoRA on the attention projections plus trainable embeddings and normalisation layers: the
   paper's "LoRA+", without which LoRA does not adapt to longer contexts.
+
+Refused by name: models that are not causal LMs (BERT: S²-Attn's groups are causal spans of a
+sequence read left to right), models with learned absolute positions (GPT-2, OPT: the context the
+method extends cannot outgrow their position table), and models that compute attention
+themselves (Falcon).
 
 S²-Attn goes in through transformers' attention interface: a function registered in
 ALL_ATTENTION_FUNCTIONS (and the model's own mask function under the same name) that the model's
@@ -37,8 +43,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from methods.arch import attention_function, check_attention_interface
 from methods.base import Adapted, AdapterFileError, ConfigError, Targets, load_into, load_safetensors, save_safetensors
-from methods.lora import LoRA, LoRAConfig
+from methods.lora import LoRA, LoRAConfig, is_causal_lm
 
 EXTRA_FILE = "longlora_trainable.safetensors"
 """The embeddings and normalisation weights, by parameter name (the LoRA part is peft's files)."""
@@ -149,17 +156,15 @@ def register_s2_attention(base: str, group_size_ratio: float, shift: bool) -> st
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    from transformers.models.llama.modeling_llama import eager_attention_forward
 
     name = f"longlora_s2_{base}_{group_size_ratio:g}_{'shift' if shift else 'noshift'}"
     if name in ALL_ATTENTION_FUNCTIONS:
         return name
     _BASES[name] = base
-    full = eager_attention_forward if base == "eager" else ALL_ATTENTION_FUNCTIONS[base]
 
     def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, **kwargs: Any):
         if not module.training:
-            return full(module, query, key, value, attention_mask, **kwargs)
+            return attention_function(module, base)(module, query, key, value, attention_mask, **kwargs)
         out = shifted_sparse_attention(
             query, key, value, attention_mask, group_size_ratio, shift, kwargs.get("scaling") or module.scaling, kwargs.get("dropout", 0.0)
         )
@@ -184,7 +189,7 @@ class LongLoRA:
     name = "longlora"
     version = "1"
     init_atol: ClassVar[float] = 0.0
-    battery_kinds: ClassVar[tuple[str, ...]] = ("llama",)
+    battery_kinds: ClassVar[tuple[str, ...]] = ("llama",)  # GPT-2 (absolute positions) and BERT (an encoder) are refused
     Config = LongLoRAConfig
     battery_configs: ClassVar[list[dict[str, Any]]] = [
         {"r": 4},
@@ -192,10 +197,16 @@ class LongLoRA:
     ]
 
     def apply(self, model: nn.Module, cfg: LongLoRAConfig) -> Adapted:
-        config = getattr(model, "config", None)
-        if getattr(config, "model_type", None) != "llama":
-            raise ConfigError("model", f"LongLoRA's S²-Attn supports Llama models only, got {type(model).__name__}")
-        base = _BASES.get(config._attn_implementation, config._attn_implementation)
+        if not is_causal_lm(model):
+            raise ConfigError("model", f"LongLoRA's S²-Attn groups a causal LM's sequence; {type(model).__name__} is not a causal LM")
+        if not any("rotary" in type(m).__name__.lower() for m in model.modules()):
+            raise ConfigError(
+                "model",
+                f"LongLoRA extends the context of models with rotary positions; {type(model).__name__} has learned absolute "
+                "positions, whose table caps the context",
+            )
+        implementation = check_attention_interface(model, "LongLoRA's S²-Attn")
+        base = _BASES.get(implementation, implementation)
         if base not in BASE_ATTENTION:
             raise ConfigError("model", f"S²-Attn runs over {' or '.join(BASE_ATTENTION)} attention, this model uses {base!r}")
         adapted = LoRA().apply(model, cfg)
@@ -222,11 +233,14 @@ class LongLoRA:
         return dataclasses.replace(adapted, trainable=adapted.trainable + list(extra.values()), save_fn=save, load_fn=load)
 
     def expected_trainable(self, model: nn.Module, cfg: LongLoRAConfig) -> int:
-        """LoRA's r * (in + out) per target, plus vocab * hidden for the embeddings and
-        hidden * (2 * layers + 1) for the norms (two per block and the final one)."""
-        c = model.config
+        """LoRA's r * (in + out) per target, plus vocab * hidden for the embeddings and the
+        weights (and biases) of every normalisation layer: hidden * (2 * layers + 1) for Llama (two
+        per block and the final one), more for Gemma-3 (four per block and per-head q, k norms) or
+        LayerNorms with biases."""
+        c = model.config.get_text_config()
+        norms = [m for m in model.modules() if "norm" in type(m).__name__.lower()]
         return (
             LoRA().expected_trainable(model, cfg)
             + (c.vocab_size * c.hidden_size if cfg.train_embeddings else 0)
-            + (c.hidden_size * (2 * c.num_hidden_layers + 1) if cfg.train_norms else 0)
+            + (sum(p.numel() for m in norms for p in m.parameters(recurse=False)) if cfg.train_norms else 0)
         )

@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from methods.arch import layout
 from methods.base import Adapted, ConfigError, MethodConfig, freeze
 
 INITS = ("random", "vocab")
@@ -87,7 +88,12 @@ def kv_geometry(model: nn.Module) -> KVGeometry:
     text = config.get_text_config()
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    return KVGeometry(text.num_hidden_layers, getattr(text, "num_key_value_heads", None) or heads, head_dim, text.hidden_size)
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    try:  # the projections' widths: Falcon's multi-query config states no num_key_value_heads
+        kv_heads = layout(model).blocks[0].attention.heads.kv_heads
+    except ConfigError:
+        pass
+    return KVGeometry(text.num_hidden_layers, kv_heads, head_dim, text.hidden_size)
 
 
 class PrefixEncoder(nn.Module):
