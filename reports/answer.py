@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from reports import stats
-from reports.blocks import Cell, Section, Table, c_bytes, c_config, natural_key, short_label
+from reports.blocks import Cell, Section, Table, c_bytes, natural_key, short_label
 from reports.results import score_metrics
 
 BUDGETS_GIB = (0.25, 0.5, 0.75, 1, 1.5, 2, 2.5, 3, 4, 6, 8, 12, 16, 24, 32, 40, 48, 64, 80, 96, 141, 192)
@@ -106,61 +106,84 @@ def answers(opts: list[Option]) -> list[Answer]:
     return out
 
 
-def _name(o: Option) -> str:
-    return short_label(o.label)
+def common_tail(labels: list[str]) -> list[str]:
+    """Words after the method's settings that every label shares ('adamw', 'ep10', 'task=sst2'):
+    said once for the group instead of in every name."""
+    tails = [short_label(lab, 0).partition(")")[2].split() for lab in labels]
+    if not tails:
+        return []
+    return [w for w in tails[0] if all(w in t for t in tails[1:])]
 
 
-def sentence(a: Answer) -> str:
+def name(label: str, common: list[str]) -> str:
+    text = short_label(label, 0)
+    if ")" in text:
+        head, _, tail = text.partition(")")
+        text = (head + ") " + " ".join(w for w in tail.split() if w not in common)).strip()
+    return short_label(text)
+
+
+def sentence(a: Answer, common: list[str]) -> str:
     b = a.best
-    text = f"With {a.budget_gib:g} GiB, {_name(b)} scores best ({100 * b.mean:.1f}%, worst-seed peak {c_bytes(b.worst_peak).text})"
+    text = (f"Up to {a.budget_gib:g} GiB, {name(b.label, common)} scores best: {b.score_text()}, worst-seed peak "
+            f"{c_bytes(b.worst_peak).text}")
     if b.noise == "none":
-        text += ", but it ran once and records no error estimate, so how sure that is cannot be said"
+        text += "; it ran once with no error estimate, so how sure that is cannot be said"
     elif not a.close:
         text += f"; none of the other {a.fits - 1} that fit is within noise of it" if a.fits > 1 else \
             "; it is the only configuration that fits"
     else:
+        text += f"; {len(a.close)} other{'s are' if len(a.close) > 1 else ' is'} within noise of it"
         cheapest = min(a.close, key=lambda o: o.worst_peak)
-        text += (f"; {len(a.close)} other{'s' if len(a.close) > 1 else ''} within noise of it, so the data cannot "
-                 "separate them")
         if cheapest.worst_peak < b.worst_peak:
-            text += f" (the lightest of those, {_name(cheapest)}, peaks at {c_bytes(cheapest.worst_peak).text})"
+            text += f", the lightest {name(cheapest.label, common)} at {c_bytes(cheapest.worst_peak).text}"
     return text + "."
 
 
-def table(ans: list[Answer]) -> Table:
-    rows = []
+def rows(setting: str, ans: list[Answer], common: list[str]) -> list[list[Cell]]:
+    out = []
     for a in ans:
-        close = ", ".join(f"{_name(o)} ({100 * o.mean:.1f}%)" for o in a.close[:MAX_RUNNERS_UP])
+        close = ", ".join(f"{name(o.label, common)} ({100 * o.mean:.1f}%)" for o in a.close[:MAX_RUNNERS_UP])
         if len(a.close) > MAX_RUNNERS_UP:
             close += f" and {len(a.close) - MAX_RUNNERS_UP} more"
-        rows.append([Cell(f"≤ {a.budget_gib:g} GiB", a.budget_gib), c_config(a.best.label),
-                     Cell(a.best.score_text(), a.best.mean), c_bytes(a.best.worst_peak),
-                     Cell(close or "none", len(a.close)), Cell(sentence(a))])
-    return Table(["budget", "best configuration", "score", "worst-seed peak", "within noise of the best", "in one sentence"],
-                 rows)
+        out.append([Cell(setting, setting), Cell(f"≤ {a.budget_gib:g} GiB", a.budget_gib),
+                    Cell(sentence(a, common), a.best.mean, title=a.best.label), Cell(close or "none", len(a.close))])
+    return out
 
 
 def section(trials: pd.DataFrame, groups: pd.DataFrame) -> Section:
-    """The answer box; no blocks (so the report drops it) when no configuration has a score and a peak."""
+    """The answer box; no blocks (so the report leaves it out) when no configuration has a score and a peak.
+    One group per model, task and device: a best configuration across tasks would mean nothing."""
     s = Section("answer", "Answer: the best configuration per memory budget")
     if trials.empty or groups.empty:
         return s
-    device = trials[trials["status"] == "success"].groupby("config")["env.device"].first() \
-        if "env.device" in trials else pd.Series(dtype=object)
-    g = groups.assign(device=groups["config"].map(device).fillna("unknown device"))
-    keys = sorted(g.groupby(["model", "device"], sort=False).groups, key=lambda k: natural_key(f"{k[0]} {k[1]}"))
-    for model, dev in keys:
-        part = g[(g["model"] == model) & (g["device"] == dev)]
+    ok = trials[trials["status"] == "success"]
+    device = ok.groupby("config")["env.device"].first() if "env.device" in ok else pd.Series(dtype=object)
+    g = groups.assign(device=groups["config"].map(device).fillna("unknown device"),
+                      task=groups["spec"].map(lambda sp: _task(sp)))
+    out: list[list[Cell]] = []
+    devices = sorted(g["device"].unique())
+    keys = sorted(g.groupby(["model", "task", "device"], sort=False).groups, key=lambda k: natural_key(" ".join(k)))
+    for model, task, dev in keys:
+        part = g[(g["model"] == model) & (g["task"] == task) & (g["device"] == dev)]
         ans = answers(options(trials, part))
         if not ans:
             continue
-        t = table(ans)
-        t.caption = f"{model} on {dev}"
-        s.table(t)
-    if s.blocks:
+        common = common_tail(list(part["config_label"]))
+        shared = [w for w in common if w not in (f"task={task}", f"model={model}")]
+        setting = f"{model}, {task}" + (f", {dev}" if len(devices) > 1 else "") + (f" (all: {' '.join(shared)})" if shared else "")
+        out += rows(setting, ans, common)
+    if out:
+        s.table(Table(["model, task" + (", device" if len(devices) > 1 else ""), "budget",
+                       "the answer (hover for the full configuration)", "also within noise of the best"], out,
+                      caption="" if len(devices) > 1 else f"On {devices[0]}"))
         s.note("A configuration fits a budget when its worst seed's peak memory (the largest over seeds) is within it; "
                "the best is the highest mean score among those. Within noise: the 95% intervals overlap (t interval "
                "over seeds, or ±1.96 lm-eval standard errors for a single run). A budget gets a row only when the "
                "answer changes.")
     return s
 
+
+def _task(spec: dict) -> str:
+    data = spec.get("data") if isinstance(spec, dict) else None
+    return str(data.get("task")) if isinstance(data, dict) and data.get("task") else "unknown task"

@@ -88,16 +88,16 @@ def natural_key(text: str) -> tuple:
     return tuple((0, float(p), "") if i % 2 else (1, 0.0, p) for i, p in enumerate(_NUMBER.split(text)) if p)
 
 
-def short_label(label: str) -> str:
+def short_label(label: str, limit: int = SHORT_LABEL) -> str:
     """A trial label without its default settings: 'lora(r=16,alpha=32,dropout=0.0,targets=qv,rslora=False) adamw ep2'
-    reads 'lora(r=16, α=32, qv) adamw ep2'; cut at SHORT_LABEL characters."""
+    reads 'lora(r=16, α=32, qv) adamw ep2'; cut at `limit` characters (0: never)."""
     head, paren, rest = label.partition("(")
     if paren and ")" in rest:
         inner, _, tail = rest.partition(")")
         parts = [p.strip() for p in inner.split(",")]
         parts = [p.removeprefix("targets=").replace("alpha=", "α=") for p in parts if p and not _NOISE.match(p)]
         label = f"{head}({', '.join(parts)}){tail}"
-    return label if len(label) <= SHORT_LABEL else label[: SHORT_LABEL - 1] + "…"
+    return label if not limit or len(label) <= limit else label[: limit - 1] + "…"
 
 
 def c_config(label: Any) -> Cell:

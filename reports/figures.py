@@ -43,7 +43,7 @@ def _svg(fig: Figure) -> str:
 
 
 POINT_URL = "#peftbench-point:"
-_POINT = re.compile(r'<a xlink:href="' + re.escape(POINT_URL) + r'([^"]*)">(.*?)</a>', re.S)
+_POINT = re.compile(r'<a xlink:href="' + re.escape(POINT_URL) + r'([^"]*)"[^>]*>(.*?)</a>', re.S)
 
 
 def label_points(collection, labels: Sequence[str]) -> None:

@@ -54,7 +54,8 @@ def detail(row: pd.Series, ref: dict[str, Any]) -> dict[str, Any]:
     curve = [float(v) for v in curve if v is not None] if isinstance(curve, list) else []
     return {"id": str(row["id"]), "label": str(row["config_label"]), "seed": _text(row.get("seed")), "path": str(row["path"]),
             "status": str(row["status"]), "error": "" if missing(row.get("error")) else str(row.get("error")),
-            "spec": json.dumps(row["spec"], indent=1, sort_keys=True, default=str), "diff": diff, "curve": curve}
+            "spec": json.loads(json.dumps(row["spec"], sort_keys=True, default=str)), "diff": diff,
+            "curve": [round(v, 5) for v in curve]}
 
 
 def table(trials: pd.DataFrame) -> Table:

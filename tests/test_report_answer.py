@@ -1,0 +1,112 @@
+"""The answer box's rules, the label helpers, hover titles, sections without data and the index page."""
+
+from __future__ import annotations
+
+import re
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from reports import answer, figures, render
+from reports.blocks import Section, Table, natural_key, short_label
+from tests.test_report import GIB, section_text, write_result
+
+
+def opt(config: str, mean: float, half: float, peak_gib: float, n: int = 3) -> answer.Option:
+    return answer.Option(config, f"lora({config}) adamw ep1", n, mean, mean - half, mean + half, "ci", peak_gib * GIB)
+
+
+def test_a_budget_gets_a_row_only_when_the_answer_changes():
+    frozen = opt("frozen", 0.60, 0.0, 0.4, n=1)
+    small = opt("small", 0.80, 0.01, 1.8)
+    big = opt("big", 0.85, 0.01, 2.9)
+    ans = answer.answers([frozen, small, big])
+    assert [(a.budget_gib, a.best.config) for a in ans] == [(0.5, "frozen"), (2, "small"), (3, "big")]
+    assert [a.fits for a in ans] == [1, 2, 3]
+
+
+def test_runners_up_are_the_configurations_whose_interval_overlaps_the_best():
+    best = opt("best", 0.85, 0.02, 1.0)
+    close = opt("close", 0.84, 0.02, 0.9)  # 0.82-0.86 overlaps 0.83-0.87
+    far = opt("far", 0.70, 0.02, 0.8)
+    a = answer.answers([best, close, far])[-1]
+    assert a.best.config == "best" and [o.config for o in a.close] == ["close"]
+    assert "1 other is within noise" in answer.sentence(a, [])
+
+
+def test_a_configuration_fits_on_its_worst_seed_not_its_mean(tmp_path):
+    folder = tmp_path / "worst"
+    # Mean peak 1.9 GiB, worst seed 2.2 GiB: over a 2 GiB budget, so at 2 GiB the answer stays r=4 (no row).
+    for seed, peak in ((0, 1.6), (1, 2.2), (2, 1.9)):
+        write_result(folder, r=16, seed=seed, score=0.90 + 0.001 * seed, peak=peak * GIB)
+    for seed in range(3):
+        write_result(folder, r=4, seed=seed, score=0.70 + 0.001 * seed, peak=1.5 * GIB)
+    html = render.html([folder])
+    box = section_text(html, "answer")
+    rows = re.findall(r"<tr>(.*?)</tr>", box.split("<tbody>")[1], re.S)
+    assert len(rows) == 2
+    assert "≤ 1.5 GiB" in rows[0] and "r=4" in rows[0]
+    assert "≤ 2.5 GiB" in rows[1] and "r=16" in rows[1] and "worst-seed peak 2.20 GiB" in rows[1]
+
+
+def test_a_single_run_uses_lm_evals_standard_error(tmp_path):
+    folder = tmp_path / "single"
+    write_result(folder, r=8, score=0.80, peak=1.0 * GIB)  # acc_stderr 0.02 in write_result
+    trials = render.results.tidy(render.results.frame(folder))
+    (o,) = answer.options(trials, render.sections.seed_groups(trials))
+    assert o.noise == "stderr" and abs((o.hi - o.mean) - answer.Z95 * 0.02) < 1e-9
+    assert "±1.96 lm-eval stderr" in o.score_text()
+
+
+def test_labels_drop_defaults_and_sort_numbers_as_numbers():
+    assert short_label("lora(r=16,alpha=32,dropout=0.0,targets=all-linear,rslora=False) adamw ep2") == \
+        "lora(r=16, α=32, all-linear) adamw ep2"
+    assert len(short_label("x(" + "a=1," * 40 + ") adamw")) == 64
+    assert sorted(["lora(r=16)", "lora(r=4)", "lora(r=64)", "lora(r=8)"], key=natural_key) == \
+        ["lora(r=4)", "lora(r=8)", "lora(r=16)", "lora(r=64)"]
+    labels = ["lora(r=4) adamw ep10 lr=0.1", "lora(r=8) adamw ep10 lr=0.01"]
+    common = answer.common_tail(labels)
+    assert common == ["adamw", "ep10"] and answer.name(labels[1], common) == "lora(r=8) lr=0.01"
+
+
+def test_labelled_points_carry_their_title_in_the_svg():
+    fig = Figure()
+    ax = fig.subplots()
+    figures.label_points(ax.scatter([1, 2, 3], [3, 4, 5]), ["a<b", "second", "third & last"])
+    svg = figures._svg(fig)
+    assert re.findall(r'<g class="point"><title>(.*?)</title>', svg) == ["a&lt;b", "second", "third &amp; last"]
+    assert "peftbench-point" not in svg
+
+
+def test_a_section_without_data_is_closed_away(tmp_path):
+    s = Section("x", "X")
+    s.p("No results.")
+    s.table(Table(["a"], []))
+    assert not s.has_data
+    s.figure("<svg></svg>", "a figure")
+    assert s.has_data
+    html = render.html([write_result(tmp_path / "one", score=0.8).parent])
+    closed = html.split('<details id="no-data">')[1]
+    assert '<section id="qlora">' in closed and '<section id="answer">' not in closed
+    assert html.index('<section id="answer">') < html.index("<nav>")  # the answer first, the contents after
+
+
+def test_index_links_every_report(tmp_path, capsys):
+    for name in ("b.html", "a.html"):
+        (tmp_path / name).write_text(f'<title>report {name}</title><p class="meta">from <b>somewhere</b></p>')
+    assert render.main(["--index", str(tmp_path)]) == 0
+    index = (tmp_path / "index.html").read_text()
+    assert index.index('href="a.html"') < index.index('href="b.html"') and "from somewhere" in index
+    assert render.main(["--index", str(tmp_path / "missing")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+
+
+def test_answer_groups_per_model_task_and_device(tmp_path):
+    folder = tmp_path / "two"
+    write_result(folder, r=8, score=0.8, peak=1.0 * GIB)
+    write_result(folder, r=8, score=0.7, peak=1.0 * GIB, model="other-model")
+    trials = render.results.tidy(render.results.frame(folder))
+    s = answer.section(trials, render.sections.seed_groups(trials))
+    (block, _note) = s.blocks
+    assert [row[0].text.split(",")[0] for row in block.table.rows] == ["other-model", "smollm2-135m"]
+    assert isinstance(trials, pd.DataFrame)

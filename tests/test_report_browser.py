@@ -1,0 +1,200 @@
+"""Every committed report (reports/*.html) in a real Chromium at 1400 px: no page or console error,
+nothing wider than the page, the answer box on the first screen, every plotted mark inside its
+axes, and the interaction (hover, filters, CSV download, drill-down) working offline.
+
+The reports are regenerated from results/reference/ with the commands in README.md; this test reads
+the committed files, so a report that was not regenerated after a change is tested as committed."""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from pathlib import Path
+
+import pytest
+
+from reports import render
+
+ROOT = Path(__file__).resolve().parents[1]
+REPORTS = sorted(p for p in (ROOT / "reports").glob("*.html") if p.name != render.INDEX)
+CHROMIUM = Path("/usr/bin/chromium")
+WIDTH, FIRST_SCREEN = 1400, 900
+TOLERANCE = 6.0  # SVG units: a marker centred on the axes' edge pokes out by its radius
+
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium")
+
+# Plotted marks (lines, markers, collections) that reach past their axes' clip box, and clipped
+# paths with no data left at all (matplotlib drops segments wholly outside the canvas: a line
+# drawn entirely out of view). Bars (patches) are left out: a bar may start below a cut axis.
+OUTSIDE_AXES = r"""(tol) => {
+  const bad = [];
+  document.querySelectorAll("figure svg").forEach((svg, fi) => {
+    const caption = (svg.closest("figure").querySelector("figcaption") || {}).textContent || "";
+    const where = "figure " + fi + " (" + caption.slice(0, 60) + ")";
+    const clips = {};
+    svg.querySelectorAll("clipPath").forEach(cp => { const r = cp.querySelector("rect"); if (r) clips[cp.id] = r; });
+    svg.querySelectorAll("[clip-path]").forEach(el => {
+      if (el.closest('[id^="patch"]')) return;
+      const m = /url\(#([^)]+)\)/.exec(el.getAttribute("clip-path"));
+      if (!m || !clips[m[1]]) return;
+      const id = (el.closest("[id]") || {}).id;
+      if (el.tagName === "path" && !(el.getAttribute("d") || "").trim()) {
+        bad.push(where + " " + id + ": every point lies outside the axes");
+        return;
+      }
+      const r = clips[m[1]];
+      const x = +r.getAttribute("x"), y = +r.getAttribute("y"), w = +r.getAttribute("width"), h = +r.getAttribute("height");
+      const b = el.getBBox();
+      if (b.width === 0 && b.height === 0 && el.tagName === "g" && !el.children.length) return;
+      if (b.x < x - tol || b.y < y - tol || b.x + b.width > x + w + tol || b.y + b.height > y + h + tol)
+        bad.push(where + " " + id + ": box " + [b.x, b.y, b.x + b.width, b.y + b.height].map(Math.round) +
+                 " outside the axes " + [x, y, x + w, y + h].map(Math.round));
+    });
+  });
+  return bad;
+}"""
+
+TOO_WIDE = """(limit) => Array.from(document.querySelectorAll("table, figure svg, pre"))
+  .filter(e => e.getClientRects().length && e.getBoundingClientRect().right > limit + 0.5)
+  .map(e => (e.closest("section") || {}).id + " " + e.tagName + " right edge at " + Math.round(e.getBoundingClientRect().right))"""
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        yield b
+        b.close()
+
+
+class Page:
+    """One report open at 1400 px, with every error and request it caused."""
+
+    def __init__(self, browser, path: Path) -> None:
+        self.context = browser.new_context(viewport={"width": WIDTH, "height": FIRST_SCREEN}, accept_downloads=True)
+        self.page = self.context.new_page()
+        self.errors: list[str] = []
+        self.requests: list[str] = []
+        self.page.on("console", lambda msg: self.errors.append(msg.text) if msg.type == "error" else None)
+        self.page.on("pageerror", lambda exc: self.errors.append(str(exc)))
+        self.page.on("request", lambda req: self.requests.append(req.url))
+        self.page.goto(path.as_uri())
+
+    def open_everything(self) -> None:
+        self.page.evaluate("document.querySelectorAll('details').forEach(d => d.open = true)")
+
+
+@pytest.fixture(params=REPORTS, ids=[p.name for p in REPORTS])
+def report(request, browser):
+    page = Page(browser, request.param)
+    yield request.param, page
+    page.context.close()
+    assert page.errors == [], f"{request.param.name}: {page.errors}"
+    assert all(url.startswith(("file:", "data:", "about:")) for url in page.requests), page.requests
+
+
+def test_every_report_is_committed():
+    names = {p.name for p in REPORTS}
+    assert {"lora_sweep.html", "lora_vs_qlora.html", "methods_zoo.html", "surgical.html", "serving.html"} <= names
+    index = (ROOT / "reports" / render.INDEX).read_text()
+    for p in REPORTS:  # the index links every report
+        assert f'href="{p.name}"' in index, p.name
+
+
+def test_layout_fits_the_page_and_the_answer_comes_first(report):
+    path, r = report
+    page = r.page
+    scored = page.evaluate("""() => { const t = document.querySelector('#trials table');
+        if (!t) return false; const col = Array.from(t.tHead.rows[0].cells).findIndex(c => c.textContent === 'score');
+        return col >= 0 && Array.from(t.tBodies[0].rows).some(r => r.cells[col].getAttribute('data-sort') !== ''); }""")
+    answer = page.locator("section#answer")
+    if scored:  # a report with scores answers the question first, on the first screen
+        assert answer.count() == 1, f"{path.name}: scores but no answer box"
+    if answer.count():
+        box = answer.bounding_box()
+        assert box["y"] + box["height"] <= FIRST_SCREEN, f"{path.name}: the answer box ends at {box['y'] + box['height']:.0f} px"
+        assert answer.locator("tbody tr").count() >= 1
+    r.open_everything()
+    limit = page.evaluate("document.documentElement.clientWidth")
+    assert page.evaluate(TOO_WIDE, limit) == [], path.name
+    assert page.evaluate("document.documentElement.scrollWidth") <= limit, f"{path.name}: the page scrolls sideways"
+
+
+def test_plotted_data_lies_inside_its_axes(report):
+    path, r = report
+    assert r.page.locator("figure svg").count() >= 1, f"{path.name}: no figure"
+    assert r.page.evaluate(OUTSIDE_AXES, TOLERANCE) == [], path.name
+
+
+def test_hover_names_the_point(report):
+    path, r = report
+    points = r.page.locator("figure svg g.point")
+    if not r.page.locator("section#overview figure").count():
+        pytest.skip(f"{path.name} has no Pareto plot")  # serving reports: lines, not configurations
+    overview_points = r.page.locator("section#overview figure svg g.point")
+    assert overview_points.count() >= 2, f"{path.name}: the Pareto points carry no labels"
+    tip = r.page.locator("#tip")
+    for i in (0, points.count() - 1):
+        point = points.nth(i)
+        title = point.locator("title").text_content()
+        assert title.strip()
+        point.scroll_into_view_if_needed()
+        point.hover(force=True)
+        assert tip.is_visible() and tip.text_content() == title
+        r.page.mouse.move(0, 0)
+        assert not tip.is_visible()
+
+
+def visible_column(page, table, name: str) -> list[str]:
+    return table.evaluate("""(t, name) => { const col = Array.from(t.tHead.rows[0].cells).findIndex(c => c.textContent === name);
+        return Array.from(t.tBodies[0].rows).filter(r => !r.classList.contains('drill') && r.style.display !== 'none')
+                    .map(r => r.cells[col].getAttribute('title') || r.cells[col].textContent); }""", name)
+
+
+def test_filter_csv_and_drill_down(report):
+    path, r = report
+    page = r.page
+    table = page.locator("section#trials table.drillable")
+    if not table.count():
+        pytest.skip(f"{path.name} has no trial table")  # serving reports
+    if page.locator("section#trials details").count():
+        page.click("section#trials details > summary")
+    total = table.locator("tbody tr").count()
+    # Filter on the method that the fewest trials use, so that the filter has something to remove.
+    methods = visible_column(page, table, "method")
+    rare = min(set(methods), key=methods.count)
+    page.select_option("section#trials select.facet[data-column='%d']" % methods_index(page, table), rare)
+    shown = visible_column(page, table, "method")
+    assert shown and set(shown) == {rare} and len(shown) == methods.count(rare)
+    assert page.locator("section#trials span.count").text_content() == f"{len(shown)} of {total} rows"
+
+    with page.expect_download() as info:
+        page.click("section#trials button.csv")
+    download = info.value
+    rows = list(csv.reader(io.StringIO(Path(download.path()).read_text(encoding="utf-8"))))
+    header = table.locator("thead th").all_text_contents()
+    assert rows[0] == header and len(rows) == len(shown) + 1
+    col = header.index("configuration")
+    assert sorted(r[col] for r in rows[1:]) == sorted(visible_column(page, table, "configuration"))
+
+    first = table.locator("tbody tr:visible").first
+    first.click()
+    drill = table.locator("tr.drill")
+    assert drill.count() == 1
+    text = drill.text_content()
+    file = re.search(r"file: (\S+\.json)", text)
+    assert file and (ROOT / file.group(1)).is_file(), text[:200]
+    assert "differ from" in text and ("this trial" in text or "this is the reference" in text)
+    assert drill.locator("details summary", has_text="full spec").count() == 1
+    curve = drill.locator("svg.loss-curve")
+    assert curve.count() == 1 or "No loss curve recorded" in text
+    first.click()
+    assert table.locator("tr.drill").count() == 0
+
+
+def methods_index(page, table) -> int:
+    return table.evaluate("t => Array.from(t.tHead.rows[0].cells).findIndex(c => c.textContent === 'method')")
