@@ -158,7 +158,11 @@ def sublayer_outputs(model: nn.Module, sublayer: str) -> list[tuple[str, nn.Modu
     self_attn.dense / fc2 (Phi), attention.output.dense / output.dense (BERT), ..."""
     from methods.arch import layout
 
-    return [(n, model.get_submodule(n)) for n in layout(model).sublayer_outputs(sublayer)]
+    try:
+        found = layout(model)
+    except ConfigError as exc:
+        raise ConfigError("model", f"cannot find the {sublayer} output projections: {exc.message}") from None
+    return [(n, model.get_submodule(n)) for n in found.sublayer_outputs(sublayer)]
 
 
 def block_norms(model: nn.Module) -> list[nn.Module]:

@@ -159,7 +159,7 @@ def test_ia3_scales_keys_values_and_ffn_input(kind: str) -> None:
     assert {n: layer.on_input for n, layer in layers.items()} == expected
     assert all(torch.equal(layer.ia3_l, torch.ones_like(layer.ia3_l)) for layer in layers.values())
     if kind == "gpt2":  # only the k and v thirds of the fused q|k|v output
-        assert all(layer.ia3_l.numel() == 64 and layer.start == 32 for n, layer in layers.items() if n.endswith("c_attn"))
+        assert all(torch.equal(layer.rows, torch.arange(32, 96)) for n, layer in layers.items() if n.endswith("c_attn"))
 
 
 def _peft_ia3(peft: Any, base: nn.Module, ours: dict[str, Any]) -> nn.Module:
@@ -186,7 +186,7 @@ def test_ia3_matches_peft(kind: str, peft: Any) -> None:
     for name, layer in layers.items():
         vector = theirs.get_submodule(f"base_model.model.{name}").ia3_l["default"]
         with torch.no_grad():
-            vector.copy_(torch.cat([torch.ones(layer.start), layer.ia3_l]).view(vector.shape))
+            vector.copy_(layer.scale().detach().view(vector.shape))
         pairs.append((layer, vector))
 
     batch = make_batch(kind)
@@ -195,9 +195,10 @@ def test_ia3_matches_peft(kind: str, peft: Any) -> None:
     out_ours.loss.backward()
     out_theirs.loss.backward()
     for layer, vector in pairs:
-        torch.testing.assert_close(layer.ia3_l.grad, vector.grad.flatten()[layer.start :], atol=1e-5, rtol=0)
+        grad = vector.grad.flatten()
+        torch.testing.assert_close(layer.ia3_l.grad, grad if layer.rows is None else grad[layer.rows], atol=1e-5, rtol=0)
     if kind == "gpt2":  # peft trains the q third too; ours has no parameter there
-        assert all(vector.numel() == 3 * layer.ia3_l.numel() // 2 for layer, vector in pairs if layer.start)
+        assert all(vector.numel() == 3 * layer.ia3_l.numel() // 2 for layer, vector in pairs if layer.rows is not None)
 
 
 @pytest.mark.parametrize("vectors", [None, ["k", "v"], ["ff"]])
@@ -227,9 +228,9 @@ def test_ia3_config_validation() -> None:
         with pytest.raises(ConfigError) as info:
             IA3Config.from_dict(values)
         assert info.value.key == "vectors", values
-    with pytest.raises(ConfigError) as info:  # GPT-2 has no separate key projection to scale alone
-        IA3().apply(build_model("gpt2"), IA3Config(vectors=["k"]))
-    assert info.value.key == "vectors"
+    # A fused q|k|v projection scales its k rows alone: GPT-2's c_attn, heads of 8 features.
+    layer = ia3_layers(IA3().apply(build_model("gpt2"), IA3Config(vectors=["k"])).model)["transformer.h.0.attn.c_attn"]
+    assert torch.equal(layer.rows, torch.arange(32, 64))
 
 
 # ---------------------------------------------------------------- GLoRA

@@ -283,11 +283,40 @@ def test_more_layers_than_the_model_has_is_a_config_error() -> None:
     assert all(p.requires_grad for p in model.parameters()), "the model was touched before the error"
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "bert"])
-def test_llama_adapter_names_what_the_layout_lacks(kind: str) -> None:
-    with pytest.raises(ConfigError, match="Llama attention layout") as info:
-        LlamaAdapter().apply(build_model(kind), LlamaAdapterConfig(layers=1))
+def test_llama_adapter_refuses_an_attention_that_computes_itself() -> None:
+    """Falcon's attention does not go through transformers' attention interface, where the prompt goes in."""
+    from tiny_archs import build_arch
+
+    model = build_arch("falcon")
+    with pytest.raises(ConfigError, match="FalconAttention computes its attention itself") as info:
+        LlamaAdapter().apply(model, LlamaAdapterConfig(layers=1))
     assert info.value.key == "model"
+    assert all(p.requires_grad for p in model.parameters()), "the model was touched before the error"
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "gpt_neox"])
+def test_llama_adapter_prompt_keys_are_the_models_own(arch: str) -> None:
+    """The prompt's keys and values are what the layer's own projections give for the prompt:
+    Gemma-3's separate k_proj with its per-head k_norm and 2 key/value heads for 4 query heads,
+    GPT-NeoX's fused query_key_value split per head, written out by hand here."""
+    from tiny_archs import build_arch
+
+    model = LlamaAdapter().apply(build_arch(arch), LlamaAdapterConfig(prompt_length=3, layers=1)).model
+    caller, adaption = next((m, m.adaption) for m in model.modules() if hasattr(m, "adaption"))
+    key, value = adaption.keys_values(caller, torch.float32)
+    h = adaption.heads
+    assert key.shape == value.shape == (h.heads, 3, h.head_dim)
+    prompt = adaption.prompt
+    if hasattr(caller, "query_key_value"):  # GPT-NeoX: per head [q | k | v]
+        fused = caller.query_key_value(prompt).view(3, h.heads, 3, h.head_dim)
+        expected_k, expected_v = fused[:, :, 1].transpose(0, 1), fused[:, :, 2].transpose(0, 1)
+    else:
+        expected_k = caller.k_norm(caller.k_proj(prompt).view(3, h.kv_heads, h.head_dim)).transpose(0, 1)
+        expected_v = caller.v_proj(prompt).view(3, h.kv_heads, h.head_dim).transpose(0, 1)
+        groups = h.heads // h.kv_heads
+        expected_k, expected_v = expected_k.repeat_interleave(groups, 0), expected_v.repeat_interleave(groups, 0)
+    torch.testing.assert_close(key, expected_k, atol=1e-6, rtol=0)
+    torch.testing.assert_close(value, expected_v, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize(
