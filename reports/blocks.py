@@ -169,7 +169,8 @@ def published_table(rows: list[dict[str, Any]], columns: dict[str, str]) -> Tabl
         for key in columns:
             v = row.get(key)
             if isinstance(v, int | float):
-                cells.append(Cell(f"{v:,}" if isinstance(v, int) else f"{v:g}", float(v)))
+                # As published: every digit kept (10,059.53 s, not 1.006e+04).
+                cells.append(Cell(f"{v:,}", float(v)))
             else:
                 cells.append(c_text(v))
         out.append(cells)

@@ -10,6 +10,7 @@ import io
 import itertools
 import math
 import re
+import textwrap
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -18,6 +19,8 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+
+from reports import blocks  # a module reference: blocks imports this module too
 
 GIB = 2**30
 MIB = 2**20
@@ -67,25 +70,114 @@ def _legend_outside(ax) -> None:
         sns.move_legend(ax, "upper left", bbox_to_anchor=(1.02, 1), frameon=False)
 
 
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "p", "h", "*")
+LABEL_PT = 9  # the smallest text a figure may use
+
+
+def colours(n: int) -> list:
+    """n colours that never repeat up to 40: tab20 (paired light/dark hues), then tab20b; beyond 40 they cycle,
+    and callers pair them with MARKERS so that (colour, marker) still tells points apart."""
+    base = sns.color_palette("tab10" if n <= 10 else "tab20", 10 if n <= 10 else 20)
+    if n > 20:
+        base += sns.color_palette("tab20b", 20)
+    return [base[i % len(base)] for i in range(n)]
+
+
+def _natural(values) -> list:
+    """Values in natural order: numbers as numbers (r=4 < r=8 < r=16 < r=64), text after."""
+    def key(v):
+        parts = re.split(r"(\d+(?:\.\d+)?)", str(v))
+        return [(0, float(p), "") if i % 2 else (1, 0.0, p) for i, p in enumerate(parts)]
+    return sorted(dict.fromkeys(values), key=key)
+
+
+def _legend_below(ax, ncol: int, title: str | None = None) -> None:
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=ncol, frameon=False,
+                  fontsize=LABEL_PT, title=title, title_fontsize=LABEL_PT)
+
+
+# The configuration axes a point's colour names, in the order they are spelled out.
+FAMILY_AXES = ("method", "base", "targets", "optimizer", "epochs")
+
+
+def family(points: pd.DataFrame) -> pd.Series:
+    """Each configuration's method plus the settings other than the rank that vary among the points."""
+    varying = [c for c in FAMILY_AXES[1:] if c in points and points[c].nunique(dropna=True) > 1]
+
+    def name(row) -> str:
+        bits = [f"{row[c]:g} ep" if c == "epochs" and not pd.isna(row[c]) else str(row[c])
+                for c in varying if not pd.isna(row.get(c))]
+        return " ".join([str(row["method"]), *bits])
+    return points.apply(name, axis=1)
+
+
 def pareto(points: pd.DataFrame, front: pd.DataFrame) -> str:
-    """Peak memory against score, one point per config; the front joined by a step line."""
+    """Peak memory against score, one point per config; the front joined by a step line. Colour: the
+    method and every setting but the rank that varies; marker: the rank where one family has several."""
     with _style():
-        models = list(dict.fromkeys(points["model"]))
-        fig = Figure(layout="constrained", figsize=(7.5, 3.6 * len(models)))
-        axes = fig.subplots(len(models), 1, squeeze=False)[:, 0]
+        # One panel per model, and per task where a model was tuned on several (the surgical shifts): scores
+        # on different tasks do not share an axis. The front is drawn per panel.
+        split = "task" in points and (points.groupby("model")["task"].nunique() > 1).any()
+        panel = points["model"].astype(str) + (": " + points["task"].astype(str) if split else "")
+        models = _natural(panel)
+        fams = family(points)
+        names = _natural(fams)
+        by_rank = "r" in points and (points.assign(f=fams).dropna(subset=["r"]).groupby("f")["r"].nunique() > 1).any()
+        ranks = _natural(points["r"].dropna()) if by_rank else []
+        entries = len(names) + len(ranks)
+        ncol = 2 if max(map(len, names)) > 28 else 3
+        legend_in = 0.25 * math.ceil(entries / ncol) + 0.6
+        grid_cols = 2 if len(models) > 2 else 1
+        grid_rows = math.ceil(len(models) / grid_cols)
+        fig = Figure(layout="constrained", figsize=(9 * grid_cols, (4.2 + legend_in) * grid_rows))
+        axes = fig.subplots(grid_rows, grid_cols, squeeze=False).ravel()
+        for ax in axes[len(models):]:
+            ax.set_visible(False)
+        cols = dict(zip(names, colours(len(names))))
         for ax, model in zip(axes, models):
-            pts, fr = points[points["model"] == model], front[front["model"] == model]
+            pts = points[panel == model]
+            fr = _front(pts)
             div, unit = memory_unit(pts["peak"].max())
-            data = pts.assign(mem=pts["peak"] / div, pct=pts["score"] * 100)
-            sns.scatterplot(data=data, x="mem", y="pct", hue="method", style="method", s=60, ax=ax)
-            label_points(ax.collections[0], [f"{lab}: {pct:.1f}%, {mem:.2f} {unit}"
-                                             for lab, pct, mem in zip(data["config_label"], data["pct"], data["mem"])])
+            data = pts.assign(mem=pts["peak"] / div, pct=pts["score"] * 100, fam=fams.loc[pts.index])
+            for i, name in enumerate(names):
+                d = data[data["fam"] == name]
+                if d.empty:
+                    continue
+                if by_rank:
+                    # One collection per marker: the marker says the rank, the colour the family.
+                    for r, g in d.groupby(d["r"].fillna(-1), sort=True):
+                        marker = MARKERS[ranks.index(r) % len(MARKERS)] if r in ranks else "o"
+                        coll = ax.scatter(g["mem"], g["pct"], color=cols[name], marker=marker, s=55, edgecolor="white",
+                                          linewidth=0.5, zorder=3)
+                        _title_points(coll, g, unit)
+                    ax.scatter([], [], color=cols[name], marker="s", s=55, label=name)
+                else:
+                    coll = ax.scatter(d["mem"], d["pct"], color=cols[name], marker=MARKERS[i % len(MARKERS)], s=55,
+                                      edgecolor="white", linewidth=0.5, zorder=3, label=name)
+                    _title_points(coll, d, unit)
+            for r in ranks:
+                ax.scatter([], [], color="0.35", marker=MARKERS[ranks.index(r) % len(MARKERS)], s=55, label=f"r={int(r)}")
             fr = fr.sort_values("peak")
-            ax.step(fr["peak"] / div, fr["score"] * 100, where="post", color="black", lw=1, label="Pareto front")
+            ax.step(fr["peak"] / div, fr["score"] * 100, where="post", color="black", lw=1, label="Pareto front", zorder=2)
             ax.set(xlabel=f"peak memory ({unit})", ylabel="score (%)", title=str(model))
-            ax.legend()
-            _legend_outside(ax)
+            _legend_below(ax, ncol)
         return _svg(fig)
+
+
+def _front(pts: pd.DataFrame) -> pd.DataFrame:
+    """Configurations that no other in the panel beats on both score (higher) and peak memory (lower)."""
+    keep, best = [], -math.inf
+    for idx, row in pts.sort_values(["peak", "score"], ascending=[True, False]).iterrows():
+        if row["score"] > best:
+            keep.append(idx)
+            best = row["score"]
+    return pts.loc[keep]
+
+
+def _title_points(collection, d: pd.DataFrame, unit: str) -> None:
+    label_points(collection, [f"{lab}: {pct:.1f}%, {mem:.2f} {unit}" for lab, pct, mem in zip(d["config_label"], d["pct"], d["mem"])])
 
 
 def _errorbars(ax, data: pd.DataFrame, x: str, y: str, lo: str, hi: str, scale: float) -> None:
@@ -96,37 +188,61 @@ def _errorbars(ax, data: pd.DataFrame, x: str, y: str, lo: str, hi: str, scale: 
 
 
 def rank_sweep(data: pd.DataFrame) -> str:
-    """Score and peak memory against the LoRA rank, one line per variant (targets, optimizer, epochs)."""
+    """Score and peak memory against the LoRA rank, one line per variant (targets, optimizer, epochs);
+    one row of panels per `facet` value (the base) when the data has that column with several values."""
     with _style():
-        fig = Figure(layout="constrained", figsize=(11, 3.8))
-        ax_s, ax_m = fig.subplots(1, 2)
+        facets = _natural(data["facet"]) if "facet" in data else [""]
+        variants = _natural(data["variant"])
+        pal = dict(zip(variants, colours(len(variants))))
+        fig = Figure(layout="constrained", figsize=(11, 3.4 * len(facets) + 0.3 * math.ceil(len(variants) / 2)))
+        grid = fig.subplots(len(facets), 2, squeeze=False)
         div, unit = memory_unit(data["peak"].max())
-        scored = data.dropna(subset=["score"])
-        if scored.empty:
-            ax_s.text(0.5, 0.5, "no scores", ha="center", va="center", transform=ax_s.transAxes)
-        else:
-            sns.lineplot(data=scored.assign(pct=scored["score"] * 100), x="r", y="pct", hue="variant",
-                         marker="o", errorbar=None, ax=ax_s, legend=False)
-            _errorbars(ax_s, scored, "r", "score", "score_lo", "score_hi", 100)
-        sns.lineplot(data=data.assign(mem=data["peak"] / div), x="r", y="mem", hue="variant", marker="o",
-                     errorbar=None, ax=ax_m)
-        for ax in (ax_s, ax_m):
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(sorted(data["r"].unique()), labels=[f"{int(r)}" for r in sorted(data["r"].unique())])
-        ax_s.set(xlabel="rank r (alpha in the table)", ylabel="score (%), 95% CI where seeds > 1")
-        ax_m.set(xlabel="rank r", ylabel=f"peak memory ({unit})")
-        _legend_outside(ax_m)
+        ticks = sorted(data["r"].unique())
+        for row, facet in enumerate(facets):
+            ax_s, ax_m = grid[row]
+            d = data[data["facet"] == facet] if "facet" in data else data
+            scored = d.dropna(subset=["score"])
+            if scored.empty:
+                ax_s.text(0.5, 0.5, "no scores", ha="center", va="center", transform=ax_s.transAxes)
+            else:
+                sns.lineplot(data=scored.assign(pct=scored["score"] * 100), x="r", y="pct", hue="variant", palette=pal,
+                             hue_order=variants, marker="o", errorbar=None, ax=ax_s, legend=False)
+                _errorbars(ax_s, scored, "r", "score", "score_lo", "score_hi", 100)
+            sns.lineplot(data=d.assign(mem=d["peak"] / div), x="r", y="mem", hue="variant", palette=pal, hue_order=variants,
+                         marker="o", errorbar=None, ax=ax_m, legend=row == len(facets) - 1)
+            ax_m.set_ylim(bottom=0)  # memory from zero: no truncated axis exaggerates a few percent
+            for ax in (ax_s, ax_m):
+                ax.set_xscale("log", base=2)
+                ax.set_xticks(ticks, labels=[f"{int(r)}" for r in ticks])
+                ax.minorticks_off()
+            where = f"{facet}: " if facet else ""
+            ax_s.set(xlabel="rank r (alpha in the table)", ylabel="score (%), 95% CI if seeds > 1", title=f"{where}score")
+            ax_m.set(xlabel="rank r", ylabel=f"peak memory ({unit})", title=f"{where}peak memory")
+        ax_m = grid[-1][1]
+        if ax_m.get_legend() is not None:
+            ax_m.get_legend().remove()
+            handles, labels = ax_m.get_legend_handles_labels()
+            fig.legend(handles, labels, loc="outside lower center", ncol=2, frameon=False, fontsize=LABEL_PT)
         return _svg(fig)
 
 
+def _wrap(text: str, width: int = 34) -> str:
+    return "\n".join(textwrap.wrap(str(text), width)) or str(text)
+
+
 def paired_bars(data: pd.DataFrame, hue: str, panels: list[tuple[str, str]]) -> str:
-    """One bar panel per measure; x = the shared setting, hue = the compared setting.
-    panels: (column, axis label); memory columns (ending in _bytes) are scaled to MiB/GiB."""
+    """One panel per measure, the shared setting on the y axis (long labels stay readable), one point per
+    side of the comparison (hue). Points, not bars: a score axis need not start at zero to be honest,
+    and it shows 78-83% differences that bars from zero hide. Trainable parameters on a log axis;
+    memory columns (ending in _bytes) are scaled to MiB/GiB and start at zero."""
     with _style():
-        fig = Figure(layout="constrained", figsize=(4.2 * len(panels), 3.8))
-        axes = fig.subplots(1, len(panels), squeeze=False)[0]
+        order = _natural(data["setting"])
+        fig = Figure(layout="constrained", figsize=(4.3 * len(panels) + 1.5, 0.32 * len(order) + 1.6))
+        axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)[0]
+        levels = _natural(data[hue].astype(str))
+        pal = dict(zip(levels, colours(len(levels))))
         for i, (ax, (col, label)) in enumerate(zip(axes, panels)):
-            d = data.dropna(subset=[col])
+            d = data.dropna(subset=[col]).assign(**{hue: data[hue].astype(str)})
             if d.empty:
                 ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
                 ax.set(title=label)
@@ -135,19 +251,28 @@ def paired_bars(data: pd.DataFrame, hue: str, panels: list[tuple[str, str]]) -> 
                 div, unit = memory_unit(d[col].max())
                 d = d.assign(**{col: d[col] / div})
                 label = f"{label} ({unit})"
-            sns.barplot(data=d, x="setting", y=col, hue=hue, errorbar=None, ax=ax, legend=i == len(panels) - 1)
-            ax.set(xlabel="", ylabel="", title=label)
-            ax.tick_params(axis="x", rotation=30)
-            for lab in ax.get_xticklabels():
-                lab.set_horizontalalignment("right")
-        _legend_outside(axes[-1])
+            for k, level in enumerate(levels):
+                dd = d[d[hue] == level]
+                ax.scatter(dd[col], [order.index(v) for v in dd["setting"]], color=pal[level],
+                           marker=MARKERS[k % len(MARKERS)], s=40, label=level, zorder=3)
+            if col == "params.trainable" or col.startswith("params."):
+                ax.set_xscale("log")
+            elif col.endswith("_bytes"):
+                ax.set_xlim(left=0, right=d[col].max() * 1.08)
+            ax.set(xlabel=label, ylabel="", title=label)
+            ax.set_yticks(range(len(order)), labels=[_wrap(o) for o in order])
+            ax.set_ylim(len(order) - 0.5, -0.5)
+            ax.tick_params(axis="y", labelsize=LABEL_PT)
+            if i == len(panels) - 1:
+                ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False, fontsize=LABEL_PT, title=hue,
+                          title_fontsize=LABEL_PT)
         return _svg(fig)
 
 
 def lines_by(data: pd.DataFrame, x: str, hue: str, panels: list[tuple[str, str]]) -> str:
     """Line panels against x (log2 scale), one line per hue value; for optimizer memory against r."""
     with _style():
-        fig = Figure(layout="constrained", figsize=(5.2 * len(panels), 3.8))
+        fig = Figure(layout="constrained", figsize=(5.2 * len(panels) + 1.5, 3.8))
         axes = fig.subplots(1, len(panels), squeeze=False)[0]
         for i, (ax, (col, label)) in enumerate(zip(axes, panels)):
             div, unit = memory_unit(data[col].max())
@@ -155,24 +280,29 @@ def lines_by(data: pd.DataFrame, x: str, hue: str, panels: list[tuple[str, str]]
                          errorbar=None, ax=ax, legend=i == len(panels) - 1)
             ax.set_xscale("log", base=2)
             ax.set_xticks(sorted(data[x].unique()), labels=[f"{int(v)}" for v in sorted(data[x].unique())])
+            ax.minorticks_off()
+            ax.set_ylim(bottom=0)
             ax.set(xlabel=x, ylabel=f"{label} ({unit})")
         _legend_outside(axes[-1])
         return _svg(fig)
 
 
 def methods(best: pd.DataFrame) -> str:
-    """The best config of each method: score and peak memory side by side."""
+    """The best config of each method: score (a point with its 95% CI; the axis spans the scores, not
+    zero to them) and peak memory (bars from zero) side by side."""
     with _style():
-        fig = Figure(layout="constrained", figsize=(10, 0.5 * len(best) + 1.6))
+        fig = Figure(layout="constrained", figsize=(10, 0.36 * len(best) + 1.6))
         ax_s, ax_m = fig.subplots(1, 2, sharey=True)
         div, unit = memory_unit(best["peak"].max())
         order = list(best["method"])
-        palette = dict(zip(order, sns.color_palette(n_colors=len(order))))
-        sns.barplot(data=best.assign(pct=best["score"] * 100), y="method", x="pct", hue="method", order=order,
-                    palette=palette, errorbar=None, ax=ax_s, legend=False)
+        palette = dict(zip(order, colours(len(order))))
+        ys = range(len(order))
+        ax_s.scatter(best["score"] * 100, ys, c=[palette[m] for m in order], s=45, zorder=3)
         _hbar_ci(ax_s, best, order)
-        sns.barplot(data=best.assign(mem=best["peak"] / div), y="method", x="mem", hue="method", order=order,
-                    palette=palette, errorbar=None, ax=ax_m, legend=False)
+        ax_m.barh(list(ys), best["peak"] / div, color=[palette[m] for m in order])
+        ax_s.set_yticks(list(ys), labels=order)
+        ax_s.set_ylim(len(order) - 0.5, -0.5)
+        ax_s.tick_params(axis="y", labelsize=LABEL_PT)
         ax_s.set(xlabel="score (%), 95% CI where seeds > 1", ylabel="")
         ax_m.set(xlabel=f"peak memory ({unit})", ylabel="")
         return _svg(fig)
@@ -188,23 +318,28 @@ def _hbar_ci(ax, best: pd.DataFrame, order: list[str]) -> None:
 
 
 def breakdown(groups: pd.DataFrame) -> str:
-    """Accounted memory as stacked bars per config, with the measured peak as a marker."""
+    """Accounted memory as stacked bars per config, with the measured peak as a marker. Labels are
+    abbreviated (defaults dropped) and wrapped, at a readable size."""
     with _style():
-        labels = list(groups["config_label"])
-        fig = Figure(layout="constrained", figsize=(10, 0.32 * len(labels) + 1.4))
+        labels = [_wrap(blocks.short_label(lab), 60) for lab in groups["config_label"]]
+        lines = sum(lab.count("\n") + 1 for lab in labels)
+        fig = Figure(layout="constrained", figsize=(12, 0.2 * lines + 0.12 * len(labels) + 1.4))
         ax = fig.subplots()
         top = max(groups[[f"{k}_bytes" for k in ACCOUNTED]].sum(axis=1).max(), groups["peak"].max())
         div, unit = memory_unit(top)
+        ys = list(range(len(labels)))
         left = pd.Series(0.0, index=groups.index)
         for part, colour in zip(ACCOUNTED, sns.color_palette("deep", len(ACCOUNTED))):
             width = groups[f"{part}_bytes"].fillna(0) / div
-            ax.barh(labels, width, left=left, color=colour, label=part)
+            ax.barh(ys, width, left=left, color=colour, label=part)
             left = left + width
-        ax.scatter(groups["peak"] / div, labels, marker="|", s=200, color="black", label="measured peak", zorder=3)
-        ax.invert_yaxis()
+        ax.scatter(groups["peak"] / div, ys, marker="|", s=200, color="black", label="measured peak", zorder=3)
+        ax.set_yticks(ys, labels=labels)
+        ax.set_ylim(len(labels) - 0.5, -0.5)
+        ax.set_xlim(left=0, right=top / div * 1.04)
         ax.set(xlabel=f"memory ({unit})", ylabel="")
-        ax.tick_params(axis="y", labelsize=7)
-        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False)
+        ax.tick_params(axis="y", labelsize=LABEL_PT)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False, fontsize=LABEL_PT)
         return _svg(fig)
 
 
@@ -212,23 +347,29 @@ MAX_LEGEND = 12
 
 
 def loss_curves(curves: pd.DataFrame) -> str:
-    """Training loss per step, one panel per method, one line per trial (seeds as separate lines)."""
+    """Training loss per step, one panel per method, one line per trial (seeds as separate lines). A
+    panel's legend sits under it, in its own grid cell, so it never covers the neighbouring panel."""
     with _style():
         groups = list(dict.fromkeys(curves["method"]))
         cols = min(2, len(groups))
         rows = math.ceil(len(groups) / cols)
-        fig = Figure(layout="constrained", figsize=(6.2 * cols, 3.4 * rows))
-        axes = fig.subplots(rows, cols, squeeze=False).ravel()
+        legend_rows = [max((min(curves[curves["method"] == m]["trial"].nunique(), MAX_LEGEND)
+                            for m in groups[i * cols:(i + 1) * cols]), default=0) for i in range(rows)]
+        heights = [3.0 + (0.2 * n + 0.3 if n > 1 else 0) for n in legend_rows]
+        fig = Figure(layout="constrained", figsize=(6.4 * cols, sum(heights)))
+        axes = fig.subplots(rows, cols, squeeze=False, gridspec_kw={"height_ratios": heights}).ravel()
         for ax, method in zip(axes, groups):
             d = curves[curves["method"] == method]
-            many = d["trial"].nunique() > MAX_LEGEND
+            n = d["trial"].nunique()
+            many = n > MAX_LEGEND
+            d = d.assign(trial=d["trial"].map(lambda t: blocks.short_label(str(t))))
             sns.lineplot(data=d, x="step", y="loss", hue="trial", estimator=None, lw=1, alpha=0.8, ax=ax,
-                         legend=not many)
-            ax.set(title=f"{method} ({d['trial'].nunique()} trials{', legend omitted' if many else ''})",
+                         legend=1 < n <= MAX_LEGEND, palette=colours(d["trial"].nunique()))
+            ax.set(title=f"{method} ({n} trial{'s' if n != 1 else ''}{', legend omitted' if many else ''})",
                    xlabel="step", ylabel="training loss")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            if not many:
-                ax.legend(fontsize=6, frameon=False)
+            if 1 < n <= MAX_LEGEND:
+                ax.legend(loc="upper left", bbox_to_anchor=(0, -0.2), fontsize=LABEL_PT, frameon=False, ncol=1)
         for ax in axes[len(groups):]:
             ax.set_visible(False)
         return _svg(fig)

@@ -91,6 +91,8 @@ def pairs(groups: pd.DataFrame, axis: Axis) -> list[Pair]:
     """Every matched pair along one axis."""
     if groups.empty or axis.column not in groups:
         return []
+    # The frozen model is the floor (floors below), not a configuration of its own: quantizing it changes no tuning.
+    groups = groups[groups["method"] != "frozen"]
     keys = groups["spec"].map(lambda s: spec_key(s, axis.paths))
     out = []
     for _, g in groups.groupby(keys, sort=False):

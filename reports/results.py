@@ -217,6 +217,7 @@ def tidy(df: pd.DataFrame) -> pd.DataFrame:
     out["epochs"] = specs.map(lambda s: get_path(s, "train.epochs"))
     out["seed"] = specs.map(lambda s: get_path(s, "train.seed"))
     out["model"] = specs.map(lambda s: get_path(s, "model.name"))
+    out["task"] = specs.map(lambda s: get_path(s, "data.task"))
     # nf4 with double quantization is its own base ("nf4-dq", LitGPT's name for it).
     out["quant"] = specs.map(lambda s: (get_path(s, "model.quant") or "none") + ("-dq" if get_path(s, "model.double_quant") else ""))
     out["dtype"] = specs.map(lambda s: get_path(s, "model.dtype") or "float32")
@@ -252,7 +253,7 @@ def seed_groups(df: pd.DataFrame) -> pd.DataFrame:
     for _, g in ok.groupby("config", sort=False):
         first = g.iloc[0]
         row = {k: first[k] for k in ("config", "config_label", "method", "r", "alpha", "targets", "optimizer",
-                                      "epochs", "model", "quant", "dtype", "base", "suite", "synthetic", "spec", "params.trainable",
+                                      "epochs", "model", "task", "quant", "dtype", "base", "suite", "synthetic", "spec", "params.trainable",
                                       "params.total", "memory.peak_source") if k in g}
         # A repeat of the same seed (a rerun, or the same trial in two suites) is not another sample:
         # repeats are averaged first, so n counts distinct seeds.

@@ -8,8 +8,10 @@ A section is a title and a list of blocks (paragraphs, tables, figures) that the
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from itertools import product
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -17,7 +19,7 @@ import pandas as pd
 from reports import answer, figures, forecast, matched, stats
 from reports import trials as trial_table
 from reports.blocks import (Cell, Section, Table, c_bytes, c_change, c_config, c_int, c_mem, c_num, c_score, c_signed,
-                            c_text, cite, missing, published_table)
+                            c_text, cite, missing, natural_key, published_table)
 from reports.results import ACCOUNTED, seed_groups, spec_key
 
 SURGICAL_METHODS = ("surgical", "auto_rgn")  # names a surgical fine-tuning method will register under
@@ -48,6 +50,8 @@ def setting(row: pd.Series, fields: tuple[str, ...]) -> str:
             parts.append(f"{int(v)} ep")
         elif f == "quant" and v == "none":
             continue
+        elif f == "base":
+            parts.append(f"{v} base")
         elif f != "alpha":
             parts.append(str(v))
     return ", ".join(parts) or "—"
@@ -74,7 +78,10 @@ def pairs(groups: pd.DataFrame, column: str, path: str, a: Any, b: Any, fields: 
         side_a, side_b = g[g[column] == a], g[g[column] == b]
         for (_, ra), (_, rb) in product(side_a.iterrows(), side_b.iterrows()):
             out.append(Pair(ra, rb, setting(ra, fields)))
+    # Every axis that varies in the results is named: the model, and the base (dtype or quantization) unless compared here.
     fields_model = ("model", *fields) if groups["model"].nunique() > 1 else fields
+    if "base" in groups and groups["base"].nunique() > 1 and column not in ("quant", "dtype", "base"):
+        fields_model = (*fields_model, "base")
     for p in out:
         p.setting = setting(p.a, fields_model)
     return sorted(out, key=lambda p: (str(p.a.get("model")), _num(p.a.get("r")), p.setting))
@@ -153,10 +160,15 @@ def rank_sweep(groups: pd.DataFrame, pub: dict) -> Section:
     ranked = with_ci(ranked)
     fields = ("model", "method", "targets", "optimizer", "epochs") if ranked["model"].nunique() > 1 else \
         ("method", "targets", "optimizer", "epochs")
-    ranked = ranked.assign(variant=ranked.apply(lambda r: setting(r, fields), axis=1)).sort_values(["variant", "r"])
+    ranked = ranked.assign(variant=ranked.apply(lambda r: setting(r, fields), axis=1))
+    # One row of panels per base (dtype or quantization), so that lines never average over bases.
+    facet = ranked["base"].nunique() > 1 if "base" in ranked else False
+    ranked = ranked.assign(facet=ranked["base"] if facet else "").sort_values(["facet", "variant", "r"])
     s.figure(figures.rank_sweep(ranked), "Score (left) and peak memory (right) against the rank r, one line per "
-             "variant; error bars are 95% t intervals over seeds where there is more than one seed.")
-    rows = [[c_text(r["variant"]), c_int(r["r"]), c_num(r["alpha"], 0), c_num(r["alpha"] / r["r"], 2), c_int(r["n"]),
+             "variant" + (", one row per base" if facet else "") + "; error bars are 95% t intervals over seeds where "
+             "there is more than one seed.")
+    rows = [[c_text(r["variant"] + (f", {r['facet']}" if facet else "")), c_int(r["r"]), c_num(r["alpha"], 0),
+             c_num(r["alpha"] / r["r"], 2), c_int(r["n"]),
              c_score(r["score_values"]), c_mem(r["peak_values"]), c_int(r["params.trainable"])]
             for _, r in ranked.iterrows()]
     s.table(Table(["variant", "r", "alpha", "alpha / r", "seeds", "score", "peak memory", "trainable"], rows,
@@ -307,65 +319,86 @@ def methods_section(groups: pd.DataFrame, pub: dict) -> Section:
         cite(pub, "peft_comparison"))
     notes = pub["methods"]["peft_comparison_notes"]
     s.note(f"Published: {notes['lora_fa']} Prompt tuning depends heavily on its initialisation: "
-           f"{notes['prompt_tuning_init_low_pct']}% against {notes['prompt_tuning_init_high_pct']}%.")
+           f"{notes['prompt_tuning_init_low_pct']}% against {notes['prompt_tuning_init_high_pct']}%. {notes['moved']}")
     s.published(Table(["claim", "published", "source"], [[Cell(r["claim"]), Cell(r["value"]),
                                                           Cell(pub["sources"][r["source"]]["cite"])]
                                                          for r in pub["methods"]["parameters"]]),
-                "Published parameter counts of other methods (no results here until those methods are run)")
+                "Published parameter counts, from each method's paper, at the scale of its paper (for orientation: "
+                "they are not comparable with the counts measured here)")
     return s
 
 
 def lora_vs_qlora(groups: pd.DataFrame, pub: dict) -> Section:
     s = Section("qlora", "LoRA against QLoRA")
     q = pub["lora_vs_qlora"]
-    claims, tol = q["claims"], q["tolerance"]
-    s.published(published_table(q["raschka"], {"setting": "setting", "quant": "quantization", "memory_gb": "memory (GB)",
-                                               "train_s": "train time (s)"}), cite(pub, "raschka"))
-    s.note(f"Published changes, NF4 QLoRA against bf16 LoRA: memory {claims['memory_change_pct']:+d}%, time "
-           f"{claims['time_change_pct']:+d}% (FP4: time {claims['fp4_time_change_pct']:+d}%). {claims['note']}")
-    s.published(published_table(q["litgpt"], {"quant": "quantization", "memory_gb": "memory (GB)"}), cite(pub, "litgpt"))
-    s.note(f"Storage per parameter: NF4 {q['bits']['nf4_bits_per_param']} bits, NF4 with double quantization "
-           f"{q['bits']['nf4_dq_bits_per_param']} bits ({cite(pub, q['bits']['source'])}).")
-    s.note(q["caveat"]["text"])
+    tol = q["tolerance"]
     quantized = groups[groups["quant"] != "none"] if not groups.empty else groups
     if quantized.empty:
-        s.p("No results yet: no trial in these results has a quantized base model (spec.model.quant), so there is "
-            "nothing to set against the published numbers above.")
+        s.p("No results: no trial in these results has a quantized base model (spec.model.quant).")
         return s
+    _qlora_published(s, pub)
+    comps = [c for c in matched.comparisons(groups, [matched.AXES[0]]) if c.peak is not None]
+    comps.sort(key=lambda c: _BASE_ORDER.index(c.b_name) if c.b_name in _BASE_ORDER else len(_BASE_ORDER))
+    if not comps:
+        s.p(f"Quantized results exist ({', '.join(sorted(quantized['quant'].unique()))}) but none has an unquantized "
+            "LoRA trial with otherwise identical settings to compare against.")
+        return s
+    s.p("Headline, medians over matched pairs (the same LoRA on the unquantized base against each quantized one): "
+        + "; ".join(f"{c.b_name} against {c.a_name}: peak memory {c.peak.median:+.1f}% (range {c.peak.lo:+.1f} to "
+                    f"{c.peak.hi:+.1f}%), train time "
+                    + ("—" if c.time is None else f"{c.time.median:+.0f}%") + f", {len(c.pairs)} pairs" for c in comps) + ".")
+    for c in comps:
+        if c.score is not None:
+            s.p("Score: " + matched.score_sentence(c))
+    s.note(q["caveat"]["text"])
     expected = _qlora_expected(q)
-    rows, inversions, shown = [], [], []
-    for quant in sorted(quantized["quant"].unique()):
-        # The quantized side also sets double_quant and compute_dtype; the model dtype must match.
-        for p in pairs(groups, "quant", "model.quant", "none", quant, ("method", "r", "targets", "optimizer", "epochs"),
-                       ignore=("model.double_quant", "model.compute_dtype")):
-            exp = expected.get(quant, {})
+    rows, shown = [], []
+    for c in comps:
+        quant = c.b
+        exp = expected.get(quant, {})
+        for p in c.pairs:
             mem_change = 100 * (p.b["peak"] / p.a["peak"] - 1)
             time_change = 100 * (p.b["train_s"] / p.a["train_s"] - 1) if p.a["train_s"] else float("nan")
-            rows.append([Cell(p.setting), Cell(quant), c_mem(p.a["peak_values"]), c_mem(p.b["peak_values"]),
+            rows.append([Cell(setting(p.a, ("method", "r", "targets", "optimizer", "epochs"))), Cell(c.a_name), Cell(c.b_name),
+                         c_mem(p.a["peak_values"]), c_mem(p.b["peak_values"]),
                          c_signed(mem_change), _expected_cell(exp.get("memory")),
                          _agree(mem_change, exp.get("memory"), tol["memory_pct_points"]),
                          c_num(p.a["train_s"], 1, " s"), c_num(p.b["train_s"], 1, " s"), c_signed(time_change),
                          _expected_cell(exp.get("time")), _agree(time_change, exp.get("time"), tol["time_pct_points"]),
                          c_score(p.a["score_values"]), c_score(p.b["score_values"]),
-                         verdict_cell(p.a["score_values"], p.b["score_values"])])
+                         c_signed(100 * (p.b["score"] - p.a["score"]), " pts")])
             shown += [p.a, p.b]
-            if p.b["peak"] > p.a["peak"]:
-                inversions.append(p)
-    if not rows:
-        s.p(f"Quantized results exist ({', '.join(sorted(quantized['quant'].unique()))}) but none has an unquantized "
-            "LoRA trial with otherwise identical settings to compare against.")
-        return s
-    s.table(Table(["setting", "quant", "peak LoRA", "peak QLoRA", "memory change", "expected", "verdict (memory)",
+    s.p(_inversions_text([p for c in comps for p in c.pairs]))
+    s.table(Table(["setting", "base", "quantized base", "peak LoRA", "peak QLoRA", "memory change", "expected", "verdict (memory)",
                    "time LoRA", "time QLoRA", "time change", "expected", "verdict (time)", "score LoRA", "score QLoRA",
-                   "is the score difference real?"], rows,
-                  caption=f"Expected against observed; a change within ±{tol['memory_pct_points']} points (memory) or "
-                          f"±{tol['time_pct_points']} points (time) of the published change reproduces it"))
-    for p in inversions:
-        s.p(_inversion_text(p))
-    s.figure(figures.breakdown(pd.DataFrame(shown).assign(config_label=[
-        f"{r['config_label']} [{r['quant']}]" for r in shown])),
-        "Accounted memory of the compared LoRA and QLoRA trials, with the measured peak")
+                   "score change"], rows,
+                  caption=f"Every matched pair. Expected: the published change at 7B; a change within "
+                          f"±{tol['memory_pct_points']} points (memory) or ±{tol['time_pct_points']} points (time) of it "
+                          "reproduces it. Scores are single seeds: the aggregate test is in the sentences above",
+                  collapsed=True))
+    unique = pd.DataFrame(shown).drop_duplicates("config")
+    unique = unique.assign(_o=unique["base"].map(_BASE_ORDER.index)).sort_values(["r", "targets", "optimizer", "_o"])
+    s.figure(figures.breakdown(unique.drop(columns="_o")),
+             "Accounted memory of the compared LoRA and QLoRA configurations (grouped by rank, targets and optimizer, "
+             "then base), with the measured peak")
     return s
+
+
+# Bases from the widest storage to the narrowest: the order the QLoRA comparisons are listed in.
+_BASE_ORDER = ["float32", "bfloat16", "float16", "int8", "nf4", "nf4-dq", "fp4"]
+
+
+def _qlora_published(s: Section, pub: dict) -> None:
+    """Raschka's and LitGPT's LoRA-vs-QLoRA figures, shown once per report (here, or in the GPU section)."""
+    q = pub["lora_vs_qlora"]
+    claims = q["claims"]
+    s.published(published_table(q["raschka"], {"setting": "setting", "quant": "quantization", "memory_gb": "memory (GB)",
+                                               "train_s": "train time (s)"}), cite(pub, claims["source"]))
+    s.note(f"Published changes, NF4 QLoRA against bf16 LoRA: memory {claims['memory_change_pct']:+d}%, time "
+           f"{claims['time_change_pct']:+d}% (FP4: time {claims['fp4_time_change_pct']:+d}%). {claims['note']}")
+    s.published(published_table(q["litgpt"], {"quant": "quantization", "memory_gb": "memory (GB)"}), cite(pub, "litgpt"))
+    s.note(f"Storage per parameter: NF4 {q['bits']['nf4_bits_per_param']} bits, NF4 with double quantization "
+           f"{q['bits']['nf4_dq_bits_per_param']} bits ({cite(pub, q['bits']['source'])}).")
 
 
 def _qlora_expected(q: dict) -> dict[str, dict[str, tuple[float, str]]]:
@@ -395,26 +428,36 @@ def _agree(observed: float, exp: tuple[float, str] | None, tolerance: float) -> 
     return Cell(f"{'reproduces' if ok else 'does not reproduce'} ({gap:+.0f} pts)", abs(gap))
 
 
-def _inversion_text(p: Pair) -> str:
-    parts = {k: (p.b[f"{k}_bytes"] - p.a[f"{k}_bytes"]) for k in ACCOUNTED
-             if not (missing(p.a[f"{k}_bytes"]) or missing(p.b[f"{k}_bytes"]))}
-    unaccounted = ((p.b["peak"] - sum(p.b[f"{k}_bytes"] for k in parts))
-                   - (p.a["peak"] - sum(p.a[f"{k}_bytes"] for k in parts)))
-    saved = {k: -v for k, v in parts.items() if v < 0}
-    grew = {k: v for k, v in parts.items() if v > 0}
-    if unaccounted > 0:
-        grew["outside the accounted categories (temporary buffers, allocator caches, the process itself)"] = unaccounted
-    text = (f"Inversion ({p.setting}, {p.b['quant']}): QLoRA's peak is {c_bytes(p.b['peak'] - p.a['peak']).text} "
-            f"above LoRA's ({c_change(p.b['peak'], p.a['peak']).text}). ")
-    if saved:
-        text += "Quantizing saved " + ", ".join(f"{c_bytes(v).text} of {k}" for k, v in saved.items()) + ", "
-    text += ("but " if saved else "and ") + (", ".join(f"{c_bytes(v).text} more {k}" for k, v in grew.items())
-                                              or "no accounted category grew") + " outweighed it. "
-    text += ("The likely reason: at this scale the frozen weights are a small part of the peak, while each 4-bit layer "
-             "dequantizes its weight to the compute dtype in every forward and backward pass, and those buffers and "
-             "the activations saved for backward do not shrink with the weights. At 7B scale the weights dominate "
-             "and the published saving appears.")
-    return text
+def _inversions_text(ps: list[Any]) -> str:
+    """One statement for every pair whose quantized side peaks higher: how many, and what the breakdown says."""
+    inv = [p for p in ps if p.b["peak"] > p.a["peak"]]
+    if not inv:
+        return f"QLoRA's peak is below its LoRA twin's in all {len(ps)} pairs."
+    per_base: dict[str, list[int]] = {}
+    for p in ps:
+        per_base.setdefault(str(p.b["base"]), [0, 0])[0] += 1
+        per_base[str(p.b["base"])][1] += p.b["peak"] > p.a["peak"]
+    change: dict[str, list[float]] = {k: [] for k in ACCOUNTED}
+    outside = []
+    for p in inv:
+        parts = {k: p.b[f"{k}_bytes"] - p.a[f"{k}_bytes"] for k in ACCOUNTED
+                 if not (missing(p.a[f"{k}_bytes"]) or missing(p.b[f"{k}_bytes"]))}
+        for k, v in parts.items():
+            change[k].append(v)
+        outside.append((p.b["peak"] - sum(p.b[f"{k}_bytes"] for k in parts)) - (p.a["peak"] - sum(p.a[f"{k}_bytes"] for k in parts)))
+    med = {k: float(pd.Series(v).median()) for k, v in change.items() if v}
+    grew = [f"{c_bytes(v).text} more {k}" for k, v in med.items() if v > 0]
+    if outside and pd.Series(outside).median() > 0:
+        grew.append(f"{c_bytes(pd.Series(outside).median()).text} more outside the accounted categories (temporary buffers, "
+                    "allocator caches, the process itself)")
+    saved = f"saved a median {c_bytes(-med['weights']).text} of weights" if med.get("weights", 0) < 0 else "saved no weights"
+    return (f"Inversions: QLoRA's peak is above its LoRA twin's in {len(inv)} of {len(ps)} pairs ("
+            + ", ".join(f"{b} {n_inv} of {n}" for b, (n, n_inv) in per_base.items()) + f"). In those pairs quantizing {saved}, "
+            + ("while the medians show " + ", ".join(grew) if grew else "and no category grew in the median") + ". "
+            "The likely reason: at this scale the frozen weights are a small part of the peak, while each 4-bit layer "
+            "dequantizes its weight to the compute dtype in every forward and backward pass, and those buffers and the "
+            "activations saved for backward do not shrink with the weights. At 7B the weights dominate and the published "
+            "saving appears (see the GPU section where there is one).")
 
 
 def surgical(trials: pd.DataFrame, groups: pd.DataFrame, pub: dict) -> Section:
@@ -424,6 +467,24 @@ def surgical(trials: pd.DataFrame, groups: pd.DataFrame, pub: dict) -> Section:
     return table.section(trials, groups, pub, SURGICAL_METHODS)
 
 
+MAX_BREAKDOWN = 40  # bars; past this, configurations that differ only in settings memory ignores are merged
+_MEMORY_BLIND = re.compile(r"\s(task|lr)=\S+")
+
+
+def _merge_memory_twins(have: pd.DataFrame) -> pd.DataFrame:
+    """One row per configuration up to its learning rate and data task: mean accounted bytes, highest peak."""
+    keys = have["spec"].map(lambda sp: spec_key(sp, ["train.lr", "data"]))
+    rows = []
+    for _, g in have.groupby(keys, sort=False):
+        row = g.iloc[0].copy()
+        for k in ACCOUNTED:
+            row[f"{k}_bytes"] = g[f"{k}_bytes"].mean()
+        row["peak"] = g["peak"].max()
+        row["config_label"] = _MEMORY_BLIND.sub("", str(row["config_label"])) + (f" ({len(g)} configurations)" if len(g) > 1 else "")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def memory_breakdown(groups: pd.DataFrame) -> Section:
     s = Section("memory", "Memory breakdown")
     cols = [f"{k}_bytes" for k in ACCOUNTED]
@@ -431,9 +492,14 @@ def memory_breakdown(groups: pd.DataFrame) -> Section:
     if have.empty:
         s.p("No results: no successful trial records memory.accounted.")
         return s
-    have = have.sort_values(["model", "method", "config_label"])
+    merged = len(have) > MAX_BREAKDOWN
+    if merged:
+        have = _merge_memory_twins(have)
+    have = have.assign(_k=have["config_label"].map(natural_key)).sort_values(["model", "method", "_k"]).drop(columns="_k")
     s.figure(figures.breakdown(have), "Accounted memory per configuration (seed means): weights, gradients, optimizer "
-             "state and activations saved for backward, stacked; the black tick is the measured peak.")
+             "state and activations saved for backward, stacked; the black tick is the measured peak."
+             + (" Configurations that differ only in the learning rate or the data task are one bar (their mean; the "
+                "tick is their highest peak): memory does not depend on those settings." if merged else ""))
     rows = [[c_text(r["config_label"]), *(c_bytes(r[c]) for c in cols), c_bytes(sum(r[c] for c in cols if not missing(r[c]))),
              c_bytes(r["peak"]), c_text(r.get("memory.peak_source"))] for _, r in have.iterrows()]
     s.table(Table(["configuration", *ACCOUNTED, "accounted total", "measured peak", "peak source"], rows,
@@ -523,7 +589,7 @@ def _published_key(model: dict) -> str:
     return f"{quant}-dq" if quant != "none" and model.get("double_quant") else quant
 
 
-def gpu(records: dict[str, list[dict]], pub: dict) -> Section:
+def gpu(records: dict[str, list[dict]], pub: dict, groups: pd.DataFrame | None = None) -> Section:
     """benchmarks/gpu_7b.py records: LoRA against QLoRA on a synthetic Llama-2-7B on CUDA, beside
     Raschka's and LitGPT's figures, and every method's CUDA path on a small synthetic model."""
     s = Section("gpu", "On a GPU: LoRA against QLoRA at Llama-2-7B scale")
@@ -536,8 +602,18 @@ def gpu(records: dict[str, list[dict]], pub: dict) -> Section:
     raschka = {r["quant"]: r for r in q["raschka"]}
     litgpt = {r["quant"]: r["memory_gb"] for r in q["litgpt"]}
     claims, tol = q["claims"], q["tolerance"]
+    # The fullest record first; a variant another record already showed (same name, same peak) is not repeated.
+    runs = sorted(runs, key=lambda r: -len(r.get("variants") or []))
+    seen: dict[str, int | None] = {}
     for run in runs:
         st, env = run["settings"], run["env"]
+        fresh = [v for v in run["variants"] if seen.get(v["name"], -1) != (v.get("memory") or {}).get("peak_bytes")]
+        for v in run["variants"]:
+            seen.setdefault(v["name"], (v.get("memory") or {}).get("peak_bytes"))
+        if not fresh:
+            s.p(f"{run['path']}: its LoRA variants ({', '.join(v['name'] for v in run['variants'])}) repeat the record "
+                "above with the same peak; its method runs are in the table of methods below.")
+            continue
         ok = [v for v in run["variants"] if v.get("status") == "success"]
         s.p(f"{env.get('device')} ({run['path']}): {st['big']} (the real architecture with random weights: memory and "
             f"time do not depend on the values, scores are meaningless and not shown), micro-batch {st['micro_batch']}, "
@@ -559,7 +635,7 @@ def gpu(records: dict[str, list[dict]], pub: dict) -> Section:
             return c.get("r") == 8 and c.get("targets") == "qv" and v["train_spec"]["optimizer"] == "adamw" and v["seq"] == st["seq"]
 
         rows = []
-        for v in run["variants"]:
+        for v in fresh:
             m, c = v.get("memory") or {}, v["method"]["config"]
             key = _published_key(v["model"])
             pub_gb = raschka.get(key, {}).get("memory_gb") or litgpt.get(key) if raschka_setting(v) else None
@@ -593,20 +669,47 @@ def gpu(records: dict[str, list[dict]], pub: dict) -> Section:
                 exp_time = (claim_time, "Raschka") if claim_time is not None else None
                 crows.append([Cell(key), c_signed(mem), _expected_cell(exp_mem), _agree(mem, exp_mem, tol["memory_pct_points"]),
                               c_signed(time), _expected_cell(exp_time), _agree(time, exp_time, tol["time_pct_points"])])
-            s.table(Table(["QLoRA base", "memory change", "published", "verdict (memory)", "step-time change", "published",
-                           "verdict (time)"], crows, caption="QLoRA against bf16 LoRA, both r=8 on query and value"))
+            if crows:
+                s.table(Table(["QLoRA base", "memory change", "published", "verdict (memory)", "step-time change", "published",
+                               "verdict (time)"], crows, caption="QLoRA against bf16 LoRA, both r=8 on query and value"))
             s.p(_gpu_memory_text(lora, [v for v in ok if v is not lora and raschka_setting({**v, "seq": st["seq"]})
                                         and _published_key(v["model"]) == "none"], raschka.get("none", {}).get("memory_gb")))
-        methods = run.get("methods") or []
-        if methods:
-            s.table(Table(["method", "base", "status", "trainable", "median step", "error"],
-                          [[Cell(r["method_name"]), Cell(r["base"]), Cell(r["status"]), c_int((r.get("params") or {}).get("trainable")),
-                            c_num(r.get("step_s_median"), 3, " s"), Cell(str(r.get("error") or ""), pre=True)] for r in methods],
-                          caption=f"Every registered method's CUDA path: a few steps on {st.get('small')}"))
-    s.published(published_table(q["raschka"], {"setting": "setting", "quant": "quantization", "memory_gb": "memory (GB)",
-                                               "train_s": "train time (s)"}), cite(pub, "raschka"))
-    s.published(published_table(q["litgpt"], {"quant": "quantization", "memory_gb": "memory (GB)"}), cite(pub, "litgpt"))
+    _gpu_methods(s, runs)
+    # The published figures appear once per report: here only when the LoRA-vs-QLoRA section has no data to show them.
+    if groups is None or groups.empty or (groups["quant"] == "none").all():
+        _qlora_published(s, pub)
     return s
+
+
+def _gpu_methods(s: Section, runs: list[dict]) -> None:
+    """Every method's CUDA path, one row per method and base over all records; where records disagree
+    both outcomes are shown with their files, since neither record stores the commit it ran."""
+    found: dict[tuple[str, str], list[tuple[str, dict]]] = {}
+    small = {r["settings"].get("small") for r in runs if (r.get("methods") or [])}
+    for run in runs:
+        for m in run.get("methods") or []:
+            found.setdefault((m["method_name"], m["base"]), []).append((Path(run["path"]).name, m))
+    if not found:
+        return
+    rows, split = [], []
+    for (name, base), seen in sorted(found.items()):
+        statuses = {m["status"] for _, m in seen}
+        ok = next((m for _, m in seen if m["status"] == "success"), seen[0][1])
+        if len(statuses) > 1:
+            split.append(f"{name} on {base}")
+            status = "; ".join(f"{m['status']} in {f}" for f, m in seen)
+            error = "; ".join(f"{f}: {str(m.get('error') or '')}" for f, m in seen if m["status"] != "success")
+        else:
+            status, error = ok["status"], str(ok.get("error") or "")
+        rows.append([Cell(name), Cell(base), Cell(status), c_int((ok.get("params") or {}).get("trainable")),
+                     c_num(ok.get("step_s_median"), 3, " s"), Cell(error, pre=True)])
+    s.table(Table(["method", "base", "status", "trainable", "median step", "error"], rows,
+                  caption=f"Every registered method's CUDA path: a few steps on {', '.join(sorted(map(str, small)))}, "
+                          "over all records"))
+    if split:
+        s.note(f"The records disagree for {', '.join(split)}: on the same device and package versions, so the code differed "
+               "between the runs (neither record stores its git commit). A success shows the path works with the code "
+               "that ran it; rerunning benchmarks/gpu_7b.py with the committed code settles which state is current.")
 
 
 def _gpu_memory_text(lora: dict, longer: list[dict], published_gb: float | None) -> str:
@@ -638,6 +741,6 @@ def build(trials: pd.DataFrame, pub: dict, records: dict[str, list[dict]] | None
     groups = pd.DataFrame() if trials.empty else seed_groups(trials)
     return [answer.section(trials, groups), overview(trials, groups), matched.section(trials, groups),
             rank_sweep(groups, pub), targets(groups, pub), optimizer(groups, pub),
-            epochs(groups, pub), methods_section(groups, pub), lora_vs_qlora(groups, pub), gpu(records or {}, pub),
+            epochs(groups, pub), methods_section(groups, pub), lora_vs_qlora(groups, pub), gpu(records or {}, pub, groups),
             surgical(trials, groups, pub), memory_breakdown(groups), forecast.section(trials), loss_curves(trials), failures(trials),
             provenance(trials), trial_table.section(trials)]

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
+from itertools import product
 from pathlib import Path
 
 import pytest
@@ -117,23 +118,66 @@ def test_failed_trials_are_listed_with_their_error(report):
     assert "status-failed" in every and "status-oom" in every  # in the table of every trial, not dropped
 
 
-def test_published_numbers_are_printed_and_come_from_the_data_file(report):
-    _, html = report
+def write_cnn_result(folder: Path, *, task: str, shift: str, choice: str, lr: float, seed: int, test: float,
+                     val: float | None = None) -> Path:
+    """A surgical fine-tuning trial on the CNN: scored by its own test accuracy, not lm-eval."""
+    named = {"All": ("full", {}), "Auto-RGN": ("auto_rgn", {}), "No tuning": ("frozen", {})}
+    method = named[choice] if choice in named else (
+        "surgical", {"blocks": ["head" if choice == "Head" else str(int(choice.split()[1]) - 1)]})
+    spec = {"model": {"name": "cnn4-fmnist"}, "data": {"task": task},
+            "method": {"name": method[0], "version": "1", "config": method[1]},
+            "train": {"optimizer": "adamw", "lr": lr, "epochs": 10, "seed": seed}, "eval": {}}
+    trial_id = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    result = {"schema": 1, "trial_id": trial_id, "suite": folder.name, "status": "success", "error": None,
+              "label": f"{method[0]}({','.join(f'{k}={v}' for k, v in method[1].items())}) adamw ep10 seed{seed}", "spec": spec,
+              "data": {"shift": shift, "describe": f"{task} shift", "source": "fashion-mnist"},
+              "params": {"trainable": 1000, "total": 10_000}, "memory": {"peak_bytes": 0.3 * GIB, "peak_source": "rss"},
+              "runtime": {"train_s": 5.0}, "eval": {"accuracy": {"test": test, "val": test if val is None else val}},
+              "train": {"loss_curve": [1.0, 0.5]}, "env": {"git_sha": "0123456789ab", "git_dirty": False}}
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{trial_id}.json"
+    path.write_text(json.dumps(result))
+    return path
+
+
+def make_cnn(folder: Path) -> Path:
+    """One input-level shift, three seeds: Block 1 best, full fine-tuning within seed noise of it, Head far below."""
+    for seed, noise in enumerate((0.0, 0.01, -0.01)):
+        for choice, acc in (("Block 1", 0.83), ("Block 2", 0.80), ("Head", 0.70), ("All", 0.825), ("Auto-RGN", 0.82)):
+            write_cnn_result(folder, task="blur", shift="input", choice=choice, lr=1e-3, seed=seed, test=acc + noise)
+    return folder
+
+
+def test_published_numbers_are_printed_once_and_come_from_the_data_file(tmp_path):
+    folder = make_sweep(tmp_path / "q")
+    for seed in (0, 1):
+        write_result(folder, seed=seed, quant="nf4", score=0.79 + 0.01 * seed, peak=2.2 * GIB)
+    make_cnn(tmp_path / "cnn")
+    html = render.html([folder, tmp_path / "cnn"])
     qlora, surgical = section_text(html, "qlora"), section_text(html, "surgical")
-    for number in ("21.33", "14.18", "6,685", "10,060", "21.3", "14.14", "13.84", "-33%", "+50%", "+39%"):
+    # Raschka's table as published (his Lightning AI article), LitGPT's, and the summary's own words.
+    for number in ("21.33", "14.18", "14.19", "6,685.75", "10,059.53", "9,334.45", "21.3", "14.14", "13.84", "-33%", "+50%",
+                   "+39%", "39% increased runtime", "Insights from Hundreds of Experiments"):
         assert number in qlora, number
     for number in ("82.8", "79.9", "81.4", "2210.11466"):
         assert number in surgical, number
+    # Each published box once: the GPU section (no records here) does not repeat the LoRA-vs-QLoRA figures.
+    assert html.count(">10,059.53<") == 1 and html.count(">13.84<") == 1
     assert "Published figures from reports/published.toml" in html
     template = (ROOT / "reports" / "templates" / "report.html.j2").read_text()
     for number in ("21.33", "14.18", "82.8", "79.9", "13.84"):
         assert number not in template
 
 
-def test_sections_without_results_say_so(report):
-    _, html = report
-    assert "No results yet" in section_text(html, "qlora")
-    assert "No results yet" in section_text(html, "surgical")
+def test_sections_without_data_are_dropped_with_their_published_boxes(report):
+    folder, html = report
+    trials = results.tidy(results.frame(folder, curves=True))
+    built = {s.id: s for s in sections.build(trials, render.published(), {})}
+    for sid in ("qlora", "gpu", "surgical"):
+        assert not built[sid].has_data, sid
+        assert not [b for b in built[sid].blocks if b.kind == "published"], sid
+        assert "No results" in section_text(html, sid) or "No GPU records" in section_text(html, sid)
+    assert built["matched"].has_data and built["overview"].has_data
 
 
 def test_statistics_over_seeds(report):
@@ -184,7 +228,8 @@ def test_qlora_results_are_compared_and_an_inversion_explained(tmp_path):
     assert "No results yet" not in text
     assert "+10.0%" in cells and "-33% (Raschka)" in cells and "does not reproduce" in cells
     assert "+60.0%" in cells and "+50% (Raschka)" in cells and "reproduces (+10 pts)" in cells
-    assert "Inversion" in text and "weights" in text and "more activations" in text
+    assert "Inversions: QLoRA's peak is above its LoRA twin's in 1 of 1 pairs" in text
+    assert "saved a median 358 MiB of weights" in text and "307 MiB more activations" in text
     assert any(b.kind == "figure" for b in section.blocks)
 
 
@@ -321,3 +366,96 @@ def test_gpu_records_are_set_beside_the_published_figures(tmp_path):
 def test_gpu_section_without_records_says_how_to_get_them(report):
     _, html = report
     assert "benchmarks/gpu_7b.py" in section_text(html, "gpu")
+
+
+# ---- Matched comparisons, numeric order, surgical and serving content ----------------------------
+
+def test_paired_changes_get_the_exact_wilcoxon_test():
+    from reports import matched
+
+    # |d| ranks 3, 1, 2, 5, 4; the one positive change has rank 2, so W+ = 2. Subsets of {1..5} summing to <= 2:
+    # {}, {1}, {2}: P(W+ <= 2) = 3/32, two-sided 6/32.
+    x = matched.paired([-3.0, -1.0, 2.0, -5.0, -4.0])
+    assert (x.n, x.lower, x.higher, x.ties) == (5, 4, 1, 0)
+    assert x.median == -3.0 and (x.lo, x.hi) == (-5.0, 2.0)
+    assert x.p == pytest.approx(6 / 32)
+    assert x.min_p == pytest.approx(2 / 32) and not x.significant  # five pairs can never reach 5%
+    tied = matched.paired([0.0, -1.0, -2.0])
+    assert (tied.lower, tied.ties) == (2, 1) and tied.min_p == pytest.approx(2 / 4)
+    assert matched.paired([0.0, 0.0]).p is None
+
+
+def test_matched_pairs_state_the_quantization_cost_with_its_strength(tmp_path):
+    from reports import matched
+
+    folder = tmp_path / "q"
+    drops = {}
+    for i, (r, targets, optimizer) in enumerate(product((4, 8, 16, 64), ("qv", "all-linear"), ("adamw",))):
+        base = 0.70 + 0.01 * i
+        drops[(r, targets)] = 0.05 + 0.01 * i  # every nf4 twin lower, by a distinct amount
+        write_result(folder, r=r, targets=targets, optimizer=optimizer, score=base, peak=2.0 * GIB)
+        write_result(folder, r=r, targets=targets, optimizer=optimizer, quant="nf4", score=base - drops[(r, targets)],
+                     peak=2.0 * GIB * (1.05 if i % 2 else 0.97))
+    write_result(folder, method="frozen", r=None, score=0.72, trainable=0)
+    trials = results.tidy(results.frame(folder))
+    groups = results.seed_groups(trials)
+    quant = [c for c in matched.comparisons(groups) if c.axis.name == "quantization"]
+    assert len(quant) == 1 and len(quant[0].pairs) == 8  # the frozen model is the floor, not a pair
+    c = quant[0]
+    assert (c.a_name, c.b_name) == ("float32", "nf4")
+    changes = sorted(-100 * d for d in drops.values())
+    assert c.score.median == pytest.approx((changes[3] + changes[4]) / 2)
+    assert c.score.lower == 8 and c.score.p == pytest.approx(2 / 2**8)
+    assert c.peak.higher == 4 and c.peak.lower == 4
+    sentence = matched.score_sentence(c)
+    assert "nf4 scores lower than its float32 twin in 8 of 8 matched pairs" in sentence and "p = 0.0078" in sentence
+    section = sections.lora_vs_qlora(groups, render.published())
+    text = " ".join(b.text for b in section.blocks)
+    assert sentence in text and "Inversions: QLoRA's peak is above its LoRA twin's in 4 of 8 pairs" in text
+    assert text.count("likely reason") == 1
+    # The targets comparison (qv -> all-linear) pairs within each base: 4 ranks x 2 bases.
+    targets = next(c for c in matched.comparisons(groups) if c.axis.name == "layer targets")
+    assert len(targets.pairs) == 8
+    floor = matched.floors(trials, groups)
+    assert len(floor) == 1 and (floor[0].tuned, floor[0].below) == (8, 2)  # 0.70 and 0.71 (float32) below 0.72
+    assert floor[0].below_ci == 0  # neither by more than the frozen score's standard error (0.02)
+
+
+def test_configurations_sort_numerically(report):
+    from reports import figures
+
+    assert figures._natural(["r=16", "r=4", "r=64", "r=8"]) == ["r=4", "r=8", "r=16", "r=64"]
+    _, html = report
+    memory = section_text(html, "memory")
+    assert 0 < memory.index("lora(r=4,") < memory.index("lora(r=16,")  # text order would put r=16 first
+
+
+def test_surgical_counts_the_rule_and_says_where_it_disagrees_with_the_paper(tmp_path):
+    folder = make_cnn(tmp_path / "cnn")
+    trials = results.tidy(results.frame(folder))
+    assert trials["score"].notna().all() and set(trials["score_name"]) == {"test accuracy"}
+    section = sections.surgical(trials, results.seed_groups(trials), render.published())
+    first = next(b for b in section.blocks if b.kind == "table")
+    assert first.table.rows[0][0].text.startswith("blur: input-level")  # the label names the shift
+    assert section.blocks.index(first) < min(i for i, b in enumerate(section.blocks) if b.kind == "published")
+    text = " ".join(b.text for b in section.blocks)
+    assert "holds outright in 1 of 1 shifts" in text and "fails in 0" in text
+    assert "beats full fine-tuning in 0 of 1 shifts" in text and "ties it within seed noise in 1 (blur)" in text
+
+
+def test_serving_axes_show_every_line_and_the_gpu_headline_is_not_empty():
+    from reports import serving
+
+    folder = ROOT / "results" / "reference" / "serving" / "gpu"
+    result = serving.load(folder)[0]
+    df = serving.frame(result)
+    svg = serving.throughput_figure(df)
+    ticks = [float(t.replace(",", "")) for t in re.findall(r"<text[^>]*>\s*([0-9][0-9,.]*)\s*</text>", svg)]
+    # The top tick sits within one tick step of the fastest line (a shared axis frozen by the slow panels stopped near a quarter of it).
+    assert max(ticks) >= 0.9 * df["tokens_per_s"].max()
+    sections_ = serving.sections(result)
+    head = sections_[0]
+    assert any(b.table is not None and b.table.rows for b in head.blocks)
+    text = " ".join(b.text for s in sections_ for b in s.blocks)
+    assert "agree with merge and switch" in text and "peft" not in text.split("agree with")[1].split(".")[0]
+    assert "uncommitted changes" in text  # the run's provenance says dirty
