@@ -130,8 +130,9 @@ def sentence(a: Answer, common: list[str]) -> str:
     if b.noise == "none":
         text += "; it ran once with no error estimate, so how sure that is cannot be said"
     elif not a.close:
-        text += f"; none of the other {a.fits - 1} that fit is within noise of it" if a.fits > 1 else \
-            "; it is the only configuration that fits"
+        text += ("; it is the only configuration that fits" if a.fits == 1 else
+                 "; the one other that fits is not within noise of it" if a.fits == 2 else
+                 f"; none of the other {a.fits - 1} that fit is within noise of it")
     else:
         text += f"; {len(a.close)} other{'s are' if len(a.close) > 1 else ' is'} within noise of it"
         cheapest = min(a.close, key=lambda o: o.worst_peak)

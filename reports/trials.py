@@ -25,20 +25,33 @@ def flatten(spec: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def reference(trials: pd.DataFrame) -> tuple[str, dict[str, Any]]:
-    """The configuration every trial is diffed against: the untuned (frozen) model where there is
-    one, else the modal configuration (each setting's most common value over the trials)."""
+def references(trials: pd.DataFrame) -> dict[str, tuple[str, dict[str, Any]]]:
+    """model spec (JSON) -> the configuration its trials are diffed against: the untuned (frozen)
+    trial on the same base where there is one, else on the same model name, else the modal
+    configuration (each setting's most common value over the trials)."""
     frozen = trials[trials["method"] == "frozen"]
-    if not frozen.empty:
-        row = frozen.iloc[0]
-        return f"the untuned model (frozen, trial {row['id']})", flatten(row["spec"])
-    flat = [flatten(s) for s in trials["spec"]]
-    keys = dict.fromkeys(k for f in flat for k in f)
-    modal = {}
-    for k in keys:
-        counts = Counter(json.dumps(f.get(k), sort_keys=True, default=str) for f in flat)
-        modal[k] = json.loads(counts.most_common(1)[0][0])
-    return "the modal configuration (each setting's most common value over these trials)", modal
+    out: dict[str, tuple[str, dict[str, Any]]] = {}
+    for model in dict.fromkeys(trials["spec"].map(_model_key)):
+        same = frozen[frozen["spec"].map(_model_key) == model]
+        name = json.loads(model).get("name")
+        same = same if not same.empty else frozen[frozen["model"] == name]
+        if not same.empty:
+            row = same.iloc[0]
+            out[model] = (f"the untuned model (frozen, trial {row['id']})", flatten(row["spec"]))
+    if len(out) < trials["spec"].map(_model_key).nunique():
+        flat = [flatten(s) for s in trials["spec"]]
+        modal = {}
+        for k in dict.fromkeys(k for f in flat for k in f):
+            counts = Counter(json.dumps(f.get(k), sort_keys=True, default=str) for f in flat)
+            modal[k] = json.loads(counts.most_common(1)[0][0])
+        mode = ("the modal configuration (each setting's most common value over these trials)", modal)
+        for model in trials["spec"].map(_model_key):
+            out.setdefault(model, mode)
+    return out
+
+
+def _model_key(spec: dict) -> str:
+    return json.dumps(spec.get("model") or {}, sort_keys=True, default=str)
 
 
 def _text(v: Any) -> str:
@@ -62,7 +75,7 @@ def table(trials: pd.DataFrame) -> Table:
     order = sorted(trials.index, key=lambda i: natural_key(f"{trials.at[i, 'model']} {trials.at[i, 'config_label']} "
                                                           f"seed {trials.at[i, 'seed']}"))
     ordered = trials.loc[order]
-    ref_name, ref = reference(trials)
+    refs = references(trials)
     many_suites = trials["suite"].nunique() > 1
     rows, classes, details = [], [], []
     for _, r in ordered.iterrows():
@@ -75,6 +88,7 @@ def table(trials: pd.DataFrame) -> Table:
                      c_text(quant), c_text(r["seed"]), c_text(r["status"]), c_int(r["params.trainable"]),
                      c_bytes(r["memory.peak_bytes"]), c_num(r["runtime.train_s"], 1, " s"), c_pct(r["score"]),
                      c_num(r.get("eval.forgetting"), 3), c_num(final, 3)])
+        ref_name, ref = refs[_model_key(r["spec"])]
         details.append({**detail(r, ref), "ref": ref_name})
     columns = ["id", *(["suite"] if many_suites else []), "method", "configuration", "r", "targets", "quant", "seed", "status",
                "trainable", "peak memory", "train time", "score", "forgetting", "final loss"]

@@ -192,6 +192,11 @@ def test_filter_csv_and_drill_down(report):
     assert drill.locator("details summary", has_text="full spec").count() == 1
     curve = drill.locator("svg.loss-curve")
     assert curve.count() == 1 or "No loss curve recorded" in text
+    if curve.count():  # the curve lies inside its frame
+        inside = curve.evaluate("""svg => { const f = svg.querySelector('rect.frame').getBBox();
+            const c = svg.querySelector('polyline, circle').getBBox();
+            return c.x >= f.x - 1 && c.y >= f.y - 1 && c.x + c.width <= f.x + f.width + 1 && c.y + c.height <= f.y + f.height + 1; }""")
+        assert inside, f"{path.name}: the drill-down's loss curve leaves its frame"
     first.click()
     assert table.locator("tr.drill").count() == 0
 
