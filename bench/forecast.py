@@ -312,11 +312,11 @@ def _batch_key(spec: dict[str, Any]) -> str:
 
 @functools.lru_cache(maxsize=64)
 def _batches(key: str) -> tuple[Batch, Batch]:
-    from bench import data, vision
+    from bench import data
     from bench.train import batches, total_steps
 
     name, data_spec, t = json.loads(key)
-    tokenizer = None if data_spec["task"] in vision.TASKS else _tokenizer(name)
+    tokenizer = _tokenizer(name) if data.get_task(data_spec["task"], data_spec).needs_tokenizer else None
     prepared = data.prepare(data_spec, tokenizer, seed=t["seed"])
     stream = batches(prepared.train, t, prepared.collate, torch.device("cpu"))
     # One epoch at most: every epoch holds every row, so its widest batch is as wide as any later
@@ -348,7 +348,7 @@ def context_for(spec: dict[str, Any]):
     from bench import data
     from methods.base import MethodContext
 
-    rows = data.examples(spec["data"]["task"], "train")
+    rows = data.examples(spec["data"]["task"], "train", spec=spec["data"])
     return MethodContext(_tokenizer(spec["model"]["name"]), tuple((e.prompt, e.answer) for e in rows), spec["train"]["seed"])
 
 

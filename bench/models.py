@@ -7,8 +7,6 @@ memory and time faithfully but must never report scores.
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,22 +16,16 @@ import torch
 from torch import nn
 
 from bench import vision
+from bench.paths import MissingPackage, cache_dir, package_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def cache_dir() -> Path:
-    path = Path(os.environ.get("PEFTBENCH_CACHE", Path.home() / ".cache" / "peftbench"))
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def _package_dir(package: str) -> Path:
-    # find_spec locates the package without importing it (some of them import heavy extras).
-    spec = importlib.util.find_spec(package)
-    if spec is None or spec.origin is None:
-        raise ModelError(f"package {package!r} is not installed; run `peftbench assets`")
-    return Path(spec.origin).parent
+    try:
+        return package_dir(package)
+    except MissingPackage as exc:  # a packaged model's weights: a model that cannot be resolved
+        raise ModelError(str(exc)) from None
 
 
 class ModelError(ValueError):

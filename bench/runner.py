@@ -278,11 +278,11 @@ def estimate(suite: Suite) -> list[dict[str, Any]]:
 
     def mean_tokens(s: dict[str, Any]) -> float:
         key = json.dumps([s["model"], s["data"]], sort_keys=True)
-        if s["data"]["task"] in vision.TASKS:
+        if not data.get_task(s["data"]["task"], s["data"]).needs_tokenizer:
             return vision.TOKENS_PER_IMAGE
         if key not in lengths:
             tokenizer = models.load_tokenizer(s["model"])
-            rows = data.tokenized(s["data"]["task"], tokenizer, s["data"]["max_length"], s["data"]["train_examples"])
+            rows = data.tokenized(s["data"]["task"], tokenizer, s["data"]["max_length"], s["data"]["train_examples"], spec=s["data"])
             lengths[key] = sum(len(r) for r in rows["input_ids"]) / len(rows)
         return lengths[key]
 
@@ -299,7 +299,7 @@ def estimate(suite: Suite) -> list[dict[str, Any]]:
         tokens = steps * t["batch_size"] * t["grad_accum"] * length
         flops = tokens * (4 * counts["total"] + 2 * counts["trainable"])
         for task in s["eval"]["tasks"]:
-            rows_eval = len(data.examples(task, "eval"))
+            rows_eval = data.size(task, "eval", spec=s["data"])
             n = min(rows_eval, s["eval"]["limit"] or rows_eval)
             flops += n * 2 * length * 2 * counts["total"]  # two choices a row, one forward each
         f = forecast.forecast(s, device=device)

@@ -87,18 +87,63 @@ class ModelSpec(Config):
 
 @dataclass(frozen=True, kw_only=True)
 class DataSpec(Config):
+    """What a trial trains on. A packaged task by name, an image task, or the user's own file:
+
+        [data]
+        task = "file:suites/examples/capitals_mc.jsonl"   # .jsonl, .csv, .parquet or a datasets folder
+        train_examples = 32
+        [eval]
+        tasks = ["file:suites/examples/capitals_mc.jsonl"]  # scored by lm-eval on its eval rows
+
+    A file's rows are {prompt, answer} (generation: exact match) or {prompt, choices, gold}
+    (multiple choice: log-likelihood accuracy); bench/tasks/user.py has the details. The four
+    file settings below apply to file tasks only, and stay out of the trial id while unset."""
+
     task: str
-    """Training task (see bench/data.py): sst2, arc_easy, piqa, boolq, gsm8k."""
+    """Training task: sst2, arc_easy, piqa, boolq, gsm8k (bench/tasks/text.py), an image task
+    (bench/vision.py), or file:<path> (a path relative to where peftbench runs, or absolute)."""
     train_examples: int = 512
     """Training examples drawn from the task's train split."""
     max_length: int = 128
     """Tokens per example; the prompt is cut from the left, the answer kept."""
+    eval_file: str | None = None
+    """file tasks: a second file of the same kind holding the rows scored (none of them may repeat
+    a training prompt). Default: a seeded split of the task's file (or a saved DatasetDict's
+    eval/validation/test split)."""
+    eval_fraction: float | None = None
+    """file tasks without eval_file: the share of rows held out for scoring (default 0.2)."""
+    split_seed: int | None = None
+    """file tasks without eval_file: the seed of that split (default 0; the same for every trial,
+    whatever train.seed is)."""
+    extract: str | None = None
+    """file generation tasks: a regular expression (at most one group) that picks the part of the
+    generated text and of the answer that exact match compares, e.g. "(-?[0-9]+)"; default: the
+    whole text, stripped."""
 
     def validate(self) -> None:
         if self.train_examples < 1:
             raise ConfigError("train_examples", f"must be >= 1, got {self.train_examples}")
         if self.max_length < 8:
             raise ConfigError("max_length", f"must be >= 8, got {self.max_length}")
+        for key in _FILE_SETTINGS:
+            if getattr(self, key) is not None and not self.task.startswith("file:"):
+                raise ConfigError(key, f"applies to file:<path> tasks only, task is {self.task!r}")
+        if self.eval_fraction is not None and not 0 < self.eval_fraction < 1:
+            raise ConfigError("eval_fraction", f"must be between 0 and 1, got {self.eval_fraction}")
+        if self.eval_file is not None and (self.eval_fraction is not None or self.split_seed is not None):
+            raise ConfigError("eval_file", "names the eval rows: eval_fraction and split_seed would do nothing")
+
+    def to_dict(self) -> dict[str, Any]:
+        # The file settings postdate the first results: left out while unset, so the trial ids
+        # of packaged-task trials stay what they were.
+        out = super().to_dict()
+        for key in _FILE_SETTINGS:
+            if out[key] is None:
+                out.pop(key)
+        return out
+
+
+_FILE_SETTINGS = ("eval_file", "eval_fraction", "split_seed", "extract")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -151,7 +196,7 @@ class TrainSpec(Config):
 @dataclass(frozen=True, kw_only=True)
 class EvalSpec(Config):
     tasks: list[str] = field(default_factory=list)
-    """lm-eval tasks shipped in bench/tasks (empty: no lm-eval run)."""
+    """lm-eval tasks: the packaged text tasks, or a file:<path> task (empty: no lm-eval run)."""
     limit: int | None = None
     """Evaluate only the first `limit` rows of each task."""
     batch_size: int = 16
@@ -410,25 +455,25 @@ def _check_against_models(path: Path, trials: list[Trial]) -> None:
             raise SuiteError(path, "model.quant", f"{spec['model']['quant']!r} needs bitsandbytes, which is not installed")
         if problem := _model_problem(json.dumps(spec["model"], sort_keys=True), json.dumps(spec["method"], sort_keys=True)):
             raise SuiteError(path, *problem)
-        task = spec["data"]["task"]
-        known = {**data.TASKS, **vision.TASKS}
-        if task not in known:
-            raise SuiteError(path, "data.task", f"unknown task {task!r}{_suggest(task, known)}")
-        if problem := vision.mismatch(spec["model"]["name"], task, spec["eval"]["tasks"]):
+        task_name = spec["data"]["task"]
+        try:  # a file task reads and checks every row here
+            task = data.get_task(task_name, spec["data"])
+        except data.DataError as exc:
+            raise SuiteError(path, "data.task", str(exc)) from None
+        if problem := vision.mismatch(spec["model"]["name"], task_name, spec["eval"]["tasks"]):
             raise SuiteError(path, "data.task", problem)
-        # Vision tasks take at most what their image pool has (and record it); a text task
-        # asked for more rows than its train split has would fail inside the trial.
-        if task in data.TASKS:
-            try:
-                available = data.size(task, "train")
-            except data.DataError as exc:
-                raise SuiteError(path, "data.task", str(exc)) from None
-            if spec["data"]["train_examples"] > available:
-                raise SuiteError(path, "data.train_examples",
-                                 f"{spec['data']['train_examples']} requested, task {task!r} has {available} train rows")
+        try:
+            if problem := task.check(spec["data"]):
+                raise SuiteError(path, *problem)
+        except data.DataError as exc:
+            raise SuiteError(path, "data.task", str(exc)) from None
         for name in spec["eval"]["tasks"]:
-            if name not in data.TASKS:
-                raise SuiteError(path, "eval.tasks", f"unknown lm-eval task {name!r}{_suggest(name, data.TASKS)}")
+            try:
+                scored = data.get_task(name, spec["data"])
+            except data.DataError as exc:
+                raise SuiteError(path, "eval.tasks", str(exc)) from None
+            if not scored.lm_eval:
+                raise SuiteError(path, "eval.tasks", f"{name!r} is not an lm-eval task{_suggest(name, data.TASKS)}")
 
 
 @functools.lru_cache(maxsize=1024)

@@ -34,6 +34,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from bench.paths import cache_dir
+from bench.tasks import registry
+
 FMNIST_DIR = Path(os.environ.get("PEFTBENCH_FMNIST", "/usr/share/datasets/fashion-mnist"))
 VERSION = 2
 """Bump when the architecture or the source training changes: cached source models are rebuilt."""
@@ -283,6 +286,22 @@ def target_sets(task: str, n_train: int, seed: int) -> tuple[Rows, dict[str, Row
     return Rows(*train), {"val": Rows(*val), "test": Rows(*test)}, info
 
 
+@dataclass(eq=False)
+class VisionTask(registry.Task):
+    """An image task in the task registry: its rows are target_sets, scored by accuracy."""
+
+    name: str
+    needs_tokenizer = False
+
+    def prepare(self, spec: dict[str, Any], tokenizer: Any, seed: int) -> registry.Prepared:
+        train, scored, info = target_sets(self.name, spec["train_examples"], seed)
+        return registry.Prepared(train, collate, scored, info)
+
+
+for _name in TASKS:
+    registry.register(VisionTask(_name))
+
+
 # ---- pretrained source models, cached ---------------------------------------------------------
 
 MODELS: dict[str, str] = {"cnn4-fmnist": "classes", "cnn4-fmnist-super": "super"}
@@ -314,8 +333,6 @@ def build(name: str, device: torch.device | str = "cpu") -> nn.Module:
 
 
 def _cache_path(name: str, source: str) -> Path:
-    from bench.models import cache_dir
-
     key = json.dumps([VERSION, name, source, PRETRAIN])
     return cache_dir() / "models" / "vision" / f"{name}-{source}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
@@ -385,8 +402,21 @@ def _pretrain(model: nn.Module, kind: str, source: str) -> dict[str, Any]:
     }
 
 
-def accuracy(model: nn.Module, rows: torch.utils.data.Dataset, batch_size: int = 500) -> float:
-    """Top-1 accuracy on image rows."""
-    from bench.evaluate import accuracy as classify
-
-    return classify(model, rows, collate, batch_size)
+def accuracy(model: nn.Module, rows: Any, collate_fn: Callable[[list[Any]], dict[str, Tensor]] = collate,
+             batch_size: int = 500) -> float:
+    """Top-1 accuracy of a classifier (`model(**batch).logits` against batch["labels"]) over `rows`:
+    how the image tasks' scored splits are measured."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    correct = 0
+    try:
+        with torch.no_grad():
+            for start in range(0, len(rows), batch_size):
+                batch = collate_fn([rows[i] for i in range(start, min(start + batch_size, len(rows)))])
+                labels = batch.pop("labels").to(device)
+                logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
+                correct += int((logits.argmax(-1) == labels).sum())
+    finally:
+        model.train(was_training)
+    return correct / len(rows)

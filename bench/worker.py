@@ -79,7 +79,7 @@ def main(trial, out_path: str, adapters_dir: str | None, show_progress: bool, ru
 def _base_loss(model, tokenizer, spec: dict[str, Any]) -> float:
     """The base model's held-out loss, cached on disk: it is the same for every trial of a model."""
     from bench.evaluate import forgetting_texts, lm_loss
-    from bench.models import cache_dir
+    from bench.paths import cache_dir
 
     key = hashlib.sha256(json.dumps([spec["model"], spec["eval"]["forgetting_texts"]], sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir() / "base_loss" / f"{key}.json"
@@ -150,7 +150,7 @@ def run(trial, result: dict[str, Any], adapters_dir: Path | None, show_progress:
     method = methods.get(spec["method"]["name"])
     extra = {}
     if getattr(method, "needs_context", False):  # methods that turn text into tokens (prompts)
-        rows = data.examples(spec["data"]["task"], "train")
+        rows = data.examples(spec["data"]["task"], "train", spec=spec["data"])
         extra["context"] = MethodContext(tokenizer, tuple((e.prompt, e.answer) for e in rows), t["seed"])
     torch.manual_seed(t["seed"])  # adapter init is part of the trial's seed
     adapted = method.apply(model, method.Config.from_dict(spec["method"]["config"]), **extra)
@@ -216,13 +216,13 @@ def run(trial, result: dict[str, Any], adapters_dir: Path | None, show_progress:
 
         e = spec["eval"]
         if e["tasks"]:
-            result["eval"]["lm_eval"] = lm_eval_scores(adapted.model, tokenizer, e["tasks"], e["limit"], e["batch_size"])
+            result["eval"]["lm_eval"] = lm_eval_scores(adapted.model, tokenizer, e["tasks"], e["limit"], e["batch_size"], spec["data"])
         if base_loss is not None:
             after = lm_loss(adapted.model, tokenizer, forgetting_texts(e["forgetting_texts"]))
             result["eval"]["forgetting"] = after - base_loss
             result["eval"]["heldout_loss"] = {"base": base_loss, "after": after}
         if prepared.scored:
-            from bench.evaluate import accuracy
+            from bench.vision import accuracy
 
             result["eval"]["accuracy"] = {name: accuracy(adapted.model, rows, collate) for name, rows in prepared.scored.items()}
     rt["eval_s"] = time.perf_counter() - start

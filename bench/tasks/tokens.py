@@ -1,0 +1,73 @@
+"""Text rows into training tensors: tokenization (cached on disk) and right-padding collation."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from typing import Any
+
+import datasets
+import torch
+
+from bench.paths import cache_dir
+from bench.tasks.registry import Example
+
+# Bump when a prompt format or the tokenization changes, so cached datasets are rebuilt.
+FORMAT_VERSION = 1
+
+
+def _encode(batch: dict[str, list[str]], tokenizer: Any, max_length: int) -> dict[str, list[list[int]]]:
+    out: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
+    prompts = tokenizer(batch["prompt"])["input_ids"]
+    # Tokenize prompt + answer together and split at the prompt's length, as lm-eval does
+    # when it scores a continuation, so training sees the very tokens that are scored.
+    wholes = tokenizer([p + a for p, a in zip(batch["prompt"], batch["answer"], strict=True)])["input_ids"]
+    for prompt, whole in zip(prompts, wholes, strict=True):
+        answer = whole[len(prompt):][: max_length - 2] + [tokenizer.eos_token_id]
+        context = whole[: len(prompt)]
+        context = context[max(0, len(context) - (max_length - len(answer))):]  # keep the answer
+        out["input_ids"].append(context + answer)
+        out["labels"].append([-100] * len(context) + answer)
+    return out
+
+
+def tokenized(name: str, key: list[Any], rows: Any, tokenizer: Any, max_length: int) -> datasets.Dataset:
+    """input_ids and labels (-100 on prompt tokens) of the Examples `rows()` returns, unpadded.
+
+    Cached under cache_dir()/data/ by `key` (what selects the rows) and the tokenizer, so later
+    trials with the same data and tokenizer reuse it without calling `rows`.
+    """
+    digest = json.dumps([FORMAT_VERSION, *key, max_length, tokenizer.name_or_path, len(tokenizer)])
+    # A file task's name is a path: keep only safe characters in the folder name.
+    label = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[-40:]
+    path = cache_dir() / "data" / f"{label}-{hashlib.sha256(digest.encode()).hexdigest()[:16]}"
+    if not path.exists():
+        examples: list[Example] = rows()
+        data = datasets.Dataset.from_list([{"prompt": e.prompt, "answer": e.answer} for e in examples]).map(
+            _encode, batched=True, remove_columns=["prompt", "answer"],
+            fn_kwargs={"tokenizer": tokenizer, "max_length": max_length})
+        # Trials may build the same dataset at once: write aside, then rename into place.
+        tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex}")
+        data.save_to_disk(str(tmp))
+        try:
+            os.rename(tmp, path)
+        except OSError:  # another trial finished first; its copy is identical
+            shutil.rmtree(tmp)
+    return datasets.load_from_disk(str(path))
+
+
+def collate(batch: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch of tokenized rows: padding gets attention 0 and label -100."""
+    width = max(len(row["input_ids"]) for row in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    for i, row in enumerate(batch):
+        length = len(row["input_ids"])
+        input_ids[i, :length] = torch.as_tensor(row["input_ids"])
+        attention_mask[i, :length] = 1
+        labels[i, :length] = torch.as_tensor(row["labels"])
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
