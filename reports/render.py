@@ -77,6 +77,7 @@ def index_html(folder: Path) -> str:
         meta = _META.search(text)
         # Title and meta are already HTML-escaped in the report; the tags are dropped, not escaped.
         about = " ".join(_TAG.sub("", meta.group(1)).split()) if meta else ""
+        about = about.split(" Every number")[0]  # what it reads; the rest is the same on every report
         items.append(f'<li><a href="{html_lib.escape(page.name)}">{html_lib.escape(page.name)}</a>: '
                      f'{title.group(1).strip() if title else ""}<br><span class="meta">{about}</span></li>')
     body = "\n".join(items) or "<li>No reports in this folder yet.</li>"
