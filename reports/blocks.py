@@ -100,11 +100,11 @@ def short_label(label: str, limit: int = SHORT_LABEL) -> str:
     return label if not limit or len(label) <= limit else label[: limit - 1] + "…"
 
 
-def c_config(label: Any) -> Cell:
+def c_config(label: Any, limit: int = SHORT_LABEL) -> Cell:
     """A configuration label, abbreviated, the full label on hover; sorted with numbers as numbers."""
     if missing(label):
         return Cell("—", "")
-    return Cell(short_label(str(label)), str(label), title=str(label))
+    return Cell(short_label(str(label), limit), str(label), title=str(label))
 
 
 def c_int(v: Any) -> Cell:

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import pandas as pd
 
-from reports.blocks import Section, Table, c_bytes, c_config, c_int, c_num, c_pct, c_text, missing, natural_key
-
-FACETS = ("method", "r", "targets", "quant", "status")
-
+from reports.blocks import Cell, Section, Table, c_bytes, c_config, c_int, c_num, c_pct, c_text, missing, natural_key
+from reports.results import get_path
 
 def flatten(spec: Any, prefix: str = "") -> dict[str, Any]:
     """{'method': {'config': {'r': 8}}} -> {'method.config.r': 8}; lists stay values."""
@@ -26,32 +25,35 @@ def flatten(spec: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def references(trials: pd.DataFrame) -> dict[str, tuple[str, dict[str, Any]]]:
-    """model spec (JSON) -> the configuration its trials are diffed against: the untuned (frozen)
-    trial on the same base where there is one, else on the same model name, else the modal
-    configuration (each setting's most common value over the trials)."""
+    """base (model spec and task, as JSON) -> the configuration its trials are diffed against: the
+    untuned (frozen) trial on the same base and task where there is one, else on the same base, else
+    on the same model name, else the modal configuration (each setting's most common value)."""
     frozen = trials[trials["method"] == "frozen"]
+    keys = trials["spec"].map(_base_key)
     out: dict[str, tuple[str, dict[str, Any]]] = {}
-    for model in dict.fromkeys(trials["spec"].map(_model_key)):
-        same = frozen[frozen["spec"].map(_model_key) == model]
-        name = json.loads(model).get("name")
-        same = same if not same.empty else frozen[frozen["model"] == name]
-        if not same.empty:
-            row = same.iloc[0]
-            out[model] = (f"the untuned model (frozen, trial {row['id']})", flatten(row["spec"]))
-    if len(out) < trials["spec"].map(_model_key).nunique():
-        flat = [flatten(s) for s in trials["spec"]]
+    for key in dict.fromkeys(keys):
+        model, task = json.loads(key)
+        for same in (frozen[frozen["spec"].map(_base_key) == key],
+                     frozen[frozen["spec"].map(lambda sp: json.loads(_base_key(sp))[0] == model)],
+                     frozen[frozen["model"] == model.get("name")]):
+            if not same.empty:
+                row = same.iloc[0]
+                out[key] = (f"the untuned model (frozen, trial {row['id']})", flatten(row["spec"]))
+                break
+    if len(out) < keys.nunique():
+        flat = [flatten(sp) for sp in trials["spec"]]
         modal = {}
         for k in dict.fromkeys(k for f in flat for k in f):
             counts = Counter(json.dumps(f.get(k), sort_keys=True, default=str) for f in flat)
             modal[k] = json.loads(counts.most_common(1)[0][0])
-        mode = ("the modal configuration (each setting's most common value over these trials)", modal)
-        for model in trials["spec"].map(_model_key):
-            out.setdefault(model, mode)
+        for key in keys:
+            out.setdefault(key, ("the modal configuration (each setting's most common value over these trials)", modal))
     return out
 
 
-def _model_key(spec: dict) -> str:
-    return json.dumps(spec.get("model") or {}, sort_keys=True, default=str)
+def _base_key(spec: dict) -> str:
+    data = spec.get("data") if isinstance(spec.get("data"), dict) else {}
+    return json.dumps([spec.get("model") or {}, data.get("task")], sort_keys=True, default=str)
 
 
 def _text(v: Any) -> str:
@@ -71,32 +73,62 @@ def detail(row: pd.Series, ref: dict[str, Any]) -> dict[str, Any]:
             "curve": [round(v, 5) for v in curve]}
 
 
+def _final_loss(r: pd.Series) -> float:
+    curve = r.get("train.loss_curve")
+    return curve[-1] if isinstance(curve, list) and curve else float("nan")
+
+
+def _opt_int(v: Any) -> Any:
+    return None if missing(v) else int(v)
+
+
+# (header, cell of a trial row, shown always): the others only where they vary or have a value,
+# so that a CNN suite shows its task and learning rate, not empty rank and target columns.
+COLUMNS: list[tuple[str, Callable[[pd.Series], Cell], bool]] = [
+    ("id", lambda r: c_text(r["id"]), True),
+    ("suite", lambda r: c_text(r.get("suite")), False),
+    ("model", lambda r: c_text(r.get("model")), False),
+    ("task", lambda r: c_text(get_path(r["spec"], "data.task")), False),
+    ("method", lambda r: c_text(r["method"]), True),
+    ("configuration", lambda r: c_config(r["config_label"], TRIAL_LABEL), True),
+    ("r", lambda r: c_text(_opt_int(r.get("r"))), False),
+    ("targets", lambda r: c_text(r.get("targets")), False),
+    ("quant", lambda r: c_text(r.get("quant")), False),
+    ("lr", lambda r: c_text(get_path(r["spec"], "train.lr")), False),
+    ("seed", lambda r: c_text(r["seed"]), True),
+    ("status", lambda r: c_text(r["status"]), True),
+    ("trainable", lambda r: c_int(r["params.trainable"]), True),
+    ("peak memory", lambda r: c_bytes(r["memory.peak_bytes"]), True),
+    ("train time", lambda r: c_num(r["runtime.train_s"], 1, " s"), True),
+    ("score", lambda r: c_pct(r["score"]), False),
+    ("forgetting", lambda r: c_num(r.get("eval.forgetting"), 3), False),
+    ("final loss", lambda r: c_num(_final_loss(r), 3), False),
+]
+FACETS = ("model", "task", "method", "r", "targets", "quant", "lr", "status")
+TRIAL_LABEL = 110  # characters: the trial table has the room to tell trials apart (lr at the end of a label)
+
+
 def table(trials: pd.DataFrame) -> Table:
     order = sorted(trials.index, key=lambda i: natural_key(f"{trials.at[i, 'model']} {trials.at[i, 'config_label']} "
                                                           f"seed {trials.at[i, 'seed']}"))
     ordered = trials.loc[order]
+    cells = {name: [make(r) for _, r in ordered.iterrows()] for name, make, _ in COLUMNS}
+    # A column is worth its width where it always is, or where it has a value and the values differ.
+    keep = [name for name, _, always in COLUMNS
+            if always or (len({c.text for c in cells[name]}) > 1 and any(c.text != "—" for c in cells[name]))
+            or (name == "score" and any(c.text != "—" for c in cells[name]))]
     refs = references(trials)
-    many_suites = trials["suite"].nunique() > 1
-    rows, classes, details = [], [], []
+    details = []
     for _, r in ordered.iterrows():
-        classes.append(f"status-{r['status']}")
-        curve = r.get("train.loss_curve")
-        final = curve[-1] if isinstance(curve, list) and curve else float("nan")
-        quant = r.get("quant")
-        rows.append([c_text(r["id"]), *([c_text(r.get("suite"))] if many_suites else []), c_text(r["method"]),
-                     c_config(r["config_label"]), c_text(None if missing(r.get("r")) else int(r["r"])), c_text(r.get("targets")),
-                     c_text(quant), c_text(r["seed"]), c_text(r["status"]), c_int(r["params.trainable"]),
-                     c_bytes(r["memory.peak_bytes"]), c_num(r["runtime.train_s"], 1, " s"), c_pct(r["score"]),
-                     c_num(r.get("eval.forgetting"), 3), c_num(final, 3)])
-        ref_name, ref = refs[_model_key(r["spec"])]
+        ref_name, ref = refs[_base_key(r["spec"])]
         details.append({**detail(r, ref), "ref": ref_name})
-    columns = ["id", *(["suite"] if many_suites else []), "method", "configuration", "r", "targets", "quant", "seed", "status",
-               "trainable", "peak memory", "train time", "score", "forgetting", "final loss"]
-    return Table(columns, rows, caption="Every trial. Click a header to sort, pick values or type to filter, click a row "
-                                         "for its spec, its difference from a reference, its loss curve and its file. "
-                                         "Forgetting: the held-out LM loss change against the base model.",
-                 filterable=True, row_class=classes, facets=[f for f in FACETS if f in columns], details=details,
-                 csv="trials.csv", collapsed=len(rows) > 12)
+    rows = [[cells[name][i] for name in keep] for i in range(len(ordered))]
+    return Table(keep, rows, caption="Every trial. Click a header to sort, pick values or type to filter, click a row "
+                                     "for its spec, its difference from a reference, its loss curve and its file."
+                                     + (" Forgetting: the held-out LM loss change against the base model."
+                                        if "forgetting" in keep else ""),
+                 filterable=True, row_class=[f"status-{s}" for s in ordered["status"]],
+                 facets=[f for f in FACETS if f in keep], details=details, csv="trials.csv", collapsed=len(rows) > 12)
 
 
 def section(trials: pd.DataFrame) -> Section:

@@ -301,12 +301,13 @@ def test_report_opens_in_a_browser_without_errors(report, tmp_path):
             page.click("#trials details > summary")  # the table of every trial starts closed
             table = page.locator("#trials table.sortable").first
             seed_col = table.locator("th", has_text="trainable")
+            nth = table.locator("th").all_text_contents().index("trainable") + 1
             seed_col.click()
-            values = [float(v) for v in table.locator("tbody tr td:nth-child(9)").evaluate_all(
+            values = [float(v) for v in table.locator(f"tbody tr td:nth-child({nth})").evaluate_all(
                 "cells => cells.map(c => c.getAttribute('data-sort'))") if v != ""]
             assert values == sorted(values)
             seed_col.click()
-            values = [float(v) for v in table.locator("tbody tr td:nth-child(9)").evaluate_all(
+            values = [float(v) for v in table.locator(f"tbody tr td:nth-child({nth})").evaluate_all(
                 "cells => cells.map(c => c.getAttribute('data-sort'))") if v != ""]
             assert values == sorted(values, reverse=True)
             page.fill("#trials input.filter", "unique-nonexistent-word")
