@@ -83,12 +83,14 @@ def colours(n: int) -> list:
     return [base[i % len(base)] for i in range(n)]
 
 
+def _natural_key(v) -> list:
+    parts = re.split(r"(\d+(?:\.\d+)?)", str(v))
+    return [(0, float(p), "") if i % 2 else (1, 0.0, p) for i, p in enumerate(parts)]
+
+
 def _natural(values) -> list:
     """Values in natural order: numbers as numbers (r=4 < r=8 < r=16 < r=64), text after."""
-    def key(v):
-        parts = re.split(r"(\d+(?:\.\d+)?)", str(v))
-        return [(0, float(p), "") if i % 2 else (1, 0.0, p) for i, p in enumerate(parts)]
-    return sorted(dict.fromkeys(values), key=key)
+    return sorted(dict.fromkeys(values), key=_natural_key)
 
 
 def _legend_below(ax, ncol: int, title: str | None = None) -> None:
@@ -152,7 +154,7 @@ def pareto(points: pd.DataFrame, front: pd.DataFrame) -> str:
                         coll = ax.scatter(g["mem"], g["pct"], color=cols[name], marker=marker, s=55, edgecolor="white",
                                           linewidth=0.5, zorder=3)
                         _title_points(coll, g, unit)
-                    ax.scatter([], [], color=cols[name], marker="s", s=55, label=name)
+                    ax.fill_between([], [], color=cols[name], label=name)  # a colour patch: markers mean ranks here
                 else:
                     coll = ax.scatter(d["mem"], d["pct"], color=cols[name], marker=MARKERS[i % len(MARKERS)], s=55,
                                       edgecolor="white", linewidth=0.5, zorder=3, label=name)
@@ -255,11 +257,12 @@ def paired_bars(data: pd.DataFrame, hue: str, panels: list[tuple[str, str]]) -> 
                 dd = d[d[hue] == level]
                 ax.scatter(dd[col], [order.index(v) for v in dd["setting"]], color=pal[level],
                            marker=MARKERS[k % len(MARKERS)], s=40, label=level, zorder=3)
-            if col == "params.trainable" or col.startswith("params."):
+            if col.startswith("params."):
                 ax.set_xscale("log")
+                ax.margins(x=0.08)  # markers at the extremes stay whole inside the axes
             elif col.endswith("_bytes"):
                 ax.set_xlim(left=0, right=d[col].max() * 1.08)
-            ax.set(xlabel=label, ylabel="", title=label)
+            ax.set(xlabel="", ylabel="", title=label)
             ax.set_yticks(range(len(order)), labels=[_wrap(o) for o in order])
             ax.set_ylim(len(order) - 0.5, -0.5)
             ax.tick_params(axis="y", labelsize=LABEL_PT)
@@ -318,58 +321,110 @@ def _hbar_ci(ax, best: pd.DataFrame, order: list[str]) -> None:
 
 
 def breakdown(groups: pd.DataFrame) -> str:
-    """Accounted memory as stacked bars per config, with the measured peak as a marker. Labels are
-    abbreviated (defaults dropped) and wrapped, at a readable size."""
+    """Accounted memory as stacked bars per config, with the measured peak as a marker; one panel per
+    model, each in its own unit (a CNN's megabytes vanish on a language model's gigabyte axis). Labels
+    are abbreviated (defaults dropped) and wrapped, at a readable size."""
     with _style():
-        labels = [_wrap(blocks.short_label(lab), 60) for lab in groups["config_label"]]
-        lines = sum(lab.count("\n") + 1 for lab in labels)
-        fig = Figure(layout="constrained", figsize=(12, 0.2 * lines + 0.12 * len(labels) + 1.4))
-        ax = fig.subplots()
-        top = max(groups[[f"{k}_bytes" for k in ACCOUNTED]].sum(axis=1).max(), groups["peak"].max())
-        div, unit = memory_unit(top)
-        ys = list(range(len(labels)))
-        left = pd.Series(0.0, index=groups.index)
-        for part, colour in zip(ACCOUNTED, sns.color_palette("deep", len(ACCOUNTED))):
-            width = groups[f"{part}_bytes"].fillna(0) / div
-            ax.barh(ys, width, left=left, color=colour, label=part)
-            left = left + width
-        ax.scatter(groups["peak"] / div, ys, marker="|", s=200, color="black", label="measured peak", zorder=3)
-        ax.set_yticks(ys, labels=labels)
-        ax.set_ylim(len(labels) - 0.5, -0.5)
-        ax.set_xlim(left=0, right=top / div * 1.04)
-        ax.set(xlabel=f"memory ({unit})", ylabel="")
-        ax.tick_params(axis="y", labelsize=LABEL_PT)
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False, fontsize=LABEL_PT)
+        models = list(dict.fromkeys(groups["model"])) if "model" in groups else [None]
+        parts = [groups[groups["model"] == m] if m is not None else groups for m in models]
+        labels = [[_wrap(blocks.short_label(str(lab), limit=0), 64) for lab in g["config_label"]] for g in parts]
+        heights = [0.2 * sum(lab.count("\n") + 1 for lab in ls) + 0.12 * len(ls) + 0.9 for ls in labels]
+        fig = Figure(layout="constrained", figsize=(12, sum(heights) + 0.5))
+        axes = fig.subplots(len(parts), 1, squeeze=False, gridspec_kw={"height_ratios": heights})[:, 0]
+        for ax, g, ls, model in zip(axes, parts, labels, models):
+            top = max(g[[f"{k}_bytes" for k in ACCOUNTED]].sum(axis=1).max(), g["peak"].max())
+            div, unit = memory_unit(top)
+            ys = list(range(len(ls)))
+            left = pd.Series(0.0, index=g.index)
+            for part, colour in zip(ACCOUNTED, sns.color_palette("deep", len(ACCOUNTED))):
+                width = g[f"{part}_bytes"].fillna(0) / div
+                ax.barh(ys, width, left=left, color=colour, label=part)
+                left = left + width
+            ax.scatter(g["peak"] / div, ys, marker="|", s=200, color="black", label="measured peak", zorder=3)
+            ax.set_yticks(ys, labels=ls)
+            ax.set_ylim(len(ls) - 0.5, -0.5)
+            ax.set_xlim(left=0, right=top / div * 1.04)
+            ax.set(xlabel=f"memory ({unit})", ylabel="", title=str(model) if len(parts) > 1 else "")
+            ax.tick_params(axis="y", labelsize=LABEL_PT)
+        axes[0].legend(loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False, fontsize=LABEL_PT)
         return _svg(fig)
 
 
 MAX_LEGEND = 12
 
 
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _trial_names(trials: list[str]) -> dict[str, str]:
+    """Legend names for the trials of one panel: the id and only the settings that differ between them
+    (what they share is in the panel's title), abbreviated."""
+    tokens = {t: [x for x in re.split(r"[(),\s]+", blocks.short_label(t, limit=0)) if x] for t in trials}
+    if len(trials) < 2:
+        return {t: blocks.short_label(t, limit=0) for t in trials}
+    common = set.intersection(*(set(v[1:]) for v in tokens.values()))
+    return {t: _cut(" ".join([v[0], *(x for x in v[1:] if x not in common)]), 60) for t, v in tokens.items()}
+
+
+MAX_PANELS = 8  # loss panels split by the varying settings only while there are at most this many
+
+
+def loss_panels(curves: pd.DataFrame) -> pd.Series:
+    """Each curve's panel: its method, then the varying settings (base, targets, optimizer, epochs) added in
+    turn while the panels stay at most MAX_PANELS, so that a panel holds few enough trials to name them."""
+    chosen: list[str] = []
+    for col in FAMILY_AXES[1:]:
+        if col not in curves or curves[col].nunique(dropna=True) < 2:
+            continue
+        trial = [*chosen, col]
+        if curves.assign(_p=_panel_names(curves, trial))["_p"].nunique() > MAX_PANELS:
+            break
+        chosen = trial
+    return _panel_names(curves, chosen)
+
+
+def _panel_names(curves: pd.DataFrame, cols: list[str]) -> pd.Series:
+    def name(row) -> str:
+        bits = [f"{row[c]:g} ep" if c == "epochs" and not pd.isna(row[c]) else str(row[c]) for c in cols if not pd.isna(row.get(c))]
+        return " ".join([str(row["method"]), *bits])
+    return curves.apply(name, axis=1)
+
+
 def loss_curves(curves: pd.DataFrame) -> str:
-    """Training loss per step, one panel per method, one line per trial (seeds as separate lines). A
-    panel's legend sits under it, in its own grid cell, so it never covers the neighbouring panel."""
+    """Training loss per step, one line per trial (seeds as separate lines), one panel per method and the
+    settings that split it into nameable groups (loss_panels). A panel's legend sits under it, inside its
+    own grid cell, so it never covers the neighbouring panel; single-trial panels need none (the title names it)."""
     with _style():
-        groups = list(dict.fromkeys(curves["method"]))
-        cols = min(2, len(groups))
+        curves = curves.assign(panel=loss_panels(curves))
+        groups = _natural(curves["panel"])
+        sizes = {g: curves.loc[curves["panel"] == g, "trial"].nunique() for g in groups}
+        cols = 4 if max(sizes.values()) <= 1 and len(groups) > 4 else 3 if len(groups) > MAX_PANELS else min(2, len(groups))
         rows = math.ceil(len(groups) / cols)
-        legend_rows = [max((min(curves[curves["method"] == m]["trial"].nunique(), MAX_LEGEND)
-                            for m in groups[i * cols:(i + 1) * cols]), default=0) for i in range(rows)]
-        heights = [3.0 + (0.2 * n + 0.3 if n > 1 else 0) for n in legend_rows]
-        fig = Figure(layout="constrained", figsize=(6.4 * cols, sum(heights)))
+        legend_rows = [max((min(sizes[g], MAX_LEGEND) for g in groups[i * cols:(i + 1) * cols]), default=0) for i in range(rows)]
+        base_h = 2.6 if cols == 4 else 3.0
+        heights = [base_h + (0.22 * n + 0.4 if n > 1 else 0) for n in legend_rows]
+        fig = Figure(layout="constrained", figsize=(13 if cols > 1 else 6.4, sum(heights)))
         axes = fig.subplots(rows, cols, squeeze=False, gridspec_kw={"height_ratios": heights}).ravel()
-        for ax, method in zip(axes, groups):
-            d = curves[curves["method"] == method]
-            n = d["trial"].nunique()
+        for ax, panel in zip(axes, groups):
+            d = curves[curves["panel"] == panel]
+            n = sizes[panel]
             many = n > MAX_LEGEND
-            d = d.assign(trial=d["trial"].map(lambda t: blocks.short_label(str(t))))
-            sns.lineplot(data=d, x="step", y="loss", hue="trial", estimator=None, lw=1, alpha=0.8, ax=ax,
-                         legend=1 < n <= MAX_LEGEND, palette=colours(d["trial"].nunique()))
-            ax.set(title=f"{method} ({n} trial{'s' if n != 1 else ''}{', legend omitted' if many else ''})",
-                   xlabel="step", ylabel="training loss")
+            names = _trial_names(list(d["trial"].unique()))
+            d = d.assign(trial=d["trial"].map(names))
+            order = sorted(d["trial"].unique(), key=lambda t: _natural_key(t.split(" ", 1)[-1]))  # by configuration, not id
+            sns.lineplot(data=d, x="step", y="loss", hue="trial", hue_order=order, estimator=None, lw=1, alpha=0.85, ax=ax,
+                         legend=1 < n <= MAX_LEGEND, palette=colours(len(order)))
+            width = 46 if cols > 2 else 80
+            if n == 1:
+                title = _wrap(_cut(f"{panel}: {order[0].split(' ', 1)[-1]}", 3 * width), width)
+            else:
+                title = f"{panel} ({n} trials{', legend omitted' if many else ''})"
+            ax.set(title=title, xlabel="step", ylabel="training loss")
+            ax.title.set_fontsize(LABEL_PT)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             if 1 < n <= MAX_LEGEND:
-                ax.legend(loc="upper left", bbox_to_anchor=(0, -0.2), fontsize=LABEL_PT, frameon=False, ncol=1)
+                ax.legend(loc="upper left", bbox_to_anchor=(0, -0.22), fontsize=LABEL_PT, frameon=False, ncol=1)
         for ax in axes[len(groups):]:
             ax.set_visible(False)
         return _svg(fig)

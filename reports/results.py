@@ -11,8 +11,8 @@ from typing import Any
 
 import pandas as pd
 
-from bench import results as bench_results  # stdlib only: the report needs no torch
-from bench.results import ResultFileError  # one error class for every reader of results
+from bench.records import results as bench_results  # stdlib only: the report needs no torch
+from bench.records.results import ResultFileError  # one error class for every reader of results
 
 SCHEMA = bench_results.SCHEMA
 
@@ -149,6 +149,9 @@ def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+_PRIORITY = ["data.task", "model.name", "train.lr", "method.version", "model.dtype", "model.quant"]
+
+
 def _distinct_labels(labels: pd.Series, configs: pd.Series, specs: pd.Series) -> pd.Series:
     """Labels that name every setting telling two configurations apart. A trial label leaves out the
     data task and the learning rate, so the surgical suite's 116 configurations (5 shifts x 3 learning
@@ -159,7 +162,14 @@ def _distinct_labels(labels: pd.Series, configs: pd.Series, specs: pd.Series) ->
             continue
         leaves = {i: _leaves(specs.loc[i]) for i in idx}
         paths = sorted({p for v in leaves.values() for p in v} - {"train.seed"})
-        differ = [p for p in paths if len({leaves[i].get(p) for i in idx}) > 1]
+        differ_all = [p for p in paths if len({leaves[i].get(p) for i in idx}) > 1]
+        # The fewest settings that tell them apart, the telling ones first: task, model, learning rate, version.
+        differ_all.sort(key=lambda p: (_PRIORITY.index(p) if p in _PRIORITY else len(_PRIORITY), p))
+        differ: list[str] = []
+        for p in differ_all:
+            differ.append(p)
+            if len({tuple(leaves[i].get(q) for q in differ) for i in idx}) == configs.loc[idx].nunique():
+                break
         for i in idx:
             extra = " ".join(f"{_short(p)}={_plain(leaves[i].get(p))}" for p in differ)
             out.loc[i] = f"{labels.loc[i]} {extra}"

@@ -515,7 +515,8 @@ def loss_curves(trials: pd.DataFrame) -> Section:
         for _, r in trials.iterrows():
             curve = r["train.loss_curve"]
             if isinstance(curve, list):
-                rows += [{"method": r["method"], "trial": f"{r['id']} {r['config_label']} seed{r['seed']}",
+                axes = {c: r.get(c) for c in figures.FAMILY_AXES if c != "method"}
+                rows += [{"method": r["method"], **axes, "trial": f"{r['id']} {r['config_label']} seed{r['seed']}",
                           "step": i + 1, "loss": v} for i, v in enumerate(curve) if v is not None]
     if not rows:
         s.p("No results: no trial records train.loss_curve.")
