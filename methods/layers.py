@@ -55,19 +55,16 @@ def role(name: str) -> str:
 
 def roles(model: nn.Module) -> dict[str, str]:
     """The role of every linear layer of the model, by qualified name: from its structure
-    (methods.arch.layout) inside the blocks, from its name elsewhere and in models whose layout
-    cannot be read (a CNN, say)."""
+    (methods.arch.layout) inside the blocks, from its name elsewhere (the head, a second stack of
+    blocks) and in models whose layout cannot be read (a CNN, say)."""
     from methods.arch import layout
 
     try:
         structural = layout(model).roles()
     except ConfigError:
         structural = {}
-    out = {}
-    for name, _ in linear_modules(model):
-        found = role(name)
-        out[name] = "head" if found == "head" else structural.get(name, found if not structural else "other")
-    return out
+    named = {name: role(name) for name, _ in linear_modules(model)}
+    return {name: "head" if found == "head" else structural.get(name, found) for name, found in named.items()}
 
 
 def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from methods.arch import Attention, attention_function, check_attention_interface, layout
 from methods.base import Adapted, ConfigError, MethodConfig, freeze
+from methods.lora import features
 
 GATES = ("layer", "head")
 _BASES: dict[str, str] = {}
@@ -163,9 +164,10 @@ class LlamaAdapter:
             if attention.qkv is not None:
                 attention.rows("k")
         freeze(model)
-        hidden = model.get_input_embeddings().weight.shape[1]
         trainable: list[nn.Parameter] = []
         for caller, attention in top:
+            # The width the key projection reads: the hidden size (OPT-350m embeds in 512, attends in 1024).
+            hidden = features(model.get_submodule(attention.k or attention.qkv))[0]
             caller.adaption = AdaptionPrompt(caller, attention, cfg.prompt_length, hidden, cfg.gate)
             trainable += [caller.adaption.prompt, caller.adaption.gate]
         model.set_attn_implementation(register_prompt_attention(base))
