@@ -73,8 +73,8 @@ def lint(session: nox.Session) -> None:
 
 
 def machine_class(session: nox.Session) -> str:
-    """Baselines are stored per machine class (bench/calibrate.py), e.g. x86_64-2cpu-cpu."""
-    out = session.run("python", "-c", "from bench.calibrate import machine_class; print(machine_class())", silent=True)
+    """Baselines are stored per machine class (bench/regression/calibrate.py), e.g. x86_64-2cpu-cpu."""
+    out = session.run("python", "-c", "from bench.regression.calibrate import machine_class; print(machine_class())", silent=True)
     return str(out).strip().splitlines()[-1]
 
 
@@ -82,7 +82,7 @@ def machine_class(session: nox.Session) -> str:
 def regression(session: nox.Session) -> None:
     """Run suites/ci.toml into a fresh folder and compare it with this machine class's baseline.
 
-    nox -s regression                       exit 1 on a regression (see bench/compare.py)
+    nox -s regression                       exit 1 on a regression (see bench/regression/compare.py)
     nox -s regression -- --fail METRIC:PCT  other limits, passed on to `peftbench compare`
     nox -s regression -- --update           record this run as the baseline, on purpose, then commit
                                             results/baselines/<machine class>/

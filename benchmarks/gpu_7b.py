@@ -4,9 +4,9 @@
 
 Part 1 (the numbers DESIGN.md section 7 compares with Raschka's "LoRA insights"): a Llama-2-7B
 architecture with random bf16 weights (bench.models synthetic:llama-2-7b: memory and time do
-not depend on weight values) is built on the GPU, quantized through bench.quant where the
+not depend on weight values) is built on the GPU, quantized through bench.models.quant where the
 variant says so, adapted with our LoRA, and trained for a fixed number of steps by the
-project's one training loop (bench.train.train), measured as a trial is (bench.measure:
+project's one training loop (bench.trial.train.train), measured as a trial is (bench.trial.measure:
 PeakMemory for the allocator's peak allocated and reserved bytes over training, StepTimer for
 the median step after 2 warm-up steps).
 
@@ -36,7 +36,7 @@ with the error. Failing on a 4-bit base is expected for methods that train the b
 (full, top_k) or quantize the base themselves (they refuse an already quantized one).
 
 Needs torch, transformers and bitsandbytes only (no datasets, lm-eval, peft): the data are
-random token ids, so bench.data is not used. Results: DIR/gpu_7b.json (rewritten after each
+random token ids, so bench.tasks.data is not used. Results: DIR/gpu_7b.json (rewritten after each
 run, so a timeout still leaves what finished) and DIR/summary.txt. --tiny runs the same code
 paths on synthetic:llama-tiny with 2 steps, on the CPU if there is no GPU.
 """
@@ -62,10 +62,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 
 import methods  # noqa: E402
-from bench import models, results  # noqa: E402
-from bench.measure import PeakMemory, param_counts, weight_bytes  # noqa: E402
-from bench.suite import ModelSpec, TrainSpec  # noqa: E402
-from bench.train import train  # noqa: E402
+from bench import models  # noqa: E402
+from bench.records import results
+from bench.trial.measure import PeakMemory, param_counts, weight_bytes  # noqa: E402
+from bench.run.suite import ModelSpec, TrainSpec  # noqa: E402
+from bench.trial.train import train  # noqa: E402
 
 GB = 1e9  # Raschka reports torch.cuda.max_memory_allocated() / 1e9
 
@@ -74,7 +75,7 @@ GB = 1e9  # Raschka reports torch.cuda.max_memory_allocated() / 1e9
 class Variant:
     name: str
     model: dict[str, Any]
-    """bench.suite.ModelSpec fields, minus the name."""
+    """bench.run.suite.ModelSpec fields, minus the name."""
     lora: dict[str, Any]
     optimizer: str = "adamw"
     seq: int | None = None
@@ -159,7 +160,7 @@ def free(device: torch.device) -> None:
 
 def run_one(model_spec: dict[str, Any], method_name: str, method_cfg: dict[str, Any], optimizer: str,
             steps: int, seq: int, s: Settings, device: torch.device) -> dict[str, Any]:
-    """One trial, as bench.worker runs it minus data and evaluation: load (and quantize) on the
+    """One trial, as bench.run.worker runs it minus data and evaluation: load (and quantize) on the
     device, adapt, count, train with the one loop under PeakMemory."""
     spec = ModelSpec.from_dict(model_spec).to_dict()  # validated as a suite's [model] is
     t = TrainSpec(optimizer=optimizer, lr=s.lr, batch_size=s.micro_batch, max_steps=steps, warmup_steps=0,

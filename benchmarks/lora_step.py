@@ -28,8 +28,8 @@ import torch  # noqa: E402
 
 import methods  # noqa: E402
 from bench import models  # noqa: E402
-from bench.evaluate import forgetting_texts  # noqa: E402
-from bench.measure import PeakMemory, saved_for_backward  # noqa: E402
+from bench.trial.evaluate import forgetting_texts  # noqa: E402
+from bench.trial.measure import PeakMemory, saved_for_backward  # noqa: E402
 
 
 def make_batch(tokenizer, batch: int, seq: int) -> torch.Tensor:

@@ -6,7 +6,7 @@ The packaged SmolLM2-135M weights were rounded to GGUF Q4_1 upstream (blocks of 
 16 affine levels between the block's min and max) and are dequantized on load, so QLoRA's NF4
 quantizes weights that are already quantized. Whether that matters is measured here, with
 bitsandbytes' own quantize_4bit / dequantize_4bit (blocksize 64, QLoRA's default), as the median
-over linear layers (output head excluded, as in bench.quant) of the relative round-trip error
+over linear layers (output head excluded, as in bench.models.quant) of the relative round-trip error
 ||W - deq(quant(W))||_F / ||W||_F, for four sources of the same layer shapes:
 
 - smollm2:           the packaged SmolLM2-135M-Instruct weights (GGUF Q4_1, dequantized);

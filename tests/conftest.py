@@ -24,7 +24,7 @@ SEED = 0
 
 def build_model(kind: str, hidden: int = 32) -> nn.Module:
     """A tiny float32 model in eval mode; the same kind always gets the same weights. `hidden` 64
-    gives layers whose widths are whole 64-weight quantization blocks (bench/quant.py)."""
+    gives layers whose widths are whole 64-weight quantization blocks (bench/models/quant.py)."""
     from transformers import (
         BertConfig,
         BertForSequenceClassification,

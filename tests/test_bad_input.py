@@ -19,8 +19,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bench import cli, runner, serve_bench
-from bench.suite import Suite
+from bench import cli
+from bench.run import runner
+from bench.serving import serve_bench
+from bench.run.suite import Suite
 from methods.base import ConfigError
 from test_suite import GOOD as SUITE
 
@@ -384,7 +386,7 @@ def test_rank_check_is_shared_by_the_lora_family(tmp_path, method, config, key):
 
 def test_rank_between_the_dimensions_is_accepted():
     """SmolLM2's grouped-query v_proj is 576 in x 192 out: lora_vs_qlora's r = 256 stays valid."""
-    from bench import suite
+    from bench.run import suite
 
     assert any(t.spec["method"]["config"]["r"] == 256 for t in suite.load(ROOT / "suites" / "lora_vs_qlora.toml").trials)
 

@@ -1,5 +1,5 @@
 """`peftbench compare`: the rules on hand-made results, bad input, refused baselines, and the
-injected regressions (bench/inject.py) caught end to end through the real runner and measurement."""
+injected regressions (bench/trial/inject.py) caught end to end through the real runner and measurement."""
 
 from __future__ import annotations
 
@@ -13,8 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import calibrate, cli, compare, inject, results
-from bench.measure import StepTimer, weight_bytes
+from bench.regression import calibrate, compare
+from bench import cli
+from bench.trial import inject
+from bench.records import results
+from bench.trial.measure import StepTimer, weight_bytes
 from methods.base import Adapted
 
 ROOT = Path(__file__).resolve().parents[1]

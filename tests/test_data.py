@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench import data
+from bench.tasks import data
 from bench.models import load
 from bench.tasks.text import TextTask
 

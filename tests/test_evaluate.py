@@ -7,8 +7,8 @@ import pytest
 import torch
 from lm_eval.api.model import LM
 
-from bench import evaluate
-from bench.data import collate, examples
+from bench.trial import evaluate
+from bench.tasks.data import collate, examples
 from bench.models import load
 
 

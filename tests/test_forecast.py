@@ -1,4 +1,4 @@
-"""The memory forecast (bench/forecast.py): the meta step against a real step, the forecast against
+"""The memory forecast (bench/trial/forecast.py): the meta step against a real step, the forecast against
 the committed measurements, the CUDA forecast against the H200 results, and [run] memory_budget_gb."""
 
 from __future__ import annotations
@@ -13,9 +13,12 @@ import pytest
 import torch
 
 import methods
-from bench import data, forecast, models, suite
-from bench.measure import weight_bytes
-from bench.train import train
+from bench.tasks import data
+from bench.trial import forecast
+from bench import models
+from bench.run import suite
+from bench.trial.measure import weight_bytes
+from bench.trial.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
 CI = ROOT / "results" / "baselines" / "x86_64-2cpu-cpu" / "ci"
@@ -36,7 +39,7 @@ def _rows(padded: bool) -> list[dict]:
 
 
 def _real_step(spec: dict, rows: list[dict]) -> tuple[dict, dict]:
-    """memory.accounted of one real training step, as bench.worker records it, and the first batch."""
+    """memory.accounted of one real training step, as bench.run.worker records it, and the first batch."""
     loaded = models.load(spec["model"])
     method = methods.get(spec["method"]["name"])
     torch.manual_seed(0)

@@ -22,8 +22,8 @@ from conftest import MODEL_KINDS, build_model, logits, make_batch
 from torch import Tensor
 
 import methods
-from bench.suite import TrainSpec
-from bench.train import train
+from bench.run.suite import TrainSpec
+from bench.trial.train import train
 from methods.base import Adapted, AdapterFileError, ConfigError, MethodConfig
 from methods.layers import inert_parameters, resolve_targets
 from methods.lora import (
@@ -196,7 +196,7 @@ HEAD_GAIN = 10.0
 
 @pytest.mark.parametrize(("name", "values", "kind"), [c for c in CASES if c.values[2] == "llama"])
 def test_method_reduces_training_loss(name: str, values: dict[str, Any], kind: str) -> None:
-    """30 AdamW steps on one fixed batch through the one training loop (bench.train.train, so
+    """30 AdamW steps on one fixed batch through the one training loop (bench.trial.train.train, so
     every hook runs as in a trial: param groups, lr multipliers, on_step, on_epoch): every method
     with trainable tensors must clearly lower the loss (by a tenth at least); the frozen baseline
     must not move it at all."""
@@ -231,7 +231,7 @@ def test_method_reduces_training_loss(name: str, values: dict[str, Any], kind: s
 @pytest.mark.parametrize(("name", "values", "kind"), [c for c in CASES if c.values[2] == "llama"])
 def test_applies_to_a_weightless_skeleton(name: str, values: dict[str, Any], kind: str) -> None:
     """Suites are validated by applying every method to a meta-device copy of the model before
-    anything runs (bench/suite.py): a method must not need weight values to be applied."""
+    anything runs (bench/run/suite.py): a method must not need weight values to be applied."""
     with torch.device("meta"):
         model = build_model(kind)
     method = methods.get(name)

@@ -113,7 +113,7 @@ def test_surgical_stem_plus_first_is_the_references_first_block(kind: str, stem:
 
 
 def test_surgical_stem_of_our_cnn_is_inside_stage_zero() -> None:
-    from bench import vision
+    from bench.tasks import vision
 
     method = methods.get("surgical")
     model = vision.ResNet4(10, widths=(8, 8, 8, 8))

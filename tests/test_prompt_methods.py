@@ -12,7 +12,7 @@ import torch
 from conftest import VOCAB, build_model, make_batch
 from torch import Tensor, nn
 
-from bench import suite
+from bench.run import suite
 from bench.models import _tiny_tokenizer
 from methods.base import Adapted, AdapterFileError, ConfigError, MethodContext
 from methods.hard_prompt import HardPrompt, HardPromptConfig, render

@@ -1,4 +1,4 @@
-"""Base quantization with bitsandbytes (bench/quant.py) and QLoRA = LoRA on a 4-bit base.
+"""Base quantization with bitsandbytes (bench/models/quant.py) and QLoRA = LoRA on a 4-bit base.
 
 The central test is the repacking trap of DESIGN.md section 6: on CPUs with AVX512-BF16 an
 eval-mode no-grad forward repacks 4-bit weights for an inference kernel, after which training
@@ -20,9 +20,11 @@ from torch import Tensor, nn
 bnb = pytest.importorskip("bitsandbytes")
 
 import methods  # noqa: E402
-from bench import models, quant, suite  # noqa: E402
-from bench.measure import weight_bytes  # noqa: E402
-from bench.train import OPTIMIZERS, train  # noqa: E402
+from bench import models  # noqa: E402
+from bench.models import quant  # noqa: E402
+from bench.run import suite  # noqa: E402
+from bench.trial.measure import weight_bytes  # noqa: E402
+from bench.trial.train import OPTIMIZERS, train  # noqa: E402
 from methods.lora import lora_layers  # noqa: E402
 
 QUANT_CASES = [("nf4", False), ("nf4", True), ("fp4", True), ("int8", False)]
@@ -140,7 +142,7 @@ def test_qlora_gradients_match_dequantized_reference_after_eval_forward(compute_
 def test_qlora_gradients_match_dequantized_reference_after_a_real_lm_eval_pass(tmp_path, monkeypatch) -> None:
     """As above, but the model first goes through lm-eval itself (HFLM, loglikelihood requests of
     the sst2 task), exactly as a trial evaluates before and after training."""
-    from bench import evaluate
+    from bench.trial import evaluate
 
     monkeypatch.setenv("PEFTBENCH_CACHE", str(tmp_path))
     model, reference = qlora(torch.float32)
@@ -245,7 +247,7 @@ def test_lora_wraps_4bit_layers() -> None:
                                      (("fp4", True), 4 + 8 / 64 + 32 / (64 * 256)), (("int8", False), 8 + 32 / 2048)],
                          ids=["nf4-dq", "nf4", "fp4-dq", "int8"])
 def test_bits_per_parameter_as_stored(q: tuple[str, bool], bits: float) -> None:
-    """QLoRA's figures from our own accounting (bench.measure.weight_bytes): 4-bit codes plus
+    """QLoRA's figures from our own accounting (bench.trial.measure.weight_bytes): 4-bit codes plus
     one absmax per 64 weights, fp32 (0.5 bit) or, double-quantized, 8-bit with one fp32
     constant per 256 of them (0.127 bit)."""
     layer = nn.Sequential(nn.Linear(2048, 2048, bias=False))

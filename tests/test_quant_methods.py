@@ -87,7 +87,7 @@ def test_int_quantizer_is_min_max_round_to_nearest(bits: int) -> None:
 
 
 def test_stored_bytes_and_counts_as_bench_measures_them() -> None:
-    from bench.measure import param_counts, weight_bytes
+    from bench.trial.measure import param_counts, weight_bytes
 
     base = build_model("llama")
     total = sum(p.numel() for p in base.parameters())

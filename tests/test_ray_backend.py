@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import suite
+from bench.run import suite
 from test_runner import RUNNING, load_all, make_suite, result_files, run_cli, wait_for
 
 REPO = Path(__file__).resolve().parents[1]

@@ -27,7 +27,7 @@ def learnable_batch() -> dict[str, Tensor]:
 
 
 def train(adapted: Adapted, steps: int, lr: float = 1e-2, batch: dict[str, Tensor] | None = None) -> torch.optim.Optimizer:
-    """`steps` AdamW steps calling the hooks as bench/train.py does (on_step with the 0-based step)."""
+    """`steps` AdamW steps calling the hooks as bench/trial/train.py does (on_step with the 0-based step)."""
     batch = batch or learnable_batch()
     optimizer = torch.optim.AdamW(adapted.trainable, lr=lr)
     adapted.model.train()
@@ -107,11 +107,12 @@ def test_jagged_multiplier_sequence() -> None:
 
 
 def test_the_training_loop_follows_the_jagged_schedule() -> None:
-    """Through bench.train: the lr of each step is the suite's cosine times the jag, and the
+    """Through bench.trial.train: the lr of each step is the suite's cosine times the jag, and the
     restarts happen after steps 3 and 6."""
-    from bench import data, models
-    from bench.train import lr_lambda
-    from bench.train import train as bench_train
+    from bench.tasks import data
+    from bench import models
+    from bench.trial.train import lr_lambda
+    from bench.trial.train import train as bench_train
 
     loaded = models.load({"name": "synthetic:llama-tiny"})
     dataset = data.tokenized("sst2", loaded.tokenizer, 48, 16)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import results
+from bench.records import results
 
 REQUIRED = {
     "schema", "trial_id", "suite", "status", "error", "spec",

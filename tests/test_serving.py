@@ -1,4 +1,4 @@
-"""S-LoRA-style serving (bench/serving.py) and its benchmark (bench/serve_bench.py), on tiny models.
+"""S-LoRA-style serving (bench/serving/engine.py) and its benchmark (bench/serving/serve_bench.py), on tiny models.
 
 The reference for every output is the same request alone through a model holding only that
 adapter (methods.lora's LoRALinear, unmerged): logits within 1e-5, identical greedy tokens.
@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import methods
-from bench import serve_bench, serving
-from bench.serving import Request, Server, ServingError
+from bench.serving import serve_bench, engine as serving
+from bench.serving.engine import Request, Server, ServingError
 from methods.base import AdapterFileError, ConfigError
 from reports import serving as serving_report
 from reports.results import ResultFileError

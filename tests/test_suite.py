@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from bench import cli, suite
+from bench import cli
+from bench.run import suite
 
 GOOD = """
 name = "t"
@@ -88,7 +89,7 @@ def test_bad_suite_one_line_error_exit_2_nothing_written(case, tmp_path, capsys)
 
 
 def test_all_suites_in_repo_validate():
-    from bench import serve_bench
+    from bench.serving import serve_bench
 
     for path in sorted(Path(__file__).parent.parent.joinpath("suites").glob("*.toml")):
         if path.stem.startswith("serving"):  # a serving benchmark's grid, not a trial suite

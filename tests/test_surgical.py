@@ -13,8 +13,8 @@ import torch
 from conftest import build_model, make_batch
 
 import methods
-from bench import vision
-from bench.train import Lookahead, train
+from bench.tasks import vision
+from bench.trial.train import Lookahead, train
 from methods.auto_rgn import multipliers
 from methods.base import ConfigError
 from methods.layers import blocks, head_parameters
@@ -313,8 +313,9 @@ def test_report_states_whether_the_rule_holds() -> None:
 
 def test_worker_records_accuracy_data_source_and_multipliers(tmp_path, monkeypatch) -> None:
     """A vision trial end to end in-process: a quick source model, Auto-RGN on 64 target images."""
-    from bench import results, worker
-    from bench.suite import SECTIONS, Trial
+    from bench.records import results
+    from bench.run import worker
+    from bench.run.suite import SECTIONS, Trial
 
     monkeypatch.setenv("PEFTBENCH_CACHE", str(tmp_path))
     monkeypatch.setattr(vision, "PRETRAIN", {**vision.PRETRAIN, "epochs": 1, "min_steps": 0})

@@ -16,7 +16,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bench import results, suite, track
+from bench.records import results, track
+from bench.run import suite
 from reports import results as rr
 
 REPO = Path(__file__).parent.parent

@@ -9,8 +9,9 @@ import torch
 from datasets import Dataset
 
 import methods
-from bench import data, models
-from bench.train import Diverged, lr_lambda, total_steps, train
+from bench.tasks import data
+from bench import models
+from bench.trial.train import Diverged, lr_lambda, total_steps, train
 
 T = dict(optimizer="adamw", lr=1e-3, batch_size=4, grad_accum=1, epochs=1, max_steps=None, schedule="constant",
          warmup_steps=0, weight_decay=0.0, momentum=0.9, clip=1.0, seed=0)

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from bench import data, evaluate
+from bench.tasks import data
+from bench.trial import evaluate
 from bench.models import load
 from bench.tasks import user
 from test_bad_input import refused, suite_file

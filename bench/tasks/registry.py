@@ -1,5 +1,5 @@
 """The one registry of tasks: packaged text tasks (bench/tasks/text.py), image tasks
-(bench/vision.py) and the user's own files (bench/tasks/user.py) each register themselves here.
+(bench/tasks/vision.py) and the user's own files (bench/tasks/user.py) each register themselves here.
 
 A task is found by its name (`register`), or, for names that stand for a file, by the prefix
 before the first colon (`register_prefix`: file:<path>). This module imports nothing of bench/,

@@ -20,10 +20,10 @@ RECORD = Path(__file__).with_name("suite_ids.json")
 
 def expansion(path: Path) -> list[str] | dict:
     """A training suite's trial ids, in expansion order; a serving suite (no [[sweep]], see
-    bench/serve_bench.py) has no trials, so its resolved grid stands in for them."""
+    bench/serving/serve_bench.py) has no trials, so its resolved grid stands in for them."""
     sys.path.insert(0, str(ROOT))
-    from bench.serve_bench import load_suite as load_serving
-    from bench.suite import load
+    from bench.serving.serve_bench import load_suite as load_serving
+    from bench.run.suite import load
 
     if "sweep" not in tomllib.loads(path.read_text(encoding="utf-8")):
         return load_serving(path).to_dict()

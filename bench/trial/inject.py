@@ -5,7 +5,7 @@ result (`test_injected`) whatever was injected, so such a result is never mistak
 PEFTBENCH_TEST_EXTRA_MEMORY=0.2
     Registers a buffer of 0.2 x the adapted model's weight bytes on the model, filled so its
     pages are resident, alive through training: memory.accounted.weights grows by 20% through
-    the real accounting (bench.measure.weight_bytes), and the process RSS with it.
+    the real accounting (bench.trial.measure.weight_bytes), and the process RSS with it.
 PEFTBENCH_TEST_SLOWDOWN=2
     Makes the work of every optimizer step take 2x as long: at the end of each step the loop
     sleeps for (2 - 1) x the time since the step's first forward (fetching the batch is not
@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from bench.measure import weight_bytes
+from bench.trial.measure import weight_bytes
 from methods.base import Adapted
 
 EXTRA_MEMORY = "PEFTBENCH_TEST_EXTRA_MEMORY"

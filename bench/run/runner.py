@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import multiprocessing as mp
 import os
 import signal
 import sys
@@ -18,14 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import results, track
-from bench.suite import Suite, Trial
-
-# Imported once by the fork server, so each trial process starts without paying for them.
-PRELOAD = ["bench.forkserver_guard", "torch", "transformers", "transformers.models.llama.modeling_llama",
-           "transformers.models.gpt2.modeling_gpt2", "datasets", "lm_eval", "lm_eval.models.huggingface",
-           "bench.worker", "bench.data", "bench.evaluate", "bench.models"]
-
+from bench.records import results, track
+from bench.run.forkserver import trial_context
+from bench.run.suite import Suite, Trial
 
 class RunnerError(RuntimeError):
     pass
@@ -107,7 +101,7 @@ def _death_status(exitcode: int | None, timed_out: bool, timeout: float, ooms_be
 def _in_environment(env: dict[str, str], *args) -> None:
     """The trial under the caller's environment, not the fork server's: a Ray worker is handed
     other GPUs (CUDA_VISIBLE_DEVICES) for each task, after its fork server started."""
-    from bench import worker
+    from bench.run import worker
 
     for key in set(os.environ) - set(env):
         del os.environ[key]
@@ -120,7 +114,7 @@ def execute(ctx, trial: Trial, draft: Path, adapters: Path | None, progress: boo
     """Run one trial in a fresh process and return its result, a recorded failure if the process
     died or timed out; publishing it is the caller's job. `started(pid)` learns the process id;
     `env`, if given, is the trial's whole environment."""
-    from bench import worker
+    from bench.run import worker
 
     draft.unlink(missing_ok=True)
     args = (trial, str(draft), str(adapters) if adapters else None, progress, os.getpid())
@@ -145,14 +139,6 @@ def execute(ctx, trial: Trial, draft: Path, adapters: Path | None, progress: boo
     draft.unlink(missing_ok=True)
     result["runtime"]["process_s"] = process_s
     return result
-
-
-def trial_context():
-    """A fork server that has imported torch and friends once, so each trial starts in milliseconds
-    yet in a process of its own (its own memory high-water mark, its own crash)."""
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(PRELOAD)
-    return ctx
 
 
 class Sweep:
@@ -235,7 +221,7 @@ def _over_budget(trial: Trial) -> dict[str, Any] | None:
     skipped_memory, the error naming the component), or None if it fits."""
     import torch
 
-    from bench import forecast
+    from bench.trial import forecast
 
     f = forecast.forecast(trial.spec, device="cuda" if torch.cuda.is_available() else "cpu")
     reason = f.over(trial.run["memory_budget_gb"] * forecast.GB)
@@ -259,7 +245,7 @@ def run(suite: Suite, results_root: Path, force: bool = False, progress: bool = 
 
 def estimate(suite: Suite) -> list[dict[str, Any]]:
     """A rough cost per trial for --dry-run, from parameter and token counts, beside the memory
-    forecast (bench/forecast.py: accounted components and peak, GB).
+    forecast (bench/trial/forecast.py: accounted components and peak, GB).
 
     Compute per token: forward 2N FLOPs, backward to the inputs 2N more, and weight gradients
     2N more only for trained weights; lm-eval scores each choice with one forward. The
@@ -268,9 +254,11 @@ def estimate(suite: Suite) -> list[dict[str, Any]]:
     import torch
 
     import methods
-    from bench import data, forecast, models, vision
-    from bench.measure import param_counts
-    from bench.train import total_steps
+    from bench.tasks import data, vision
+    from bench.trial import forecast
+    from bench import models
+    from bench.trial.measure import param_counts
+    from bench.trial.train import total_steps
 
     device = "cuda" if torch.cuda.is_available() else "cpu"  # the memory forecast is for where trials will run
     flops_per_s = float(os.environ.get("PEFTBENCH_FLOPS", 1e11))

@@ -8,7 +8,7 @@ increase in percent, `--fail METRIC:off` drops a check; any numeric key of a res
     memory.accounted.*   1%   computed, not sampled: deterministic, so held tightly
     memory.peak_bytes    10%  process peak RSS on CPU: noisy, so held loosely
     runtime.step_ratio   15%  median over the steps of step time / the calibration timed right
-                              after it (bench/calibrate.py); the change counts only when the two
+                              after it (bench/regression/calibrate.py); the change counts only when the two
                               runs' per-step ratios differ significantly (one-sided Mann-Whitney U,
                               p < 0.01), so that one run's noisy steps do not count as a shift.
                               15% leaves a 1.3x slower step caught under every condition of
@@ -32,14 +32,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import results
+from bench.records import results
 
 META = ".baseline.json"
 """Beside a baseline's result files: the machine class and schema it was recorded under. A dot
 file, so that nothing reading results takes it for one."""
 RATIO = "runtime.step_ratio"
 WARMUP = 2
-"""Leading steps left out of the step-time spread, as bench.measure.StepTimer leaves them out of its median."""
+"""Leading steps left out of the step-time spread, as bench.trial.measure.StepTimer leaves them out of its median."""
 DEFAULT_LIMITS: dict[str, float] = {
     "memory.accounted.weights": 1.0,
     "memory.accounted.grads": 1.0,

@@ -1,4 +1,4 @@
-"""Many adapters on one base model: bench.serving against the alternatives, side by side in one run.
+"""Many adapters on one base model: bench.serving.engine against the alternatives, side by side in one run.
 
     peftbench serve-bench suites/serving.toml [--out results/reference/serving] [--device cuda]
 
@@ -6,7 +6,7 @@ For each cell of the grid (number of adapters x request mix x batch size) the sa
 queued at once and cut into batches in arrival order, go through four engines, interleaved rep by
 rep so that machine noise hits all of them alike:
 
-  slora   bench.serving: the base layers once per batch, each row's A and B gathered from device slots
+  slora   bench.serving.engine: the base layers once per batch, each row's A and B gathered from device slots
   peft    Hugging Face peft's mixed batch: a PeftModel holding every adapter, `adapter_names=`
   switch  merge the adapter into the base weights and switch per request (the rows of a batch that
           name the same adapter share one merge: the most favourable order for it)
@@ -36,9 +36,9 @@ import torch
 from torch import nn
 
 import methods
-from bench import results as bench_results
-from bench.measure import weight_bytes
-from bench.serving import Request, Server, greedy, left_pad, pad_id
+from bench.records import results as bench_results
+from bench.trial.measure import weight_bytes
+from bench.serving.engine import Request, Server, greedy, left_pad, pad_id
 from methods.base import Config, ConfigError, Targets
 from methods.lora import lora_layers
 
@@ -77,7 +77,7 @@ class ServingSuite(Config):
     new_tokens: int = 16
     """Greedy tokens generated per request."""
     budget_mib: float = 256
-    """Device memory for bench.serving's adapter slots; fewer slots than adapters exercises eviction."""
+    """Device memory for bench.serving.engine's adapter slots; fewer slots than adapters exercises eviction."""
     reps: int = 2
     """Repetitions per cell; throughput is taken from the fastest (the least disturbed by other load)."""
     engines: list[str] = field(default_factory=lambda: list(ENGINES))
@@ -129,7 +129,7 @@ def prompts(model_name: str, tokenizer: Any, n: int, length: int, vocab: int, rn
     """Real text windows (held-out book passages); random ids for a synthetic model."""
     if model_name.startswith("synthetic:"):
         return rng.integers(3, vocab, size=(n, length)).tolist()
-    from bench.evaluate import forgetting_texts
+    from bench.trial.evaluate import forgetting_texts
 
     ids = tokenizer("\n\n".join(forgetting_texts(64)))["input_ids"]
     starts = rng.integers(0, len(ids) - length, size=n)

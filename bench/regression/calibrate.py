@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 WIDTH, HEADS, BATCH, TOKENS = 64, 4, 16, 64
-"""The CI models' width and heads (bench/models.py llama-tiny, gpt2-tiny) and suites/ci.toml's
+"""The CI models' width and heads (bench/models/__init__.py llama-tiny, gpt2-tiny) and suites/ci.toml's
 batch: about 10 ms on one core of this 2-core CPU, a few MiB of memory, so never a trial's peak."""
 
 

@@ -12,11 +12,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from bench.paths import REPO
+
 SCHEMA = 1
 STATUSES = ("success", "failed", "oom", "diverged", "timeout", "skipped_memory")
-"""skipped_memory: not started, its memory forecast broke [run] memory_budget_gb (bench/forecast.py)."""
+"""skipped_memory: not started, its memory forecast broke [run] memory_budget_gb (bench/trial/forecast.py)."""
 PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "lm_eval", "datasets", "accelerate", "peftbench")
-REPO = Path(__file__).resolve().parent.parent
 
 
 class ResultFileError(ValueError):

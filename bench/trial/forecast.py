@@ -3,21 +3,21 @@
 The forecast builds the trial's model on the meta device (structure, no weights), quantizes and
 adapts it exactly as the worker does, and runs one forward and backward of the trial's first
 micro-batch there, inside the same saved-tensor counter the real step uses
-(bench.measure.saved_for_backward). Nothing is allocated and no arithmetic is done, so a 7B model
+(bench.trial.measure.saved_for_backward). Nothing is allocated and no arithmetic is done, so a 7B model
 forecasts in about a second; what autograd saves is what this torch and this transformers save
 for this architecture, attention implementation and method, not a fitted constant.
 
-    weights      bench.measure.weight_bytes of the adapted meta model (4-bit storage, absmax and
+    weights      bench.trial.measure.weight_bytes of the adapted meta model (4-bit storage, absmax and
                  double-quantization constants included: bitsandbytes' fake kernels give their shapes)
-    grads        bench.measure.grad_bytes after the meta backward (tensors that really get a gradient)
+    grads        bench.trial.measure.grad_bytes after the meta backward (tensors that really get a gradient)
     optimizer    the optimizer's state for those tensors (OPTIMIZER_STATE: AdamW 2 states + step, SGD's
                  momentum buffer, bitsandbytes' 8-bit blockwise states)
-    activations  bench.measure.saved_for_backward over the meta forward of the first micro-batch
+    activations  bench.trial.measure.saved_for_backward over the meta forward of the first micro-batch
     peak         components plus what the process adds beyond them (PeakModel, per device)
 
 Data-dependent branches in the forward (transformers skips building an attention mask when a
 batch has no padding) read one scalar; on meta there is none, so the forecast answers it from the
-trial's real first batch, which it builds the way bench.train does (same seed, same collate).
+trial's real first batch, which it builds the way bench.trial.train does (same seed, same collate).
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from bench.paths import REPO
 
 VERSION = 1
 """Bump when a forecast of the same trial would change: stored beside every forecast."""
@@ -173,11 +175,11 @@ OPTIMIZER_STATE: dict[str, tuple[Callable[[dict[str, Any]], Callable[[torch.Tens
     "paged-adamw": (_bnb_adamw_32bit_state, []),
     "paged-adamw-8bit": (_adamw_8bit_state, BNB_QMAPS),
 }
-"""Optimizer name (bench.train.OPTIMIZERS) -> (the state blocks of one tensor given [train], blocks shared by all)."""
+"""Optimizer name (bench.trial.train.OPTIMIZERS) -> (the state blocks of one tensor given [train], blocks shared by all)."""
 
 
 def optimizer_blocks(params: list[torch.Tensor], t: dict[str, Any]) -> list[int]:
-    """The optimizer state's blocks for the tensors that get a gradient, as bench.measure.optimizer_bytes counts them."""
+    """The optimizer state's blocks for the tensors that get a gradient, as bench.trial.measure.optimizer_bytes counts them."""
     per_tensor, shared = OPTIMIZER_STATE[t["optimizer"]]
     state = per_tensor(t)
     blocks = [b for p in params for b in state(p)]
@@ -266,7 +268,7 @@ class _Attention(TorchFunctionMode):
 
 
 def adapted_skeleton(spec: dict[str, Any], context: Any = None):
-    """The trial's model on the meta device, quantized and adapted as bench.worker does it, and the
+    """The trial's model on the meta device, quantized and adapted as bench.run.worker does it, and the
     bytes its real load frees in heap-sized blocks (load_freed)."""
     import methods
     from bench import models
@@ -282,7 +284,7 @@ def adapted_skeleton(spec: dict[str, Any], context: Any = None):
 
 def meta_step(adapted, batch: Batch, device: str = "cpu") -> dict[str, Any]:
     """One forward and backward on the meta model: bytes saved for backward, the tensors that get a gradient."""
-    from bench.measure import grad_bytes, saved_for_backward
+    from bench.trial.measure import grad_bytes, saved_for_backward
 
     model = adapted.model
     model.train()
@@ -295,7 +297,7 @@ def meta_step(adapted, batch: Batch, device: str = "cpu") -> dict[str, Any]:
 
 
 def first_batch(spec: dict[str, Any]) -> Batch:
-    """The shape of the trial's first micro-batch, drawn exactly as bench.train draws it: what
+    """The shape of the trial's first micro-batch, drawn exactly as bench.trial.train draws it: what
     memory.accounted.activations measures."""
     return _batches(_batch_key(spec))[0]
 
@@ -312,8 +314,8 @@ def _batch_key(spec: dict[str, Any]) -> str:
 
 @functools.lru_cache(maxsize=64)
 def _batches(key: str) -> tuple[Batch, Batch]:
-    from bench import data
-    from bench.train import batches, total_steps
+    from bench.tasks import data
+    from bench.trial.train import batches, total_steps
 
     name, data_spec, t = json.loads(key)
     tokenizer = _tokenizer(name) if data.get_task(data_spec["task"], data_spec).needs_tokenizer else None
@@ -344,8 +346,8 @@ def _tokenizer(name: str):
 
 
 def context_for(spec: dict[str, Any]):
-    """What a method that turns text into tokens gets (bench.worker builds the same)."""
-    from bench import data
+    """What a method that turns text into tokens gets (bench.run.worker builds the same)."""
+    from bench.tasks import data
     from methods.base import MethodContext
 
     rows = data.examples(spec["data"]["task"], "train", spec=spec["data"])
@@ -359,7 +361,7 @@ def forecast(spec: dict[str, Any], device: str = "cpu", batch: Batch | None = No
     `calibration` (default: this machine class's, cpu_calibration()) with its runtime replaced by
     `runtime_bytes` if given."""
     import methods
-    from bench.measure import weight_bytes
+    from bench.trial.measure import weight_bytes
 
     if device not in PEAK_DEVICES:
         raise ValueError(f"device: forecasts exist for {', '.join(PEAK_DEVICES)}, not {device!r}")
@@ -373,7 +375,7 @@ def forecast(spec: dict[str, Any], device: str = "cpu", batch: Batch | None = No
         batch, peak_batch = first_batch(spec), widest_batch(spec)
     grads = optimizer = activations = 0
     source, note = "meta-forward", None
-    if adapted.trainable:  # the frozen baseline never steps: bench.train returns before the first batch
+    if adapted.trainable:  # the frozen baseline never steps: bench.trial.train returns before the first batch
         try:
             step = meta_step(adapted, batch, device)
             activations, grads, with_grad = step["activations"], step["grads"], step["with_grad"]
@@ -435,7 +437,7 @@ def load_freed(skeleton: nn.Module, m: dict[str, Any]) -> int:
     (load() clones every tensor out of the checkpoint), and quantization frees the float weights of
     every layer it replaces. Synthetic models are built in their dtype: nothing to free but the latter.
     `skeleton`: the unquantized meta model in the trial's dtype; `m`: the trial's [model]."""
-    from bench.quant import quantizable
+    from bench.models.quant import quantizable
 
     freed = 0
     checkpoint = not m["name"].startswith("synthetic:")
@@ -449,20 +451,21 @@ def load_freed(skeleton: nn.Module, m: dict[str, Any]) -> int:
 
 def measured_runtime() -> int:
     """The resident set of a fresh trial process before it loads anything: a child of the runner's
-    fork server (bench.runner.trial_context: torch, transformers, lm-eval, datasets imported), measured
+    fork server (bench.run.forkserver.trial_context: torch, transformers, lm-eval, datasets imported), measured
     once per package set and cached. It lacks the tokenizer and data a trial then loads (tens of MB)."""
     import json
 
-    from bench import models, results
+    from bench import models
+    from bench.records import results
 
     versions = results.environment(None)["packages"]
     key = json.dumps(versions, sort_keys=True)
     path = models.cache_dir() / "forecast_runtime.json"
     cached = json.loads(path.read_text()) if path.exists() else {}
     if key not in cached:
-        from bench import runner
+        from bench.run import forkserver
 
-        ctx = runner.trial_context()
+        ctx = forkserver.trial_context()
         queue = ctx.Queue()
         proc = ctx.Process(target=_report_rss, args=(queue,))
         proc.start()
@@ -473,13 +476,13 @@ def measured_runtime() -> int:
 
 
 def _report_rss(queue) -> None:
-    from bench.measure import _proc_status
+    from bench.trial.measure import _proc_status
 
     queue.put(_proc_status("VmRSS"))
 
 
 def _unique_params(params: list[torch.Tensor]) -> list[torch.Tensor]:
-    from bench.measure import _unique
+    from bench.trial.measure import _unique
 
     return list(_unique(params).values())
 
@@ -536,11 +539,9 @@ class CpuCalibration:
 
 
 def calibration_path() -> Any:
-    from pathlib import Path
+    from bench.regression import calibrate
 
-    from bench import calibrate
-
-    return Path(__file__).resolve().parent.parent / "results" / "baselines" / calibrate.machine_class() / "forecast_cpu.json"
+    return REPO / "results" / "baselines" / calibrate.machine_class() / "forecast_cpu.json"
 
 
 def load_calibration() -> CpuCalibration | None:
@@ -710,7 +711,7 @@ def fit(folders: dict[str, list[dict[str, Any]]]) -> tuple[CpuCalibration, dict[
 
 
 def _label(spec: dict[str, Any]) -> str:
-    from bench.suite import Trial
+    from bench.run.suite import Trial
 
     return f"{spec['model']['name'].removeprefix('synthetic:')} {Trial(suite='', spec=spec, run={}).label}"
 

@@ -4,7 +4,7 @@ Each trial is one Ray task, reserving the suite's [run] cpus, gpus and memory_gb
 supervisor: it runs the trial exactly as the local runner does, in a fresh process forked from a
 fork server (its own memory high-water mark, its own crash, its timeout), and returns the result
 and the adapter files. Only the driver writes them, into the same folder and by the same atomic
-rename as a local run (bench.runner.Sweep), so resume, statuses and the folder lock are the
+rename as a local run (bench.run.runner.Sweep), so resume, statuses and the folder lock are the
 local runner's own, and the nodes need no shared filesystem.
 
 Which cluster a sweep joins is explicit (`Cluster`): the one at --address (else $RAY_ADDRESS), or
@@ -30,12 +30,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bench import results, runner
-from bench.runner import RunnerError, Sweep, SweepReport
-from bench.suite import Suite, Trial
+from bench.records import results
+from bench.run import forkserver, runner
+from bench.run.runner import RunnerError, Sweep, SweepReport
+from bench.run.suite import Suite, Trial
 
 INSTALL = "pip install 'peftbench[ray]'"
-# What the driver decided about the hub (bench/cli.py) holds on every node, and so do the test hooks (bench/inject.py).
+# What the driver decided about the hub (bench/cli.py) holds on every node, and so do the test hooks (bench/trial/inject.py).
 FORWARD = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TOKENIZERS_PARALLELISM", "TRANSFORMERS_VERBOSITY")
 # Ray reads these, in the driver and in the processes it starts; an own cluster sets every one.
 OWN_AUTH = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
@@ -226,7 +227,7 @@ def _run_on_worker(trial: Trial, save_adapters: bool, tracker) -> tuple[dict[str
     import ray
 
     if _CONTEXT is None:  # one fork server per Ray worker process, reused by its later trials
-        _CONTEXT = runner.trial_context()
+        _CONTEXT = forkserver.trial_context()
     node_ip = ray.util.get_node_ip_address()
     env = dict(os.environ)  # as Ray set it for this task: CUDA_VISIBLE_DEVICES, OMP_NUM_THREADS
     if not trial.run["gpus"]:  # Ray leaves every GPU visible to a task that reserved none

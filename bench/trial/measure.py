@@ -70,7 +70,7 @@ def storage_key(t: torch.Tensor) -> int:
 def saved_for_backward(model: nn.Module) -> Iterator[dict[str, Any]]:
     """Bytes autograd saves for backward inside the block: unique storages that are not
     parameters or buffers (saved weights are already counted as weights). Works on a meta model
-    too (bench/forecast.py), counting what a real step would store."""
+    too (bench/trial/forecast.py), counting what a real step would store."""
     known = {storage_key(t) for t in list(model.parameters()) + list(model.buffers())}
     seen: dict[int, int] = {}
     result: dict[str, Any] = {"bytes": 0}

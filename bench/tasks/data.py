@@ -2,7 +2,7 @@
 
 Every task registers itself when its module is imported: the packaged text tasks
 (bench/tasks/text.py), the user's files (bench/tasks/user.py, file:<path>) and the image tasks
-(bench/vision.py). This module imports them all, then looks tasks up by name, so nothing else
+(bench/tasks/vision.py). This module imports them all, then looks tasks up by name, so nothing else
 needs to know which kind a task is.
 """
 
@@ -12,7 +12,7 @@ from typing import Any
 
 import datasets
 
-from bench import vision  # noqa: F401  (registers the image tasks)
+from bench.tasks import vision  # noqa: F401  (registers the image tasks)
 from bench.tasks import user  # noqa: F401  (registers file:<path>)
 from bench.tasks.registry import Example, Prepared, Task, TaskError, lookup
 from bench.tasks.text import PACKAGED, SPLITS, TextTask

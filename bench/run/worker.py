@@ -22,9 +22,11 @@ import torch  # noqa: F401  (imported here so the fork server preloads it)
 import transformers  # noqa: F401
 
 import methods
-from bench import calibrate, compare, inject, results
-from bench.measure import PeakMemory, dir_bytes, param_counts, weight_bytes
-from bench.train import Diverged, train
+from bench.regression import calibrate, compare
+from bench.trial import inject
+from bench.records import results
+from bench.trial.measure import PeakMemory, dir_bytes, param_counts, weight_bytes
+from bench.trial.train import Diverged, train
 from methods.base import MethodContext
 from methods.layers import inert_parameters
 
@@ -78,7 +80,7 @@ def main(trial, out_path: str, adapters_dir: str | None, show_progress: bool, ru
 
 def _base_loss(model, tokenizer, spec: dict[str, Any]) -> float:
     """The base model's held-out loss, cached on disk: it is the same for every trial of a model."""
-    from bench.evaluate import forgetting_texts, lm_loss
+    from bench.trial.evaluate import forgetting_texts, lm_loss
     from bench.paths import cache_dir
 
     key = hashlib.sha256(json.dumps([spec["model"], spec["eval"]["forgetting_texts"]], sort_keys=True).encode()).hexdigest()[:16]
@@ -97,8 +99,8 @@ def _store_forecast(spec: dict[str, Any], device: torch.device, result: dict[str
     """memory.forecast beside the measurement, computed on the meta device before anything loads;
     the CPU runtime floor is this very process before loading. A forecast that fails is noted, never
     fatal to the trial."""
-    from bench import forecast
-    from bench.measure import _proc_status
+    from bench.trial import forecast
+    from bench.trial.measure import _proc_status
 
     start = time.perf_counter()
     try:
@@ -112,7 +114,8 @@ def _store_forecast(spec: dict[str, Any], device: torch.device, result: dict[str
 
 
 def run(trial, result: dict[str, Any], adapters_dir: Path | None, show_progress: bool) -> None:
-    from bench import data, models
+    from bench.tasks import data
+    from bench import models
 
     spec = trial.spec
     t = spec["train"]
@@ -154,7 +157,7 @@ def run(trial, result: dict[str, Any], adapters_dir: Path | None, show_progress:
         extra["context"] = MethodContext(tokenizer, tuple((e.prompt, e.answer) for e in rows), t["seed"])
     torch.manual_seed(t["seed"])  # adapter init is part of the trial's seed
     adapted = method.apply(model, method.Config.from_dict(spec["method"]["config"]), **extra)
-    if injected := inject.apply(adapted):  # test-only, off by default: see bench/inject.py
+    if injected := inject.apply(adapted):  # test-only, off by default: see bench/trial/inject.py
         result["test_injected"] = injected
     result["params"].update(param_counts(adapted.model, adapted.trainable))
     if inert := inert_parameters(adapted.model, adapted.trainable, adapted.inert):
@@ -171,7 +174,7 @@ def run(trial, result: dict[str, Any], adapters_dir: Path | None, show_progress:
     calibration = calibrate.Calibration(device)
 
     def progress(step: int, total: int, loss: float) -> None:
-        calibration()  # between steps, outside the step timer: see bench/calibrate.py
+        calibration()  # between steps, outside the step timer: see bench/regression/calibrate.py
         if bar is not None:
             bar.total = total
             bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
@@ -212,7 +215,7 @@ def run(trial, result: dict[str, Any], adapters_dir: Path | None, show_progress:
 
     start = time.perf_counter()
     if not loaded.synthetic:  # random weights have no score worth reporting
-        from bench.evaluate import lm_eval_scores, lm_loss, forgetting_texts
+        from bench.trial.evaluate import lm_eval_scores, lm_loss, forgetting_texts
 
         e = spec["eval"]
         if e["tasks"]:
@@ -222,7 +225,7 @@ def run(trial, result: dict[str, Any], adapters_dir: Path | None, show_progress:
             result["eval"]["forgetting"] = after - base_loss
             result["eval"]["heldout_loss"] = {"base": base_loss, "after": after}
         if prepared.scored:
-            from bench.vision import accuracy
+            from bench.tasks.vision import accuracy
 
             result["eval"]["accuracy"] = {name: accuracy(adapted.model, rows, collate) for name, rows in prepared.scored.items()}
     rt["eval_s"] = time.perf_counter() - start

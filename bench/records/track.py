@@ -1,7 +1,7 @@
 """Tracking: each published trial copied into MLflow (one run) and TensorBoard (event files).
 
 The result JSON stays the record; a tracker holds a copy. The sweep's parent process writes it
-right after the result's atomic publish (bench.runner.Sweep.publish), so a tracker can never hold
+right after the result's atomic publish (bench.run.runner.Sweep.publish), so a tracker can never hold
 a trial the results folder does not. A tracker that fails (a server that is down, a store that is
 not writable) costs the trial nothing: the result is published, the error goes into the sweep's
 summary, and `peftbench track RESULTS_DIR` later writes what is missing. Every copy carries the
@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from bench import results
+from bench.records import results
 
 INSTALL = "pip install 'peftbench[track]'"
 FOLDER = "tracking"

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bench.data import collate, text_task
+from bench.tasks.data import collate, text_task
 from bench.paths import cache_dir, package_dir
 from bench.tasks.text import TEMPLATES, oe_eval_requests
 

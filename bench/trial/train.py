@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from bench.measure import StepTimer, grad_bytes, optimizer_bytes, saved_for_backward
+from bench.trial.measure import StepTimer, grad_bytes, optimizer_bytes, saved_for_backward
 from methods.base import Adapted
 
 

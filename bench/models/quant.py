@@ -128,7 +128,7 @@ def _moved(param: nn.Parameter, device: torch.device) -> nn.Parameter:
     """The bitsandbytes parameter quantized on `device`. A move to the meta device does not quantize
     (bitsandbytes' API), so there we quantize directly: bitsandbytes' fake kernels give the packed
     weight and its constants their real shapes and dtypes, which is what a memory forecast
-    (bench/forecast.py) of a quantized model needs."""
+    (bench/trial/forecast.py) of a quantized model needs."""
     if device.type == "meta":
         # bitsandbytes caches its 8-bit "dynamic" code (the double-quantization map) on the device
         # of its first use: made on meta, every later real double-quantized layer in the process

@@ -50,7 +50,7 @@ class ModelSpec(Config):
     dtype: str = "float32"
     """Weights and compute dtype: float32, bfloat16 or float16."""
     quant: str = "none"
-    """Base quantization with bitsandbytes (bench/quant.py): none, nf4, fp4 (4-bit) or int8
+    """Base quantization with bitsandbytes (bench/models/quant.py): none, nf4, fp4 (4-bit) or int8
     (LLM.int8()). Every linear layer but the output head. QLoRA is lora with quant = "nf4"."""
     double_quant: bool = False
     """4-bit only: quantize the per-block absmax constants again (QLoRA's double quantization)."""
@@ -58,7 +58,7 @@ class ModelSpec(Config):
     """4-bit only: the dtype 4-bit layers compute in (float32, bfloat16, float16); default: dtype."""
 
     def validate(self) -> None:
-        from bench.quant import FOUR_BIT, QUANTS
+        from bench.models.quant import FOUR_BIT, QUANTS
 
         dtypes = ("float32", "bfloat16", "float16")
         if self.dtype not in dtypes:
@@ -101,7 +101,7 @@ class DataSpec(Config):
 
     task: str
     """Training task: sst2, arc_easy, piqa, boolq, gsm8k (bench/tasks/text.py), an image task
-    (bench/vision.py), or file:<path> (a path relative to where peftbench runs, or absolute)."""
+    (bench/tasks/vision.py), or file:<path> (a path relative to where peftbench runs, or absolute)."""
     train_examples: int = 512
     """Training examples drawn from the task's train split."""
     max_length: int = 128
@@ -175,7 +175,7 @@ class TrainSpec(Config):
     """Seed for data order, dropout and adapter init."""
 
     def validate(self) -> None:
-        from bench.train import OPTIMIZERS, SCHEDULES
+        from bench.trial.train import OPTIMIZERS, SCHEDULES
 
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError("optimizer", f"unknown optimizer {self.optimizer!r}{_suggest(self.optimizer, OPTIMIZERS)}")
@@ -226,20 +226,20 @@ class RunSpec(Config):
     memory_gb: float | None = None
     """--backend ray: host memory a trial reserves, in GB; Ray schedules by it but does not cap it."""
     memory_budget_gb: float | None = None
-    """Skip, before it starts, a trial whose memory forecast (bench/forecast.py: its peak on this
+    """Skip, before it starts, a trial whose memory forecast (bench/trial/forecast.py: its peak on this
     machine's device) exceeds this many GB (1e9 bytes); it is recorded with status skipped_memory and
     the component that breaks the budget. Unlike memory_gb (a Ray reservation) this is a cap."""
     retries: int = 0
     """--backend ray: reruns of a trial whose Ray worker or node died under it (not of one that
     failed, ran out of memory or timed out on its own)."""
     track: list[str] = field(default_factory=list)
-    """Trackers each published trial is copied to (bench/track.py): mlflow, tensorboard. Needs the
+    """Trackers each published trial is copied to (bench/records/track.py): mlflow, tensorboard. Needs the
     track extra; `peftbench run --track` overrides it."""
     tracking_uri: str | None = None
     """MLflow tracking URI (a server, sqlite:///...); default: results/<suite>/tracking/mlflow.db."""
 
     def validate(self) -> None:
-        from bench.track import TRACKERS
+        from bench.records.track import TRACKERS
 
         for name in self.track:
             if name not in TRACKERS:
@@ -447,7 +447,7 @@ def _check_against_models(path: Path, trials: list[Trial]) -> None:
     """Apply each trial's method to a weightless (meta) copy of its model: catches targets
     that match nothing, k beyond the block count, ranks beyond a layer's size, unknown models;
     and asks each task for its size: more training examples than it has. All before anything runs."""
-    from bench import data, vision
+    from bench.tasks import data, vision
 
     for trial in trials:
         spec = trial.spec
