@@ -278,6 +278,34 @@ def test_fused_qkv_split_matches_the_attention_it_feeds(arch: str) -> None:
     assert not torch.allclose(scaled({"v": 2.0}), reference, atol=1e-3)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "falcon"])
+def test_ia3_value_vector_on_a_fused_projection_scales_the_values(arch: str) -> None:
+    """IA3's l_v at 2 everywhere (l_k at 1) doubles every value, so the attention output doubles:
+    the same logits as the base model with its attention output projections' weights doubled."""
+    from methods.ia3 import IA3, IA3Config, ia3_layers
+
+    batch = arch_batch(arch)
+    adapted = IA3().apply(build_arch(arch), IA3Config(vectors=["k", "v"]))
+    for layer in ia3_layers(adapted.model).values():
+        with torch.no_grad():
+            layer.ia3_l[layer.ia3_l.numel() // 2 :] = 2.0  # [k heads | v heads]: equal widths
+    doubled = build_arch(arch)
+    with torch.no_grad():
+        for block in layout(doubled).blocks:
+            doubled.get_submodule(block.attention.o).weight.mul_(2.0)
+    torch.testing.assert_close(outputs(adapted.model, batch), outputs(doubled, batch), atol=1e-5, rtol=0)
+    assert not torch.allclose(outputs(adapted.model, batch), outputs(build_arch(arch), batch), atol=1e-3)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_layout_reads_a_weightless_skeleton(arch: str) -> None:
+    """Suite validation applies methods to a model built on the meta device, before any trial runs:
+    the layout (hence every refusal) is the same there."""
+    with torch.device("meta"):
+        skeleton = build_arch(arch)
+    assert layout(skeleton) == layout(build_arch(arch))
+
+
 # ---------------------------------------------------------------- LoRA against peft
 
 
