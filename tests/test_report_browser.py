@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 REPORTS = sorted(p for p in (ROOT / "reports").glob("*.html") if p.name != render.INDEX)
 CHROMIUM = Path("/usr/bin/chromium")
 WIDTH, FIRST_SCREEN = 1400, 900
+NUMBER = re.compile(r"\d+(?:\.\d+)?")
 TOLERANCE = 6.0  # SVG units: a marker centred on the axes' edge pokes out by its radius
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium")
@@ -164,6 +165,15 @@ def test_filter_csv_and_drill_down(report):
     if page.locator("section#trials details").count():
         page.click("section#trials details > summary")
     total = table.locator("tbody tr").count()
+    # Sorting a column of labels compares numbers as numbers: of two labels alike but for their
+    # numbers (r=4 and r=16), the smaller numbers come first.
+    table.locator("th", has_text="configuration").click()
+    labels = visible_column(page, table, "configuration")
+    by_shape: dict[str, list[list[float]]] = {}
+    for label in labels:
+        by_shape.setdefault(NUMBER.sub("#", label), []).append([float(x) for x in NUMBER.findall(label)])
+    for shape, numbers in by_shape.items():
+        assert numbers == sorted(numbers), shape
     # Filter on the method that the fewest trials use, so that the filter has something to remove.
     methods = visible_column(page, table, "method")
     rare = min(set(methods), key=methods.count)
