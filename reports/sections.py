@@ -740,8 +740,12 @@ def _gpu_memory_text(lora: dict, longer: list[dict], published_gb: float | None)
 
 def build(trials: pd.DataFrame, pub: dict, records: dict[str, list[dict]] | None = None) -> list[Section]:
     groups = pd.DataFrame() if trials.empty else seed_groups(trials)
-    return [answer.section(trials, groups), overview(trials, groups), matched.section(trials, groups),
+    # A suite's own subject leads, right after the answer: the shift x block table, the LoRA-vs-QLoRA comparison.
+    surg, qlora = surgical(trials, groups, pub), lora_vs_qlora(groups, pub)
+    lead = [sec for sec in (surg, qlora) if sec.has_data]
+    rest = [overview(trials, groups), matched.section(trials, groups),
             rank_sweep(groups, pub), targets(groups, pub), optimizer(groups, pub),
-            epochs(groups, pub), methods_section(groups, pub), lora_vs_qlora(groups, pub), gpu(records or {}, pub, groups),
-            surgical(trials, groups, pub), memory_breakdown(groups), forecast.section(trials), loss_curves(trials), failures(trials),
+            epochs(groups, pub), methods_section(groups, pub), qlora, gpu(records or {}, pub, groups),
+            surg, memory_breakdown(groups), forecast.section(trials), loss_curves(trials), failures(trials),
             provenance(trials), trial_table.section(trials)]
+    return [answer.section(trials, groups), *lead, *(sec for sec in rest if all(sec is not x for x in lead))]

@@ -99,6 +99,7 @@ def targets_section(result: dict[str, Any], df: pd.DataFrame) -> Section:
         # The targets are set at 32 adapters; a run without that cell is checked at its nearest count, and says so.
         n = int(min(df["adapters"].unique(), key=lambda a: (abs(a - TARGET_ADAPTERS), -a)))
         s.note(f"This run has no cell with {TARGET_ADAPTERS} adapters; the targets are checked at {n} adapters instead.")
+        s.title = f"{n} mixed adapters against the targets"
     at = df[(df["adapters"] == n) & (df["engine"] != "slora")]
     absent = [ENGINE_NAMES[e] for e in TARGETS if e not in set(at["engine"])]
     if absent:
