@@ -175,9 +175,13 @@ def section(trials: pd.DataFrame, groups: pd.DataFrame) -> Section:
         setting = f"{model}, {task}" + (f", {dev}" if len(devices) > 1 else "") + (f" (all: {' '.join(shared)})" if shared else "")
         out += rows(setting, ans, common)
     if out:
-        s.table(Table(["model, task" + (", device" if len(devices) > 1 else ""), "budget",
-                       "the answer (hover for the full configuration)", "also within noise of the best"], out,
-                      caption="" if len(devices) > 1 else f"On {devices[0]}"))
+        header = ["model, task" + (", device" if len(devices) > 1 else ""), "budget",
+                  "the answer (hover for the full configuration)", "also within noise of the best"]
+        caption = "" if len(devices) > 1 else f"On {devices[0]}"
+        if len({row[0].text for row in out}) == 1:  # one setting: said once, in the caption, not on every row
+            caption = out[0][0].text + (f" on {devices[0]}" if len(devices) == 1 else "")
+            header, out = header[1:], [row[1:] for row in out]
+        s.table(Table(header, out, caption=caption))
         s.note("A configuration fits a budget when its worst seed's peak memory (the largest over seeds) is within it; "
                "the best is the highest mean score among those. Within noise: the 95% intervals overlap (t interval "
                "over seeds, or ±1.96 lm-eval standard errors for a single run). A budget gets a row only when the "
