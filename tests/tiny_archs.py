@@ -1,7 +1,7 @@
 """Tiny randomly initialised models of ten transformers architectures, built from configs (no downloads).
 
 Hidden width 64 and feed-forward width 128 by default: every linear layer then reads a whole number
-of 64-weight blocks, which bitsandbytes' CPU 4-bit kernel needs (bench/quant.py checks it).
+of 64-weight blocks, which bitsandbytes' CPU 4-bit kernel needs (bench/models/quant.py checks it).
 """
 
 from __future__ import annotations
