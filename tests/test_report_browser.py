@@ -138,6 +138,11 @@ def test_hover_names_the_point(report):
         pytest.skip(f"{path.name} has no Pareto plot")  # serving reports: lines, not configurations
     overview_points = r.page.locator("section#overview figure svg g.point")
     assert overview_points.count() >= 2, f"{path.name}: the Pareto points carry no labels"
+    # Every scatter mark of the Pareto plot (legend swatches and marker definitions aside) is labelled.
+    unlabelled = r.page.evaluate("""() => Array.from(document.querySelectorAll(
+        '#overview figure svg [id^=PathCollection] use, #overview figure svg [id^=PathCollection] path'))
+        .filter(m => !m.closest('[id^=legend]') && !m.closest('defs') && !m.closest('g.point')).length""")
+    assert unlabelled == 0, f"{path.name}: {unlabelled} Pareto points without a label"
     tip = r.page.locator("#tip")
     for i in (0, points.count() - 1):
         point = points.nth(i)
