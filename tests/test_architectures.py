@@ -306,6 +306,21 @@ def test_layout_reads_a_weightless_skeleton(arch: str) -> None:
     assert layout(skeleton) == layout(build_arch(arch))
 
 
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "gemma3", "phi", "gpt_neox"])
+def test_longlora_runs_shifted_sparse_attention_beyond_llama(arch: str) -> None:
+    """In train mode the adapted model attends within (shifted) groups, so its logits differ from
+    the full attention it keeps in eval mode, where it is exactly the base model (B = 0)."""
+    from methods.longlora import LongLoRA, LongLoRAConfig
+
+    batch = arch_batch(arch, seq=16)
+    model = LongLoRA().apply(build_arch(arch), LongLoRAConfig(r=2)).model
+    torch.testing.assert_close(outputs(model, batch), outputs(build_arch(arch), batch), atol=0, rtol=0)
+    model.train()
+    with torch.no_grad():
+        grouped = model(**batch).logits
+    assert not torch.allclose(grouped, outputs(model, batch), atol=1e-3)
+
+
 # ---------------------------------------------------------------- LoRA against peft
 
 
