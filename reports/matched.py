@@ -260,6 +260,7 @@ class Floor:
     """The untuned model's score and how many tuned trials (seed groups) on the same base fall below it."""
 
     label: str
+    base: str
     score: float
     tuned: int
     below: int
@@ -267,14 +268,16 @@ class Floor:
     """Of those below: how many sit below it by more than the frozen score's lm-eval standard error."""
 
 
-def floors(trials: pd.DataFrame, groups: pd.DataFrame) -> list[Floor]:
+def floors(trials: pd.DataFrame | None, groups: pd.DataFrame) -> list[Floor]:
+    """One Floor per frozen configuration that tuned configurations share a base, task and evaluation with;
+    `trials` supplies lm-eval's standard errors (None: counted against the score alone)."""
     if groups.empty or "method" not in groups:
         return []
     frozen = groups[(groups["method"] == "frozen") & groups["score"].notna()]
     tuned = groups[(groups["method"] != "frozen") & groups["score"].notna()]
     if frozen.empty or tuned.empty:
         return []
-    stderr = _stderr_by_config(trials)
+    stderr = _stderr_by_config(trials) if trials is not None else {}
     tuned_keys = tuned["spec"].map(_floor_key)
     out = []
     for _, f in frozen.iterrows():
@@ -282,7 +285,8 @@ def floors(trials: pd.DataFrame, groups: pd.DataFrame) -> list[Floor]:
         if mine.empty:
             continue
         se = stderr.get(f["config"], 0.0)
-        out.append(Floor(f"{f['model']} ({f['base']})", float(f["score"]), len(mine), int((mine["score"] < f["score"]).sum()),
+        out.append(Floor(f"{f['model']} ({f['base']})", str(f["base"]), float(f["score"]), len(mine),
+                         int((mine["score"] < f["score"]).sum()),
                          int((mine["score"] < f["score"] - se).sum())))
     return out
 

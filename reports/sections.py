@@ -336,7 +336,6 @@ def lora_vs_qlora(groups: pd.DataFrame, pub: dict) -> Section:
     if quantized.empty:
         s.p("No results: no trial in these results has a quantized base model (spec.model.quant).")
         return s
-    _qlora_published(s, pub)
     comps = [c for c in matched.comparisons(groups, [matched.AXES[0]]) if c.peak is not None]
     comps.sort(key=lambda c: _BASE_ORDER.index(c.b_name) if c.b_name in _BASE_ORDER else len(_BASE_ORDER))
     if not comps:
@@ -350,7 +349,12 @@ def lora_vs_qlora(groups: pd.DataFrame, pub: dict) -> Section:
     for c in comps:
         if c.score is not None:
             s.p("Score: " + matched.score_sentence(c))
+    fl = sorted(matched.floors(None, groups), key=lambda f: _BASE_ORDER.index(f.base) if f.base in _BASE_ORDER else 99)
+    if len(fl) > 1:
+        s.p("Untuned, on the same evaluation rows: " + ", ".join(f"{f.base} {100 * f.score:.1f}%" for f in fl)
+            + ". A score gap between bases that is there before training comes from quantizing the base itself.")
     s.note(q["caveat"]["text"])
+    _qlora_published(s, pub)  # after our findings: what the reader came for leads
     expected = _qlora_expected(q)
     rows, shown = [], []
     for c in comps:

@@ -151,7 +151,7 @@ def make_cnn(folder: Path) -> Path:
 def test_published_numbers_are_printed_once_and_come_from_the_data_file(tmp_path):
     folder = make_sweep(tmp_path / "q")
     for seed in (0, 1):
-        write_result(folder, seed=seed, quant="nf4", score=0.79 + 0.01 * seed, peak=2.2 * GIB)
+        write_result(folder, r=4, seed=seed, quant="nf4", score=0.69 + 0.01 * seed, peak=2.2 * GIB)  # a twin of the r=4 qv trials
     make_cnn(tmp_path / "cnn")
     html = render.html([folder, tmp_path / "cnn"])
     qlora, surgical = section_text(html, "qlora"), section_text(html, "surgical")
