@@ -110,3 +110,14 @@ def test_answer_groups_per_model_task_and_device(tmp_path):
     (block, _note) = s.blocks
     assert [row[0].text.split(",")[0] for row in block.table.rows] == ["other-model", "smollm2-135m"]
     assert isinstance(trials, pd.DataFrame)
+
+
+def test_the_best_is_chosen_on_validation_where_every_configuration_has_it():
+    # "test" wins on the test score, "val" on validation: the choice follows validation.
+    a = answer.Option("test", "a() ep1", 3, 0.86, 0.85, 0.87, "ci", 1.0 * GIB, val=0.80)
+    b = answer.Option("val", "b() ep1", 3, 0.84, 0.83, 0.85, "ci", 1.0 * GIB, val=0.82)
+    (ans,) = answer.answers([a, b])
+    assert ans.best.config == "val" and "best validation score (82.0%)" in answer.sentence(ans, [])
+    # One configuration without a validation score: the test score decides for all.
+    c = answer.Option("none", "c() ep1", 3, 0.10, 0.09, 0.11, "ci", 1.0 * GIB)
+    assert answer.answers([a, b, c])[0].best.config == "test"
