@@ -36,6 +36,9 @@ def cmd_run(args) -> int:
         except suite.SuiteError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        if args.backend == "ray" and suites[-1].studies:  # a study's next trial waits on the last one's score
+            print(f"error: {path}: tune: tuned suites run on the local backend only", file=sys.stderr)
+            return 2
     from bench.records import track
 
     try:  # --track / --tracking-uri replace the suites' [run] settings; a missing extra stops here, before any trial

@@ -102,7 +102,9 @@ _SAY = {"int": "an integer", "str": "a string", "dict": "a JSON object", "number
 
 def skeleton(trial, status: str, error: str | None = None) -> dict[str, Any]:
     """A result with every required key; measured values stay None until measured."""
+    tune = {"tune": trial.tune} if getattr(trial, "tune", None) else {}  # a tuning trial's role and choice
     return {
+        **tune,
         "schema": SCHEMA,
         "trial_id": trial.id,
         "suite": trial.suite,

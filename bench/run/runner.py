@@ -182,6 +182,14 @@ class Sweep:
         self.report.wall_s = time.perf_counter() - self._start
         self._lock.close()
 
+    def grow(self, n: int) -> None:
+        """n more trials to come (a tuned study's, made as its search goes)."""
+        self._bar.total += n
+        self._bar.refresh()
+
+    def advance(self, n: int = 1) -> None:
+        self._bar.update(n)
+
     def draft(self, trial: Trial) -> Path:
         return self.directory / f".{trial.id}.draft.json"
 
@@ -240,7 +248,36 @@ def run(suite: Suite, results_root: Path, force: bool = False, progress: bool = 
         for trial in sweep.todo:
             result = execute(ctx, trial, sweep.draft(trial), adapters, progress, lambda pid, t=trial: sweep.started(t, pid))
             sweep.publish(trial, result)
+        if suite.studies:
+            run_studies(suite, sweep, lambda trial: execute(ctx, trial, sweep.draft(trial), adapters, progress,
+                                                            lambda pid, t=trial: sweep.started(t, pid)), force)
     return sweep.report
+
+
+def run_studies(suite: Suite, sweep: Sweep, execute_one, force: bool = False) -> None:
+    """Each tuned study in turn (bench/run/tune.py): a trial that succeeded before is read back
+    from its result file, any other runs through `execute_one(trial) -> result` and is published,
+    so an interrupted study resumes by replaying the same choices."""
+    from bench.run import tune
+
+    sweep.grow(sum(study.tune.trials + len(study.tune.seeds) for study in suite.studies))
+
+    def outcome(trial: Trial) -> dict[str, Any]:
+        path = results.path_for(sweep.directory, trial.id)
+        if not force and _done(path):
+            sweep.report.skipped.append(trial.id)
+            sweep.report.statuses[trial.id] = "success"
+            sweep.advance()
+            return results.read(path)
+        result = execute_one(trial)
+        sweep.publish(trial, result)
+        return result
+
+    for study in suite.studies:
+        done = tune.run(study, outcome)
+        if done.chosen is None:
+            sweep.advance(len(study.tune.seeds))
+            print(f"{study.where}: no search trial scored on the validation rows; no final trials", file=sys.stderr)
 
 
 def estimate(suite: Suite) -> list[dict[str, Any]]:
@@ -274,8 +311,10 @@ def estimate(suite: Suite) -> list[dict[str, Any]]:
             lengths[key] = sum(len(r) for r in rows["input_ids"]) / len(rows)
         return lengths[key]
 
+    from bench.run import tune
+
     rows = []
-    for trial in suite.trials:
+    for trial in [*suite.trials, *(t for study in suite.studies for t in tune.planned(study))]:
         s = trial.spec
         model = models.skeleton(s["model"])
         method = methods.get(s["method"]["name"])
@@ -287,7 +326,8 @@ def estimate(suite: Suite) -> list[dict[str, Any]]:
         tokens = steps * t["batch_size"] * t["grad_accum"] * length
         flops = tokens * (4 * counts["total"] + 2 * counts["trainable"])
         for task in s["eval"]["tasks"]:
-            rows_eval = data.size(task, "eval", spec=s["data"])
+            split = s["eval"].get("split", "eval")
+            rows_eval = data.text_task(task, s["data"]).size(split, s["data"].get("validation"))
             n = min(rows_eval, s["eval"]["limit"] or rows_eval)
             flops += n * 2 * length * 2 * counts["total"]  # two choices a row, one forward each
         f = forecast.forecast(s, device=device)

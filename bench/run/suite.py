@@ -120,7 +120,14 @@ class DataSpec(Config):
     generated text and of the answer that exact match compares, e.g. "(-?[0-9]+)"; default: the
     whole text, stripped."""
 
+    validation: int | None = None
+    """Text tasks: rows carved from the train split, by a fixed seed, for tuning ([tune] sets it): the
+    trial trains on the rest, and search trials are scored on them (eval.split = "validation").
+    None: the whole train split is drawn from."""
+
     def validate(self) -> None:
+        if self.validation is not None and self.validation < 1:
+            raise ConfigError("validation", f"must be >= 1, got {self.validation}")
         if self.train_examples < 1:
             raise ConfigError("train_examples", f"must be >= 1, got {self.train_examples}")
         if self.max_length < 8:
@@ -137,7 +144,7 @@ class DataSpec(Config):
         # The file settings postdate the first results: left out while unset, so the trial ids
         # of packaged-task trials stay what they were.
         out = super().to_dict()
-        for key in _FILE_SETTINGS:
+        for key in (*_FILE_SETTINGS, "validation"):
             if out[key] is None:
                 out.pop(key)
         return out
@@ -205,12 +212,23 @@ class EvalSpec(Config):
     """Measure the held-out LM loss change against the base model."""
     forgetting_texts: int = 32
     """Held-out passages for the forgetting measure."""
+    split: str = "eval"
+    """Rows scored: eval (the held-out rows), or validation (the rows [data] validation carves from the
+    train split: a tuning search trial's, scored on its own task only)."""
 
     def validate(self) -> None:
+        if self.split not in ("eval", "validation"):
+            raise ConfigError("split", f"must be eval or validation, got {self.split!r}")
         if self.limit is not None and self.limit < 1:
             raise ConfigError("limit", f"must be >= 1, got {self.limit}")
         if self.batch_size < 1:
             raise ConfigError("batch_size", f"must be >= 1, got {self.batch_size}")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        if self.split == "eval":  # postdates the first results: absent by default, so their ids hold
+            out.pop("split")
+        return out
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -282,6 +300,9 @@ class Trial:
     spec: dict[str, Any]
     """Resolved sections plus method {name, version, config}; the experiment, fully."""
     run: dict[str, Any]
+    tune: dict[str, Any] | None = None
+    """A tuning trial's role (search or final), its study and how it was tuned (bench/run/tune.py);
+    outside the id, like run."""
 
     @property
     def id(self) -> str:
@@ -298,7 +319,12 @@ class Trial:
         precision = "" if quant == "none" else f" {quant}{'-dq' if base.get('double_quant') else ''}"
         if base["dtype"] != "float32" or precision:
             precision = f" [{base['dtype']}{precision}]"
-        return f"{m['name']}({cfg}){precision} {t['optimizer']} ep{t['epochs']} seed{t['seed']}"
+        role = ""
+        if self.tune:  # search trials differ in their searched settings, which the label must show
+            role = f" {self.tune['role']}" + (f"{self.tune['index']}" if self.tune["role"] == "search" else "")
+            role += "".join(f" {k.rpartition('.')[2]}={v:.3g}" if isinstance(v, float) else f" {k.rpartition('.')[2]}={_short(v)}"
+                            for k, v in self.tune["params"].items())
+        return f"{m['name']}({cfg}){precision} {t['optimizer']} ep{t['epochs']} seed{t['seed']}{role}"
 
 
 def _short(v: Any) -> str:
@@ -315,6 +341,8 @@ class Suite:
     name: str
     path: Path
     trials: list[Trial]
+    studies: list = field(default_factory=list)
+    """Tuned blocks' grid points (bench/run/tune.py Study): their trials are made as the search goes."""
 
 
 def load(path: str | Path, check_models: bool = True) -> Suite:
@@ -325,7 +353,7 @@ def load(path: str | Path, check_models: bool = True) -> Suite:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise SuiteError(path, _toml_key(text, exc), f"invalid TOML: {exc}") from None
-    known = {"name", "sweep", *SECTIONS}
+    known = {"name", "sweep", "tune", *SECTIONS}
     for key in raw:
         if key not in known:
             raise SuiteError(path, key, f"unknown top-level key{_suggest(key, sorted(known))}")
@@ -341,16 +369,61 @@ def load(path: str | Path, check_models: bool = True) -> Suite:
     sweeps = raw.get("sweep")
     if not isinstance(sweeps, list) or not sweeps:
         raise SuiteError(path, "sweep", "needs at least one [[sweep]] block")
+    top_tune = raw.get("tune")
+    if top_tune is not None and not isinstance(top_tune, dict):
+        raise SuiteError(path, "tune", f"must be a table, got {type(top_tune).__name__}")
     trials: list[Trial] = []
+    studies: list = []
     seen: set[str] = set()
     for i, block in enumerate(sweeps):
+        if isinstance(block, dict) and (tuned := _studies(path, f"sweep[{i}]", block, defaults, name, top_tune)) is not None:
+            studies += tuned
+            continue
         for trial in _expand(path, f"sweep[{i}]", block, defaults, name):
             if trial.id not in seen:  # the same trial named twice runs once
                 seen.add(trial.id)
                 trials.append(trial)
+    from bench.run import tune
+
+    if problem := tune.check_equal_budgets(path, studies):
+        raise SuiteError(path, *problem)
     if check_models:
-        _check_against_models(path, trials)
-    return Suite(name=name, path=path, trials=trials)
+        _check_against_models(path, trials + [t for study in studies for t in study.corners()])
+    return Suite(name=name, path=path, trials=trials, studies=studies)
+
+
+def _studies(path: Path, where: str, block: dict[str, Any], defaults: dict[str, dict], suite: str,
+             top: dict[str, Any] | None) -> list | None:
+    """A tuned block's studies, one per grid point (bench/run/tune.py); None for an untuned block."""
+    from bench.run import tune
+
+    own = block.get("tune")
+    if own is not None and own is not False and not isinstance(own, dict):
+        raise SuiteError(path, f"{where}.tune", "must be a table, or false for an untuned block")
+    settings = tune.merged(top, own)
+    if settings is None:
+        return None
+    key = "tune" if own is None else f"{where}.tune"
+    try:
+        spec = tune.parse(settings)
+    except tune.TuneError as exc:
+        raise SuiteError(path, f"{key}.{exc.key}", exc.message) from None
+    grid = block.get("grid", {})
+    if not isinstance(grid, dict):
+        raise SuiteError(path, f"{where}.grid", "must be a table of lists")
+    for dim in spec.space:
+        if dim.key in grid:
+            raise SuiteError(path, f"{key}.space.{dim.key}", f"also a grid key of {where}: a setting is searched or swept, not both")
+    _expand(path, where, block, defaults, suite)  # the block itself, checked as an untuned one would be
+    bare = {k: v for k, v in block.items() if k not in ("grid", "tune")}
+    studies = []
+    for n, point in enumerate(tune.grid_points(grid)):
+        def expand(extra: dict[str, Any], point=point) -> Trial:
+            (trial,) = _expand(path, where, {**bare, "grid": {**point, "_tune": [extra]}}, defaults, suite)
+            return trial
+
+        studies.append(tune.Study(f"{where}" + (f" point {n}" if grid else ""), spec, expand))
+    return studies
 
 
 def read_text(path: Path) -> str:
@@ -386,7 +459,7 @@ def _expand(path: Path, where: str, block: Any, defaults: dict[str, dict], suite
     if not isinstance(block, dict):
         raise SuiteError(path, where, "must be a table")
     for key in block:
-        if key not in ("method", "config", "grid", *SECTIONS):
+        if key not in ("method", "config", "grid", "tune", *SECTIONS):
             raise SuiteError(path, f"{where}.{key}", "unknown key; a sweep takes method, config, grid and section overrides")
     name = block.get("method")
     if not isinstance(name, str):
@@ -448,6 +521,7 @@ def _check_against_models(path: Path, trials: list[Trial]) -> None:
     that match nothing, k beyond the block count, ranks beyond a layer's size, unknown models;
     and asks each task for its size: more training examples than it has. All before anything runs."""
     from bench.tasks import data, vision
+    from bench.tasks.text import TextTask
 
     for trial in trials:
         spec = trial.spec
@@ -462,6 +536,11 @@ def _check_against_models(path: Path, trials: list[Trial]) -> None:
             raise SuiteError(path, "data.task", str(exc)) from None
         if problem := vision.mismatch(spec["model"]["name"], task_name, spec["eval"]["tasks"]):
             raise SuiteError(path, "data.task", problem)
+        if spec["data"].get("validation") is not None and not isinstance(task, TextTask):
+            raise SuiteError(path, "data.validation", f"task {task_name!r} has no text train rows to carve validation rows from")
+        if spec["eval"].get("split") == "validation" and (spec["data"].get("validation") is None or spec["eval"]["tasks"] != [task_name]):
+            raise SuiteError(path, "eval.split", "validation rows are scored for the trial's own task only, "
+                                                 "with [data] validation set (tuning search trials do this)")
         try:
             if problem := task.check(spec["data"]):
                 raise SuiteError(path, *problem)

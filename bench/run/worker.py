@@ -219,7 +219,8 @@ def run(trial, result: dict[str, Any], adapters_dir: Path | None, show_progress:
 
         e = spec["eval"]
         if e["tasks"]:
-            result["eval"]["lm_eval"] = lm_eval_scores(adapted.model, tokenizer, e["tasks"], e["limit"], e["batch_size"], spec["data"])
+            result["eval"]["lm_eval"] = lm_eval_scores(adapted.model, tokenizer, e["tasks"], e["limit"], e["batch_size"], spec["data"],
+                                                        e.get("split", "eval"))
         if base_loss is not None:
             after = lm_loss(adapted.model, tokenizer, forgetting_texts(e["forgetting_texts"]))
             result["eval"]["forgetting"] = after - base_loss

@@ -29,6 +29,10 @@ from bench.tasks import tokens
 from bench.tasks.registry import Example, Prepared, Task, TaskError, register
 
 SPLITS = ("train", "eval")
+VALIDATION = "validation"
+"""Rows carved from the train split for tuning ([data] validation = n): never an eval row, and the
+trial trains on the train rows without them."""
+VALIDATION_SEED = 0  # the carving is the same for every trial, whatever its train.seed
 TEMPLATES = Path(__file__).parent
 DATA_FILE = "$DATA_FILE"  # the placeholder in the templates
 # oe-eval `rc` request files repeat each document with an empty context from this id on.
@@ -69,29 +73,58 @@ class TextTask(Task):
                 self._rows[split] = tuple(e for e in self.train() if e.prompt not in eval_prompts)
         return self._rows[split]
 
-    def size(self, split: str) -> int:
-        """Rows in a split: the most `examples` can give (suite validation asks)."""
-        return len(self.rows(split))
+    def carved(self, split: str, validation: int | None) -> tuple[Example, ...]:
+        """A split with `validation` rows carved from train: train (without them, nor any row that
+        repeats one of their prompts), validation (them), or eval (unchanged)."""
+        if split != VALIDATION and not validation:
+            return self.rows(split)
+        if not validation:
+            raise TaskError(f"task {self.name!r}: the validation split needs [data] validation rows")
+        if split == "eval":
+            return self.rows(split)
+        train = self.rows("train")
+        if validation >= len(train):
+            raise TaskError(f"task {self.name!r} has {len(train)} train rows, {validation} asked for validation")
+        order = list(range(len(train)))
+        random.Random(VALIDATION_SEED).shuffle(order)
+        held = sorted(order[:validation])
+        if split == VALIDATION:
+            return tuple(train[i] for i in held)
+        prompts = {train[i].prompt for i in held}
+        return tuple(e for e in train if e.prompt not in prompts)
 
-    def examples(self, split: str, n: int | None = None, seed: int = 0) -> list[Example]:
-        """`n` rows of a split (all if None), in an order shuffled by `seed`."""
-        rows = list(self.rows(split))
+    def size(self, split: str, validation: int | None = None) -> int:
+        """Rows in a split: the most `examples` can give (suite validation asks)."""
+        return len(self.carved(split, validation))
+
+    def examples(self, split: str, n: int | None = None, seed: int = 0, validation: int | None = None) -> list[Example]:
+        """`n` rows of a split (all if None), in an order shuffled by `seed`; `validation`: rows
+        carved from train (see carved)."""
+        rows = list(self.carved(split, validation))
         if n is not None and n > len(rows):
             raise TaskError(f"task {self.name!r} has {len(rows)} {split} rows, {n} requested")
         random.Random(seed).shuffle(rows)
         return rows[:n]
 
-    def tokenized(self, tokenizer: Any, max_length: int, n: int | None, seed: int = 0, split: str = "train") -> datasets.Dataset:
-        return tokens.tokenized(f"{self.name}-{split}", [self.name, split, n, seed, *self.key],
-                                lambda: self.examples(split, n, seed), tokenizer, max_length)
+    def tokenized(self, tokenizer: Any, max_length: int, n: int | None, seed: int = 0, split: str = "train",
+                  validation: int | None = None) -> datasets.Dataset:
+        carve = [f"validation={validation}"] if validation else []  # absent otherwise: older cache keys hold
+        return tokens.tokenized(f"{self.name}-{split}", [self.name, split, n, seed, *self.key, *carve],
+                                lambda: self.examples(split, n, seed, validation), tokenizer, max_length)
 
     def prepare(self, spec: dict[str, Any], tokenizer: Any, seed: int) -> Prepared:
-        dataset = self.tokenized(tokenizer, spec["max_length"], spec["train_examples"], seed=seed)
-        return Prepared(dataset, functools.partial(tokens.collate, pad_id=tokenizer.pad_token_id), {}, dict(self.info))
+        validation = spec.get("validation")
+        dataset = self.tokenized(tokenizer, spec["max_length"], spec["train_examples"], seed=seed, validation=validation)
+        info = dict(self.info)
+        if validation:  # how many rows each split holds, recorded in the result
+            info["splits"] = {"train": self.size("train", validation), VALIDATION: validation, "eval": self.size("eval")}
+        return Prepared(dataset, functools.partial(tokens.collate, pad_id=tokenizer.pad_token_id), {}, info)
 
     def check(self, spec: dict[str, Any]) -> tuple[str, str] | None:
         # A text task asked for more rows than its train split has would fail inside the trial.
-        available = self.size("train")
+        if spec.get("validation") and spec["validation"] >= self.size("train"):
+            return "data.validation", f"{spec['validation']} validation rows asked, task {self.name!r} has {self.size('train')} train rows"
+        available = self.size("train", spec.get("validation"))
         if spec["train_examples"] > available:
             return "data.train_examples", f"{spec['train_examples']} requested, task {self.name!r} has {available} train rows"
         return None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import uuid
 from pathlib import Path
 from typing import Any
@@ -34,10 +35,11 @@ def _write_if_changed(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def render_tasks(tasks: list[str], data: dict[str, Any] | None = None) -> tuple[Path, dict[str, str]]:
+def render_tasks(tasks: list[str], data: dict[str, Any] | None = None, split: str = "eval") -> tuple[Path, dict[str, str]]:
     """Write the lm-eval task YAMLs and eval JSONL of `tasks` (`data`: the trial's [data] section,
     whose settings apply to its own file task); returns the folder for include_path and each
-    task's lm-eval name."""
+    task's lm-eval name. split "validation": the rows [data] validation carves from the train
+    split instead (a tuning search trial's), under their own lm-eval name."""
     out = cache_dir() / "tasks"
     out.mkdir(parents=True, exist_ok=True)
     for shared in TEMPLATES.glob("_*_yaml"):  # included by the task YAMLs
@@ -45,10 +47,18 @@ def render_tasks(tasks: list[str], data: dict[str, Any] | None = None) -> tuple[
     names = {}
     for name in tasks:
         task = text_task(name, data)
-        data_file = out / f"{task.lm_name}.jsonl"
-        _write_if_changed(data_file, "".join(json.dumps(task.doc(e)) + "\n" for e in task.examples("eval")))
-        _write_if_changed(out / f"{task.lm_name}.yaml", task.yaml(data_file))
-        names[name] = task.lm_name
+        if split == "eval":
+            lm_name, rows = task.lm_name, task.examples("eval")
+        else:
+            validation = (data or {}).get("validation")
+            lm_name, rows = f"{task.lm_name}_validation{validation}", task.examples(split, validation=validation)
+        data_file = out / f"{lm_name}.jsonl"
+        _write_if_changed(data_file, "".join(json.dumps(task.doc(e)) + "\n" for e in rows))
+        yaml = task.yaml(data_file)
+        if lm_name != task.lm_name:  # the same task over other rows: its own name, else lm-eval mixes them up
+            yaml = re.sub(r"(?m)^task: .*$", f"task: {lm_name}", yaml, count=1)
+        _write_if_changed(out / f"{lm_name}.yaml", yaml)
+        names[name] = lm_name
     return out, names
 
 
@@ -60,7 +70,7 @@ def _metrics(result: dict[str, Any]) -> dict[str, float]:
 
 
 def lm_eval_scores(model: nn.Module, tokenizer: Any, tasks: list[str], limit: int | None,
-                   batch_size: int = 16, data: dict[str, Any] | None = None) -> dict[str, dict[str, float]]:
+                   batch_size: int = 16, data: dict[str, Any] | None = None, split: str = "eval") -> dict[str, dict[str, float]]:
     """task -> metric -> value (acc, acc_norm, exact_match and their stderrs) of the model in memory.
 
     `limit` scores the first `limit` eval rows of each task (a fixed, shuffled order); `data` is
@@ -73,12 +83,13 @@ def lm_eval_scores(model: nn.Module, tokenizer: Any, tasks: list[str], limit: in
         # HFLM warns that an in-memory model skips its loading options: expected here.
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)  # also sets eval mode
-        return harness_scores(lm, tasks, limit, data)
+        return harness_scores(lm, tasks, limit, data, split)
     finally:
         model.train(was_training)
 
 
-def harness_scores(lm: Any, tasks: list[str], limit: int | None, data: dict[str, Any] | None = None) -> dict[str, dict[str, float]]:
+def harness_scores(lm: Any, tasks: list[str], limit: int | None, data: dict[str, Any] | None = None,
+                   split: str = "eval") -> dict[str, dict[str, float]]:
     """lm_eval_scores for any lm-eval `LM` (with a max_length)."""
     from lm_eval.evaluator import evaluate
     from lm_eval.tasks import TaskManager
@@ -87,7 +98,7 @@ def harness_scores(lm: Any, tasks: list[str], limit: int | None, data: dict[str,
     # lm-eval loads each task's JSON through datasets.load_dataset, which otherwise pings
     # the hub to count the download (and waits on its timeout when offline).
     datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
-    folder, names = render_tasks(tasks, data)
+    folder, names = render_tasks(tasks, data, split)
     manager = TaskManager(include_path=str(folder), include_defaults=False)
     loaded = manager.load([names[t] for t in tasks])
     for task in loaded["tasks"].values():
