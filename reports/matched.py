@@ -264,8 +264,8 @@ class Floor:
     score: float
     tuned: int
     below: int
-    below_ci: int
-    """Of those below: how many sit below it by more than the frozen score's lm-eval standard error."""
+    below_ci: int | None
+    """Of those below: how many sit below it by more than the frozen score's lm-eval standard error (None: it has none)."""
 
 
 def floors(trials: pd.DataFrame | None, groups: pd.DataFrame) -> list[Floor]:
@@ -279,15 +279,17 @@ def floors(trials: pd.DataFrame | None, groups: pd.DataFrame) -> list[Floor]:
         return []
     stderr = _stderr_by_config(trials) if trials is not None else {}
     tuned_keys = tuned["spec"].map(_floor_key)
+    many_tasks = "task" in frozen and frozen["task"].nunique() > 1
     out = []
     for _, f in frozen.iterrows():
         mine = tuned[tuned_keys == _floor_key(f["spec"])]
         if mine.empty:
             continue
-        se = stderr.get(f["config"], 0.0)
-        out.append(Floor(f"{f['model']} ({f['base']})", str(f["base"]), float(f["score"]), len(mine),
+        se = stderr.get(f["config"])
+        where = f"{f['base']}, {f['task']}" if many_tasks else str(f["base"])
+        out.append(Floor(f"{f['model']} ({where})", str(f["base"]), float(f["score"]), len(mine),
                          int((mine["score"] < f["score"]).sum()),
-                         int((mine["score"] < f["score"] - se).sum())))
+                         None if se is None else int((mine["score"] < f["score"] - se).sum())))
     return out
 
 
@@ -305,7 +307,7 @@ def _stderr_by_config(trials: pd.DataFrame) -> dict[str, float]:
 
 def floor_sentence(f: Floor) -> str:
     return (f"The untuned {f.label} scores {100 * f.score:.1f}%: {f.below} of {f.tuned} tuned configurations on that base "
-            f"score below it ({f.below_ci} by more than its lm-eval standard error).")
+            f"score below it" + ("." if f.below_ci is None else f" ({f.below_ci} by more than its lm-eval standard error)."))
 
 
 # ---- The section -------------------------------------------------------------------------------------
@@ -318,7 +320,8 @@ def section(trials: pd.DataFrame, groups: pd.DataFrame) -> Section:
         s.p(floor_sentence(f))
     if fl:
         s.table(Table(["frozen model", "score", "tuned configurations", "below it", "below by more than its standard error"],
-                      [[c_text(f.label), c_pct(f.score), c_int(f.tuned), c_int(f.below), c_int(f.below_ci)] for f in fl],
+                      [[c_text(f.label), c_pct(f.score), c_int(f.tuned), c_int(f.below),
+                        Cell("no standard error", "") if f.below_ci is None else c_int(f.below_ci)] for f in fl],
                       caption="The untuned model on each base, against the configurations tuned from it (same task and "
                               "evaluation rows)"))
     comps = [c for c in comparisons(groups) if c.score is not None or c.peak is not None]
