@@ -1,0 +1,143 @@
+"""Which method is best: the tuned methods ranked per task (bench/run/tune.py's final trials).
+
+Each method's chosen configuration was retrained on several seeds and scored on the held-out rows;
+its score is the mean over seeds with a 95% t interval. Every pair of methods on a task is tested
+(Welch's t-test over seeds) and the p-values are Holm-corrected together, so "significantly above"
+survives the number of comparisons made. Beside each score: the cost (peak memory, median step time,
+trainable parameters). Then peft's published ordering (reports/published.toml, methods.peft_ranking)
+against ours, by Spearman's rank correlation over the methods both have.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+
+import pandas as pd
+from scipy import stats as sp
+
+from reports import stats
+from reports.blocks import Cell, Section, Table, c_bytes, c_int, c_num, cite
+
+ROLE = "tune.role"
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """One method on one task: its seeds' scores, estimate, rank and the methods it beats."""
+
+    task: str
+    method: str
+    scores: list[float]
+    estimate: stats.Estimate
+    rank: int
+    above: list[str] = field(default_factory=list)
+    """Methods this one scores significantly above (Holm-corrected Welch t-tests over seeds)."""
+    peak_bytes: float | None = None
+    step_s: float | None = None
+    trainable: float | None = None
+
+
+def finals(trials: pd.DataFrame) -> pd.DataFrame:
+    """The successful final trials: task, method, seed, score (the tuning metric on the eval rows) and cost."""
+    if trials.empty or ROLE not in trials.columns:
+        return pd.DataFrame()
+    df = trials[(trials[ROLE] == "final") & (trials["status"] == "success")]
+    rows = []
+    for _, r in df.iterrows():
+        task = r["spec.data.task"]
+        score = r.get(f"eval.lm_eval.{task}.{r['tune.metric']}")
+        if score is None or pd.isna(score):
+            continue
+        rows.append({"task": task, "method": r["spec.method.name"], "study": r["tune.study"], "seed": r["spec.train.seed"],
+                     "score": float(score), "peak": r.get("memory.peak_bytes"), "step": r.get("runtime.step_s_median"),
+                     "trainable": r.get("params.trainable")})
+    out = pd.DataFrame(rows)
+    if out.empty:
+        return out
+    # A method tuned at several grid points (two ranks, say) shows each point as its own entry.
+    several = out.groupby(["task", "method"])["study"].transform("nunique") > 1
+    out.loc[several, "method"] = out.loc[several, "method"] + " " + out.loc[several, "study"].str[:6]
+    return out
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm's step-down adjusted p-values, in the input's order."""
+    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
+    adjusted = [0.0] * len(pvalues)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def welch_p(a: list[float], b: list[float]) -> float | None:
+    """Two-sided Welch t-test p-value; None where it cannot be computed (fewer than 2 seeds, no spread)."""
+    if len(a) < 2 or len(b) < 2 or statistics.variance(a) + statistics.variance(b) == 0:
+        return None
+    return float(sp.ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def rank(df: pd.DataFrame) -> list[Ranked]:
+    """Every task's methods, best mean first, with the pairs that differ after Holm's correction."""
+    out: list[Ranked] = []
+    for task, rows in df.groupby("task", sort=True):
+        scores = {m: list(g["score"]) for m, g in rows.groupby("method")}
+        order = sorted(scores, key=lambda m: -statistics.fmean(scores[m]))
+        pairs = [(a, b) for i, a in enumerate(order) for b in order[i + 1:]]
+        tested = [(a, b, p) for a, b in pairs if (p := welch_p(scores[a], scores[b])) is not None]
+        adjusted = holm([p for _, _, p in tested])
+        beats: dict[str, list[str]] = {m: [] for m in order}
+        for (a, b, _), q in zip(tested, adjusted, strict=True):
+            if q < stats.ALPHA:  # a's mean is above b's (order), and the difference survives Holm
+                beats[a].append(b)
+        for i, m in enumerate(order):
+            g = rows[rows["method"] == m]
+            out.append(Ranked(task, m, scores[m], stats.estimate(scores[m]), i + 1, beats[m],
+                              g["peak"].median(), g["step"].median(), g["trainable"].median()))
+    return out
+
+
+def spearman(ours: dict[str, float], published: dict[str, float]) -> tuple[float, int] | None:
+    """Spearman's rank correlation over the methods both have, and their number; None under 3."""
+    common = sorted(set(ours) & set(published))
+    if len(common) < 3:
+        return None
+    rho = sp.spearmanr([ours[m] for m in common], [published[m] for m in common]).statistic
+    return float(rho), len(common)
+
+
+def section(trials: pd.DataFrame, pub: dict) -> Section:
+    s = Section("ranking", "Which method is best (tuned on an equal budget, seeds on held-out rows)")
+    df = finals(trials)
+    if df.empty:
+        return s
+    ranked = rank(df)
+    tuned = trials[trials[ROLE].notna()]
+    budget = sorted(set(tuned["tune.budget"].dropna().astype(int)))
+    s.p(f"Each method's learning rate (and any other searched setting) was chosen by {tuned['tune.sampler'].iloc[0]} "
+        f"(seed {int(tuned['tune.sampler_seed'].iloc[0])}) from {', '.join(map(str, budget))} search trials per method, "
+        f"scored on {int(tuned['tune.validation_rows'].iloc[0])} validation rows carved from the training split; "
+        "the choice was retrained per seed and scored on the held-out rows. 95% t intervals over seeds; "
+        "'above' lists the methods a method beats after Holm's correction of every pairwise Welch t-test on its task.")
+    for task in sorted({r.task for r in ranked}):
+        rows = [r for r in ranked if r.task == task]
+        s.table(Table(["rank", "method", "score (95% CI)", "seeds", "significantly above", "peak memory", "step (ms)", "trainable"], [[
+            Cell(str(r.rank), r.rank), Cell(r.method),
+            Cell(f"{r.estimate.mean:.3f}" + (f" [{r.estimate.lo:.3f}, {r.estimate.hi:.3f}]" if r.estimate.has_ci else ""), r.estimate.mean),
+            Cell(str(r.estimate.n), r.estimate.n), Cell(", ".join(r.above) or "-", len(r.above)),
+            c_bytes(r.peak_bytes), c_num(None if r.step_s is None else 1000 * r.step_s), c_int(r.trainable)] for r in rows],
+            caption=f"{task}: methods ranked by their tuned score over seeds"))
+    published = {r["method"]: r["gsm8k_pct"] for r in pub.get("methods", {}).get("peft_ranking", []) if r.get("method")}
+    if published:
+        for task in sorted({r.task for r in ranked}):
+            ours = {r.method: r.estimate.mean for r in ranked if r.task == task}
+            if (result := spearman(ours, published)) is not None:
+                rho, n = result
+                s.p(f"{task} against peft's published GSM8K ordering (Llama-3.2-3B, MetaMathQA): Spearman's rank "
+                    f"correlation {rho:.2f} over the {n} methods both have.")
+        s.published(Table(["method", "peft config", "GSM8K (%)"], [
+            [Cell(r.get("method") or "-"), Cell(r["config"]), Cell(f"{r['gsm8k_pct']:.1f}", r["gsm8k_pct"])]
+            for r in pub["methods"]["peft_ranking"]]), cite(pub, "peft_comparison"))
+    return s

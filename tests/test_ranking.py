@@ -1,0 +1,62 @@
+"""reports/ranking.py on a constructed frame: ranks, CIs, Holm-corrected significance, cost, and
+the rank correlation with peft's published ordering."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from reports import ranking
+from reports.blocks import Table
+
+SCORES = {"lora": [0.80, 0.81, 0.82], "ia3": [0.70, 0.71, 0.69], "dora": [0.795, 0.815, 0.805]}
+
+
+def frame() -> pd.DataFrame:
+    rows = []
+    for method, scores in SCORES.items():
+        for seed, score in enumerate(scores):
+            rows.append({"tune.role": "final", "status": "success", "spec.data.task": "sst2", "tune.metric": "acc",
+                         "eval.lm_eval.sst2.acc": score, "spec.method.name": method, "tune.study": f"{method}000000",
+                         "spec.train.seed": seed, "memory.peak_bytes": 1e9 + seed, "runtime.step_s_median": 0.5,
+                         "params.trainable": {"lora": 1000, "ia3": 10, "dora": 1100}[method], "tune.budget": 8,
+                         "tune.sampler": "optuna.samplers.TPESampler", "tune.sampler_seed": 0, "tune.validation_rows": 64})
+    # A search trial's score (validation rows) must not enter the ranking, however high.
+    rows.append({**rows[3], "tune.role": "search", "eval.lm_eval.sst2.acc": 0.99})
+    return pd.DataFrame(rows)
+
+
+def test_holm_adjusts_step_down():
+    assert ranking.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+
+
+def test_rank_with_cis_significance_and_cost():
+    ranked = ranking.rank(ranking.finals(frame()))
+    assert [r.method for r in ranked] == ["lora", "dora", "ia3"] and [r.rank for r in ranked] == [1, 2, 3]
+    lora, dora, ia3 = ranked
+    assert lora.estimate.n == 3 and lora.estimate.lo < 0.81 < lora.estimate.hi
+    assert ia3.scores == [0.70, 0.71, 0.69]  # the search trial's 0.99 is not a final score
+    assert lora.above == ["ia3"] and dora.above == ["ia3"] and ia3.above == []  # lora vs dora: within seed noise
+    assert lora.trainable == 1000 and lora.peak_bytes == pytest.approx(1e9 + 1)
+
+
+def test_spearman_against_the_published_ordering():
+    rho, n = ranking.spearman({"lora": 0.81, "dora": 0.805, "ia3": 0.70, "ours_only": 0.9},
+                              {"lora": 47.8, "dora": 46.9, "ia3": 31.1, "vera": 35.4})
+    assert n == 3 and rho == pytest.approx(1.0)
+    rho, _ = ranking.spearman({"lora": 0.70, "dora": 0.805, "ia3": 0.81}, {"lora": 47.8, "dora": 46.9, "ia3": 31.1})
+    assert rho == pytest.approx(-1.0)
+    assert ranking.spearman({"lora": 1.0}, {"lora": 2.0}) is None
+
+
+def test_section_tables_and_published_comparison():
+    pub = {"methods": {"peft_ranking": [{"method": "lora", "config": "lora-r32", "gsm8k_pct": 47.8},
+                                        {"method": "dora", "config": "dora", "gsm8k_pct": 46.9},
+                                        {"method": "ia3", "config": "ia3", "gsm8k_pct": 31.1}]},
+           "sources": {"peft_comparison": {"cite": "peft method_comparison", "setup": "Llama-3.2-3B"}}}
+    s = ranking.section(frame(), pub)
+    assert s.has_data
+    tables = [b.table for b in s.blocks if b.kind == "table"]
+    assert isinstance(tables[0], Table) and [row[1].text for row in tables[0].rows] == ["lora", "dora", "ia3"]
+    assert any("Spearman's rank correlation 1.00 over the 3 methods" in b.text for b in s.blocks)
+    assert not ranking.section(frame().assign(**{"tune.role": "search"}), pub).has_data
