@@ -117,7 +117,8 @@ def family(points: pd.DataFrame) -> pd.Series:
 
 def pareto(points: pd.DataFrame, front: pd.DataFrame) -> str:
     """Peak memory against score, one point per config; the front joined by a step line. Colour: the
-    method and every setting but the rank that varies; marker: the rank where one family has several."""
+    method and every setting but the rank that varies; marker: the rank where one family has several.
+    `front` (the caller's, per model) is recomputed per panel: panels split a model by task where it has several."""
     with _style():
         # One panel per model, and per task where a model was tuned on several (the surgical shifts): scores
         # on different tasks do not share an axis. The front is drawn per panel.
