@@ -229,6 +229,11 @@ def rank_sweep(data: pd.DataFrame) -> str:
         return _svg(fig)
 
 
+def _lines(text: str, n: int) -> str:
+    rows = text.split("\n")
+    return text if len(rows) <= n else "\n".join(rows[: n - 1] + [rows[n - 1] + "…"])
+
+
 def _wrap(text: str, width: int = 34) -> str:
     return "\n".join(textwrap.wrap(str(text), width)) or str(text)
 
@@ -328,8 +333,10 @@ def breakdown(groups: pd.DataFrame) -> str:
     with _style():
         models = list(dict.fromkeys(groups["model"])) if "model" in groups else [None]
         parts = [groups[groups["model"] == m] if m is not None else groups for m in models]
-        labels = [[_wrap(blocks.short_label(str(lab), limit=0), 64) for lab in g["config_label"]] for g in parts]
-        heights = [0.2 * sum(lab.count("\n") + 1 for lab in ls) + 0.12 * len(ls) + 0.9 for ls in labels]
+        # At most three lines a label (the full one is in the table below the figure); bars are evenly spaced,
+        # so each gets the room of the panel's tallest label and no two labels overlap.
+        labels = [[_lines(_wrap(blocks.short_label(str(lab), limit=0), 64), 3) for lab in g["config_label"]] for g in parts]
+        heights = [len(ls) * (0.19 * max(lab.count("\n") + 1 for lab in ls) + 0.14) + 0.9 for ls in labels]
         fig = Figure(layout="constrained", figsize=(12, sum(heights) + 0.5))
         axes = fig.subplots(len(parts), 1, squeeze=False, gridspec_kw={"height_ratios": heights})[:, 0]
         for ax, g, ls, model in zip(axes, parts, labels, models):
