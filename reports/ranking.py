@@ -108,6 +108,20 @@ def spearman(ours: dict[str, float], published: dict[str, float]) -> tuple[float
     return float(rho), len(common)
 
 
+def disagreements(ranked: list[Ranked], published: dict[str, float]) -> list[tuple[str, str, bool]]:
+    """The pairs (ours above, ours below, whether our Holm-corrected test separates them) of methods
+    that both orderings have and that they order the other way round."""
+    ours = {r.method: r for r in ranked}
+    common = sorted(m for m in ours if m in published)
+    out = []
+    for i, a in enumerate(common):
+        for b in common[i + 1:]:
+            if (ours[a].estimate.mean - ours[b].estimate.mean) * (published[a] - published[b]) < 0:
+                hi, lo = (a, b) if ours[a].estimate.mean > ours[b].estimate.mean else (b, a)
+                out.append((hi, lo, lo in ours[hi].above))
+    return out
+
+
 def section(trials: pd.DataFrame, pub: dict) -> Section:
     s = Section("ranking", "Which method is best (tuned on an equal budget, seeds on held-out rows)")
     df = finals(trials)
@@ -135,8 +149,11 @@ def section(trials: pd.DataFrame, pub: dict) -> Section:
             ours = {r.method: r.estimate.mean for r in ranked if r.task == task}
             if (result := spearman(ours, published)) is not None:
                 rho, n = result
+                flips = disagreements([r for r in ranked if r.task == task], published)
+                said = "; ".join(f"{hi} above {lo} ({'significant after Holm' if real else 'within seed noise'})"
+                                 for hi, lo, real in flips)
                 s.p(f"{task} against peft's published GSM8K ordering (Llama-3.2-3B, MetaMathQA): Spearman's rank "
-                    f"correlation {rho:.2f} over the {n} methods both have.")
+                    f"correlation {rho:.2f} over the {n} methods both have." + (f" Where they disagree, ours puts {said}." if said else ""))
         s.published(Table(["method", "peft config", "GSM8K (%)"], [
             [Cell(r.get("method") or "-"), Cell(r["config"]), Cell(f"{r['gsm8k_pct']:.1f}", r["gsm8k_pct"])]
             for r in pub["methods"]["peft_ranking"]]), cite(pub, "peft_comparison"))

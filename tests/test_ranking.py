@@ -47,6 +47,10 @@ def test_spearman_against_the_published_ordering():
     rho, _ = ranking.spearman({"lora": 0.70, "dora": 0.805, "ia3": 0.81}, {"lora": 47.8, "dora": 46.9, "ia3": 31.1})
     assert rho == pytest.approx(-1.0)
     assert ranking.spearman({"lora": 1.0}, {"lora": 2.0}) is None
+    ranked = ranking.rank(ranking.finals(frame()))  # ours: lora > dora > ia3, lora-dora within noise
+    assert ranking.disagreements(ranked, {"lora": 40.0, "dora": 46.9, "ia3": 50.0}) == [
+        ("dora", "ia3", True), ("lora", "dora", False), ("lora", "ia3", True)]
+    assert ranking.disagreements(ranked, {"lora": 47.8, "dora": 46.9, "ia3": 31.1}) == []
 
 
 def test_section_tables_and_published_comparison():

@@ -153,7 +153,8 @@ def run(trial, result: dict[str, Any], adapters_dir: Path | None, show_progress:
     method = methods.get(spec["method"]["name"])
     extra = {}
     if getattr(method, "needs_context", False):  # methods that turn text into tokens (prompts)
-        rows = data.examples(spec["data"]["task"], "train", spec=spec["data"])
+        # The rows it trains on: without the validation rows a tuning trial is scored on.
+        rows = data.text_task(spec["data"]["task"], spec["data"]).examples("train", validation=spec["data"].get("validation"))
         extra["context"] = MethodContext(tokenizer, tuple((e.prompt, e.answer) for e in rows), t["seed"])
     torch.manual_seed(t["seed"])  # adapter init is part of the trial's seed
     adapted = method.apply(model, method.Config.from_dict(spec["method"]["config"]), **extra)
