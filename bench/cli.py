@@ -74,7 +74,7 @@ def cmd_run(args) -> int:
         except runner.RunnerError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        _print_summary(Path(args.results) / s.name, [t.id for t in s.trials])
+        _print_summary(Path(args.results) / s.name, list(report.statuses))  # a tuned study's trials included
         overhead = report.wall_s - report.inside_s
         print(f"{s.name}: ran {len(report.ran)}, skipped {len(report.skipped)} already successful; "
               f"wall {report.wall_s:.0f} s, overhead outside train+eval {overhead:.0f} s "

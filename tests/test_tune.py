@@ -170,3 +170,41 @@ def test_search_trials_render_the_validation_rows_for_lm_eval(tmp_path, monkeypa
     evaluation = [json.loads(line)["prompt"] for line in (folder / "sst2.jsonl").read_text().splitlines()]
     assert plain == {"sst2": "sst2"} and len(rows) == 40 and len(evaluation) == PACKAGED["sst2"].size("eval")
     assert not set(rows) & set(evaluation)
+
+
+def test_search_trials_run_as_ordinary_trials(tmp_path, capsys):
+    """Through the real runner (one process per trial, tiny synthetic model): each search trial
+    publishes its own result, tagged search, recording how many rows each split holds. A synthetic
+    model gets no lm-eval score, so no configuration can be chosen and no final trial runs: the
+    run says so rather than choosing on nothing."""
+    path = tmp_path / "tiny.toml"
+    path.write_text(textwrap.dedent("""
+        name = "tiny"
+        [model]
+        name = "synthetic:llama-tiny"
+        [data]
+        task = "sst2"
+        train_examples = 8
+        max_length = 32
+        [train]
+        batch_size = 4
+        [eval]
+        tasks = ["sst2"]
+        [tune]
+        space = { "train.lr" = { log = [1e-4, 1e-2] } }
+        trials = 2
+        seeds = [0, 1, 2]
+        validation = 16
+        [[sweep]]
+        method = "lora"
+        config = { r = 2, alpha = 4 }
+        """))
+    report = runner.run(suite.load(path), tmp_path / "results", progress=False, save_adapters=False)
+    assert len(report.ran) == 2 and set(report.statuses.values()) == {"success"}
+    found = [results.read(results.path_for(tmp_path / "results" / "tiny", i)) for i in report.ran]
+    assert [r["tune"]["role"] for r in found] == ["search", "search"] and [r["tune"]["index"] for r in found] == [0, 1]
+    train_rows = PACKAGED["sst2"].size("train", 16)
+    assert all(r["data"]["splits"] == {"train": train_rows, "validation": 16, "eval": PACKAGED["sst2"].size("eval")} for r in found)
+    assert "no search trial scored on the validation rows" in capsys.readouterr().err
+    again = runner.run(suite.load(path), tmp_path / "results", progress=False, save_adapters=False)
+    assert again.ran == [] and sorted(again.skipped) == sorted(report.ran)  # resumed: the same trials, read back
