@@ -17,8 +17,8 @@ absmax codes, B0 = 64, B1 = 256, fp32), k.127 bits. Rows:
 
 Errors are the sum over the chosen matrices of ||W - (Q + L1 L2)||_F^2, printed as its root
 and relative to plain NF. Needs the SmolLM2 asset (`peftbench assets`); the weights were 4-bit
-GGUF upstream (DESIGN section 5), so plain quantization loses less than it would on the
-bf16 originals.
+GGUF upstream (DESIGN section 5); NF4 loses as much on them as on float weights
+(benchmarks/nf4_roundtrip.py).
 """
 
 from __future__ import annotations
