@@ -63,7 +63,7 @@ import torch  # noqa: E402
 
 import methods  # noqa: E402
 from bench import models  # noqa: E402
-from bench.records import results
+from bench.records import results  # noqa: E402
 from bench.trial.measure import PeakMemory, param_counts, weight_bytes  # noqa: E402
 from bench.run.suite import ModelSpec, TrainSpec  # noqa: E402
 from bench.trial.train import train  # noqa: E402
