@@ -209,6 +209,19 @@ def test_extract_that_finds_nothing_or_does_not_apply(tmp_path):
             says="extract applies to generation tasks")
 
 
+def test_an_edited_file_makes_new_trials(tmp_path):
+    """The file's sha256 is part of the trial id: after an edit the runner reruns, it does not
+    skip the trials as already successful."""
+    from bench.run.suite import load
+
+    path = write(tmp_path, "m.jsonl", MC_ROWS)
+    before = [t.id for t in load(_suite(tmp_path, path), check_models=False).trials]
+    assert before == [t.id for t in load(_suite(tmp_path, path), check_models=False).trials]
+    write(tmp_path, "m.jsonl", MC_ROWS[:-1])
+    after = [t.id for t in load(_suite(tmp_path, path), check_models=False).trials]
+    assert len(after) == len(before) == 2 and not set(after) & set(before)
+
+
 def test_file_settings_on_a_packaged_task_are_refused(tmp_path):
     text = SUITE.format(name="u", task='"sst2"', data="eval_fraction = 0.3")
     path = suite_file(tmp_path, text)

@@ -139,6 +139,10 @@ class DataSpec(Config):
             raise ConfigError("eval_fraction", f"must be between 0 and 1, got {self.eval_fraction}")
         if self.eval_file is not None and (self.eval_fraction is not None or self.split_seed is not None):
             raise ConfigError("eval_file", "names the eval rows: eval_fraction and split_seed would do nothing")
+        for key, value in (("task", self.task.removeprefix("file:") if self.task.startswith("file:") else None),
+                           ("eval_file", self.eval_file)):
+            if value is not None and not Path(value).exists():
+                raise ConfigError(key, f"{value}: file not found (a path relative to where peftbench runs, or absolute)")
 
     def to_dict(self) -> dict[str, Any]:
         # The file settings postdate the first results: left out while unset, so the trial ids
@@ -147,6 +151,12 @@ class DataSpec(Config):
         for key in (*_FILE_SETTINGS, "validation"):
             if out[key] is None:
                 out.pop(key)
+        if self.task.startswith("file:"):
+            # A file's rows are part of the experiment: an edited file makes new trials, never
+            # "already successful" ones.
+            from bench.tasks.user import digest
+
+            out["sha256"] = digest(self.task, self.eval_file)
         return out
 
 

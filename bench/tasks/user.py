@@ -261,6 +261,12 @@ def _digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def digest(name: str, eval_file: str | None = None) -> str:
+    """sha256 of a file task's file(s): part of its trials' ids (bench/run/suite.py DataSpec)."""
+    paths = [Path(name.removeprefix(f"{PREFIX}:"))] + ([Path(eval_file)] if eval_file is not None else [])
+    return hashlib.sha256("".join(_digest(p) for p in paths).encode()).hexdigest()
+
+
 def _rows(path: Path, rows: list[tuple[int, dict[str, Any] | None]], kind: str, label: str = "") -> list[Row]:
     return [Row(f"{path}: {label}row {n}", example(f"{path}: {label}row {n}", r, kind)) for n, r in rows]
 
@@ -277,7 +283,6 @@ def split(path: Path, options: Options) -> Split:
     if not 0 < options.eval_fraction < 1:
         raise TaskError(f"{path}: eval_fraction must be between 0 and 1, got {options.eval_fraction}")
     parts = read(path)
-    digest = _digest(path)
     if options.eval_file is not None:
         eval_path = Path(options.eval_file)
         if "all" not in parts:
@@ -290,7 +295,6 @@ def split(path: Path, options: Options) -> Split:
             raise _fail(str(eval_path), f"is {eval_kind.replace('_', ' ')}, the train file {path} is {kind.replace('_', ' ')}")
         train, evaluation = _rows(path, parts["all"], kind), _rows(eval_path, eval_parts["all"], kind)
         _disjoint(train, evaluation, "a row both trained on and scored")
-        digest = hashlib.sha256((digest + _digest(eval_path)).encode()).hexdigest()
     elif "all" in parts:
         kind = kind_of(path, parts["all"])
         rows = _rows(path, parts["all"], kind)
@@ -327,7 +331,7 @@ def split(path: Path, options: Options) -> Split:
         for r in evaluation:
             if extracted(pattern, r.example.answer) is None:
                 raise _fail(r.where, f"field 'answer': the extract pattern {options.extract!r} finds nothing in {r.example.answer!r:.60}")
-    return Split(kind, tuple(train), tuple(evaluation), digest)
+    return Split(kind, tuple(train), tuple(evaluation), digest(f"{PREFIX}:{path}", options.eval_file))
 
 
 def _yaml(lm_name: str, kind: str, rows: tuple[Row, ...], options: Options, data_file: Path) -> str:
