@@ -157,6 +157,7 @@ def _suite(tmp_path: Path, path: Path | str, settings: str = "") -> Path:
 
 BAD = {
     "missing field": ("m.jsonl", MC_ROWS[:2] + [{"prompt": "Q", "choices": ["a", "b"]}] + MC_ROWS[2:], "row 3: missing field 'gold'"),
+    "missing choices": ("n.jsonl", MC_ROWS[:1] + [{"prompt": "Q", "gold": 0}], "row 2: missing field 'choices'"),
     "empty row": ("e.jsonl", json.dumps(MC_ROWS[0]) + "\n\n" + "".join(json.dumps(r) + "\n" for r in MC_ROWS[1:]), "row 2: empty row"),
     "gold out of range": ("g.jsonl", MC_ROWS[:1] + [{**MC_ROWS[1], "gold": 3}] + MC_ROWS[2:],
                           "row 2: field 'gold' is 3, out of range for 3 choices"),

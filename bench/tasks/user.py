@@ -165,6 +165,8 @@ def _text(where: str, row: dict[str, Any], key: str) -> str:
 
 def _choices(where: str, row: dict[str, Any]) -> list[str]:
     value = row.get("choices")
+    if value is None:
+        raise _fail(where, "missing field 'choices'")
     if isinstance(value, str):  # CSV cells are text: a JSON list
         try:
             value = json.loads(value)
