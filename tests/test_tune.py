@@ -208,3 +208,14 @@ def test_search_trials_run_as_ordinary_trials(tmp_path, capsys):
     assert "no search trial scored on the validation rows" in capsys.readouterr().err
     again = runner.run(suite.load(path), tmp_path / "results", progress=False, save_adapters=False)
     assert again.ran == [] and sorted(again.skipped) == sorted(report.ran)  # resumed: the same trials, read back
+
+
+def test_dry_run_estimates_every_planned_trial(tmp_path):
+    """--dry-run's estimate covers a study's search and final trials (the search as the sampler would
+    propose it on equal scores), and every tuned block shows the same number of search trials."""
+    s = suite.load(write(tmp_path), check_models=False)
+    rows = runner.estimate(s)
+    assert len(rows) == 3 * (6 + 3)
+    roles = [r["label"].split(" seed")[1].split()[1] for r in rows]
+    assert roles.count("final") == 9 and sum(role.startswith("search") for role in roles) == 18
+    assert all(r["steps"] == 4 and r["est_s"] > 0 for r in rows)

@@ -313,15 +313,27 @@ def estimate(suite: Suite) -> list[dict[str, Any]]:
 
     from bench.run import tune
 
+    # The learning rate changes neither the parameter counts nor the memory forecast (the seed
+    # does: it orders the batches), and a tuned suite repeats every configuration at many: each is
+    # applied and forecast once.
+    known: dict[str, tuple[dict[str, int], bool, dict[str, Any]]] = {}
+
+    def shape(s: dict[str, Any]) -> tuple[dict[str, int], bool, dict[str, Any]]:
+        key = json.dumps({**s, "train": {k: v for k, v in s["train"].items() if k != "lr"}}, sort_keys=True)
+        if key not in known:
+            model = models.skeleton(s["model"])
+            method = methods.get(s["method"]["name"])
+            adapted = method.apply(model, method.Config.from_dict(s["method"]["config"]))
+            known[key] = (param_counts(model, adapted.trainable), bool(adapted.trainable),
+                          forecast.columns(forecast.forecast(s, device=device)))
+        return known[key]
+
     rows = []
     for trial in [*suite.trials, *(t for study in suite.studies for t in tune.planned(study))]:
         s = trial.spec
-        model = models.skeleton(s["model"])
-        method = methods.get(s["method"]["name"])
-        adapted = method.apply(model, method.Config.from_dict(s["method"]["config"]))
-        counts = param_counts(model, adapted.trainable)
+        counts, trains, memory = shape(s)
         t = s["train"]
-        steps = total_steps(s["data"]["train_examples"], t) if adapted.trainable else 0
+        steps = total_steps(s["data"]["train_examples"], t) if trains else 0
         length = mean_tokens(s)
         tokens = steps * t["batch_size"] * t["grad_accum"] * length
         flops = tokens * (4 * counts["total"] + 2 * counts["trainable"])
@@ -330,7 +342,6 @@ def estimate(suite: Suite) -> list[dict[str, Any]]:
             rows_eval = data.text_task(task, s["data"]).size(split, s["data"].get("validation"))
             n = min(rows_eval, s["eval"]["limit"] or rows_eval)
             flops += n * 2 * length * 2 * counts["total"]  # two choices a row, one forward each
-        f = forecast.forecast(s, device=device)
         rows.append({"trial_id": trial.id, "label": trial.label, "trainable": counts["trainable"],
-                     "steps": steps, "est_s": flops / flops_per_s, **forecast.columns(f)})
+                     "steps": steps, "est_s": flops / flops_per_s, **memory})
     return rows
