@@ -20,7 +20,7 @@ size (our tiny test models have width 32; 88% of the entries differ, while the c
 storage avoids that and the AVX512-BF16 repacking trap (DESIGN section 6), and serves 2/3/8
 bits too.
 
-Storage, as bench.measure counts it: codes packed k bits each into a uint8 `PackedWeight`
+Storage, as bench.trial.measure counts it: codes packed k bits each into a uint8 `PackedWeight`
 parameter (frozen; its `quant_state.shape` is the logical (out, in) shape, so parameter
 counts count weights, not bytes), per-block scales (and int offsets) as float32 buffers:
 k + 32 / blocksize bits per weight for "nf", k + 64 / blocksize for "int".
@@ -303,7 +303,7 @@ def dequantize(
 
 @dataclass(frozen=True)
 class LogicalShape:
-    """What bench.measure reads from `param.quant_state.shape`: the weight count, not bytes."""
+    """What bench.trial.measure reads from `param.quant_state.shape`: the weight count, not bytes."""
 
     shape: tuple[int, ...]
 

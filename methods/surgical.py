@@ -19,7 +19,7 @@ transformer blocks of a language model. A selection is a list of:
 "first" is block 0 alone. The reference's first block includes the stem (anniesch/
 surgical-finetuning, main.py, commit effeec3: "first_two_block" tunes model.conv1 and
 model.block1 of its WideResNet, conv1 being the stem): that is blocks = ["stem", "first"]. Our
-CNN (bench/vision.py ResNet4) has its stem conv inside stage 0, so there "first" alone is the
+CNN (bench/tasks/vision.py ResNet4) has its stem conv inside stage 0, so there "first" alone is the
 reference's choice and "stem" is empty.
 """
 

@@ -1,6 +1,6 @@
 """The memory forecast beside the measurement: per component and peak, with the error.
 
-Each result stores its forecast (memory.forecast, bench/forecast.py) computed at run time; this
+Each result stores its forecast (memory.forecast, bench/trial/forecast.py) computed at run time; this
 section only reads the JSON, so the report never imports torch. Results from before the forecast
 existed have none: `peftbench forecast RESULTS_DIR` computes theirs and prints the same comparison.
 """
@@ -19,7 +19,7 @@ def section(trials: pd.DataFrame) -> Section:
     cols = [f"memory.forecast.{k}" for k in (*COMPONENTS, "peak")]
     have = trials[trials["status"] == "success"].dropna(subset=cols[:1]) if cols[0] in trials else trials.iloc[0:0]
     if have.empty:
-        s.p("No result here stores a memory forecast (results written before bench/forecast.py existed). "
+        s.p("No result here stores a memory forecast (results written before bench/trial/forecast.py existed). "
             "`peftbench forecast RESULTS_DIR` forecasts each result's spec and prints this comparison.")
         return s
     rows, within, n = [], 0, 0
@@ -40,7 +40,7 @@ def section(trials: pd.DataFrame) -> Section:
     s.p(f"{within} of {n} trials have their accounted total forecast within 2%. The forecast runs the trial's "
         "first step on the meta device (no weights) and counts what autograd saves there exactly as the real step "
         "counts it; the peak adds what the process holds beyond the components (runtime, what loading freed, the "
-        "loss's full-vocabulary buffers): bench/forecast.py.")
+        "loss's full-vocabulary buffers): bench/trial/forecast.py.")
     header = ["trial"] + [x for k in COMPONENTS for x in (f"{k} forecast", "error")]
     s.table(Table(header + ["accounted forecast", "error", "peak forecast", "peak measured", "error", "activations from"], rows,
                   caption="error = forecast / measured - 1; memory.forecast is stored in each result at run time", filterable=True))

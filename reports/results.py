@@ -32,7 +32,7 @@ files may sit beside trial results and are read by `benchmark_records`, not as t
 
 
 # Subfolders of a results folder that hold no trial results: saved adapters (their configs are
-# JSON) and the trackers' copies (bench/track.py: each MLflow run keeps its result JSON).
+# JSON) and the trackers' copies (bench/records/track.py: each MLflow run keeps its result JSON).
 NOT_RESULTS = ("adapters", "tracking")
 
 

@@ -1,4 +1,4 @@
-"""The serving report: many LoRA adapters on one base model (bench/serve_bench.py's JSON), as one HTML file.
+"""The serving report: many LoRA adapters on one base model (bench/serving/serve_bench.py's JSON), as one HTML file.
 
     python -m reports.serving results/reference/serving [-o reports/serving.html]
 

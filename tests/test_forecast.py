@@ -119,7 +119,8 @@ def test_forecast_holds_against_committed_smollm2_results(base):
     want = {"float32": {"dtype": "float32"}, "bfloat16": {"dtype": "bfloat16"},
             "nf4": {"quant": "nf4", "double_quant": False}, "nf4-dq": {"quant": "nf4", "double_quant": True}}[base]
     picked = [r for r in _committed(QLORA) if all(r["spec"]["model"].get(k) == v for k, v in want.items())
-              and r["spec"]["method"]["name"] == "lora" and r["spec"]["method"]["config"]["r"] == 8 and r["spec"]["method"]["config"]["targets"] == "qv"
+              and r["spec"]["method"]["name"] == "lora"
+              and r["spec"]["method"]["config"]["r"] == 8 and r["spec"]["method"]["config"]["targets"] == "qv"
               and r["spec"]["train"]["optimizer"] == "adamw"]
     assert picked, base
     rows = forecast.compare(picked[:1], forecast.CpuCalibration(0, 0.0))
