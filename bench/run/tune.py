@@ -63,8 +63,12 @@ class Dimension:
         return d.FloatDistribution(self.low, self.high, log=self.kind == "log")
 
     def setting(self, raw: Any) -> dict[str, Any]:
-        """The keys a sampled value sets (a table choice sets several)."""
+        """The keys a sampled value sets (a table choice sets several). A float is kept to 4
+        significant digits: the trial id must not hang on the sampler's last bits, which may differ
+        between machines and numpy builds."""
         value = self.choices[raw] if self.kind == "choices" else raw
+        if isinstance(value, float):
+            value = float(f"{value:.4g}")
         return dict(value) if isinstance(value, dict) else {self.key: value}
 
     def edges(self) -> list[Any]:
