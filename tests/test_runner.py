@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from bench.records import results
+from bench.run import suite
 
 REQUIRED = {
     "schema", "trial_id", "suite", "status", "error", "spec",
@@ -177,14 +178,16 @@ def test_timeout_is_recorded_and_sweep_goes_on(tmp_path):
 def test_trial_killed_from_outside_is_recorded_and_sweep_goes_on(tmp_path):
     path = make_suite(tmp_path, name="killed", steps=100000, timeout=600)
     directory = tmp_path / "r" / "killed"
+    frozen = {t.id for t in suite.load(path).trials if t.spec["method"]["name"] == "frozen"}
     proc = run_cli(str(path), "--results", str(tmp_path / "r"))
     killed = set()
-    # Kill each long LoRA trial's process as the OS would (SIGKILL); the frozen one finishes.
+    # Kill each long LoRA trial's process as the OS would (SIGKILL); the frozen one finishes
+    # (by id, not by timing: on a loaded machine it can take longer than the wait below).
     while proc.poll() is None:
         running = directory / ".running"
         if running.exists():
             trial_id, pid = running.read_text().split()
-            if trial_id not in killed:
+            if trial_id not in killed and trial_id not in frozen:
                 time.sleep(1.0)
                 try:
                     os.kill(int(pid), signal.SIGKILL)
