@@ -219,3 +219,18 @@ def test_dry_run_estimates_every_planned_trial(tmp_path):
     roles = [r["label"].split(" seed")[1].split()[1] for r in rows]
     assert roles.count("final") == 9 and sum(role.startswith("search") for role in roles) == 18
     assert all(r["steps"] == 4 and r["est_s"] > 0 for r in rows)
+
+
+def test_report_ranks_the_final_trials_from_their_files(tmp_path):
+    """The result files a tuned suite leaves are what reports/ranking.py reads: finals only, one row
+    per tuned configuration, each with its seeds."""
+    from reports import ranking
+    from reports.results import frame
+
+    run(write(tmp_path), tmp_path / "r", fake(1.0, []))
+    df = frame(tmp_path / "r" / "tuned")
+    assert len(df) == 3 * (6 + 3)
+    ranked = ranking.rank(ranking.finals(df))
+    assert len(ranked) == 3 and all(r.estimate.n == 3 and r.task == "sst2" for r in ranked)
+    assert {r.method.split()[0] for r in ranked} == {"lora", "ia3"}  # the two lora ranks apart, by study
+    assert ranking.section(df, {"methods": {}, "sources": {}}).has_data
