@@ -61,6 +61,7 @@ class TextTask(Task):
     def __post_init__(self) -> None:
         self.lm_name = self.lm_name or self.name
         self._rows: dict[str, tuple[Example, ...]] = {}
+        self._carved: dict[tuple[str, int], tuple[Example, ...]] = {}
 
     def rows(self, split: str) -> tuple[Example, ...]:
         if split not in SPLITS:
@@ -82,16 +83,18 @@ class TextTask(Task):
             raise TaskError(f"task {self.name!r}: the validation split needs [data] validation rows")
         if split == "eval":
             return self.rows(split)
+        if (split, validation) in self._carved:
+            return self._carved[split, validation]
         train = self.rows("train")
         if validation >= len(train):
             raise TaskError(f"task {self.name!r} has {len(train)} train rows, {validation} asked for validation")
         order = list(range(len(train)))
         random.Random(VALIDATION_SEED).shuffle(order)
         held = sorted(order[:validation])
-        if split == VALIDATION:
-            return tuple(train[i] for i in held)
         prompts = {train[i].prompt for i in held}
-        return tuple(e for e in train if e.prompt not in prompts)
+        self._carved[VALIDATION, validation] = tuple(train[i] for i in held)
+        self._carved["train", validation] = tuple(e for e in train if e.prompt not in prompts)
+        return self._carved[split, validation]
 
     def size(self, split: str, validation: int | None = None) -> int:
         """Rows in a split: the most `examples` can give (suite validation asks)."""
