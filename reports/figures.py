@@ -11,12 +11,14 @@ import itertools
 import math
 import re
 import textwrap
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import matplotlib as mpl
 import pandas as pd
 import seaborn as sns
+from matplotlib.collections import Collection
+from matplotlib.container import Container
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
@@ -57,17 +59,42 @@ def label_points(collection, labels: Sequence[str]) -> None:
     collection.set_urls([POINT_URL + str(label) for label in labels])
 
 
+def name_mark(artist, label: str) -> None:
+    """Name one plotted artist as a whole (a line, a bar, an error bar, every point of a collection alike);
+    the same <g class="point"><title> as label_points. A container (errorbar, bar) names each of its parts."""
+    parts = artist.get_children() if isinstance(artist, Container) else [artist]
+    for part in parts:
+        if isinstance(part, Collection):
+            part.set_urls([POINT_URL + label])  # matplotlib cycles the urls over the collection's elements
+        else:
+            part.set_url(POINT_URL + label)
+
+
+def lines_with_points(ax, data: pd.DataFrame, x: str, y: str, lines: Sequence[str], palette: dict, point: Callable[[str, pd.Series], str],
+                      styled: bool = False) -> None:
+    """One line per value of the column `line` (in the order of `lines`), each named, with its points drawn as a scatter
+    on top so that each point carries its own name, point(line name, row). With `styled`, each line also gets its own
+    marker and dash pattern (lines then differ without colour)."""
+    for k, name in enumerate(lines):
+        d = data[data["line"] == name].sort_values(x)
+        if d.empty:
+            continue
+        marker = MARKERS[k % len(MARKERS)] if styled else "o"
+        (line,) = ax.plot(d[x], d[y], color=palette[name], lw=1.5, ls=_DASHES[k % len(_DASHES)] if styled else "-", label=name)
+        name_mark(line, str(name))
+        coll = ax.scatter(d[x], d[y], color=palette[name], marker=marker, s=30, zorder=3)
+        label_points(coll, [point(str(name), row) for _, row in d.iterrows()])
+
+
+_DASHES = ("-", "--", ":", "-.")
+
+
 def _point_titles(svg: str) -> str:
     return _POINT.sub(r'<g class="point"><title>\1</title>\2</g>', svg)
 
 
 def memory_unit(max_bytes: float) -> tuple[float, str]:
     return (GIB, "GiB") if max_bytes >= GIB else (MIB, "MiB")
-
-
-def _legend_outside(ax) -> None:
-    if ax.get_legend() is not None:
-        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.02, 1), frameon=False)
 
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "p", "h", "*")
@@ -163,7 +190,8 @@ def pareto(points: pd.DataFrame, front: pd.DataFrame) -> str:
             for r in ranks:
                 ax.scatter([], [], color="0.35", marker=MARKERS[ranks.index(r) % len(MARKERS)], s=55, label=f"r={int(r)}")
             fr = fr.sort_values("peak")
-            ax.step(fr["peak"] / div, fr["score"] * 100, where="post", color="black", lw=1, label="Pareto front", zorder=2)
+            (step,) = ax.step(fr["peak"] / div, fr["score"] * 100, where="post", color="black", lw=1, label="Pareto front", zorder=2)
+            name_mark(step, f"Pareto front of {model}: " + ", ".join(map(str, fr["config_label"])))
             ax.set(xlabel=f"peak memory ({unit})", ylabel="score (%)", title=str(model))
             _legend_below(ax, ncol)
         return _svg(fig)
@@ -184,10 +212,11 @@ def _title_points(collection, d: pd.DataFrame, unit: str) -> None:
 
 
 def _errorbars(ax, data: pd.DataFrame, x: str, y: str, lo: str, hi: str, scale: float) -> None:
-    ok = data.dropna(subset=[lo, hi])
-    if not ok.empty:
-        ax.errorbar(ok[x], ok[y] * scale, yerr=[(ok[y] - ok[lo]) * scale, (ok[hi] - ok[y]) * scale],
-                    fmt="none", ecolor="0.3", elinewidth=1, capsize=3)
+    """One named 95% interval per row with both ends (the row's `line` and x name it)."""
+    for _, row in data.dropna(subset=[lo, hi]).iterrows():
+        bar = ax.errorbar([row[x]], [row[y] * scale], yerr=[[(row[y] - row[lo]) * scale], [(row[hi] - row[y]) * scale]],
+                          fmt="none", ecolor="0.3", elinewidth=1, capsize=3)
+        name_mark(bar, f"{row['line']}, {x}={row[x]:g}: 95% CI {row[lo] * scale:.1f} to {row[hi] * scale:.1f}")
 
 
 def rank_sweep(data: pd.DataFrame) -> str:
@@ -204,27 +233,25 @@ def rank_sweep(data: pd.DataFrame) -> str:
         for row, facet in enumerate(facets):
             ax_s, ax_m = grid[row]
             d = data[data["facet"] == facet] if "facet" in data else data
+            where = f"{facet}: " if facet else ""
             scored = d.dropna(subset=["score"])
             if scored.empty:
                 ax_s.text(0.5, 0.5, "no scores", ha="center", va="center", transform=ax_s.transAxes)
             else:
-                sns.lineplot(data=scored.assign(pct=scored["score"] * 100), x="r", y="pct", hue="variant", palette=pal,
-                             hue_order=variants, marker="o", errorbar=None, ax=ax_s, legend=False)
+                scored = scored.assign(pct=scored["score"] * 100, line=scored["variant"])
+                lines_with_points(ax_s, scored, "r", "pct", variants, pal, lambda v, p: f"{where}{v}, r={p['r']:g}: score {p['pct']:.1f}%")
                 _errorbars(ax_s, scored, "r", "score", "score_lo", "score_hi", 100)
-            sns.lineplot(data=d.assign(mem=d["peak"] / div), x="r", y="mem", hue="variant", palette=pal, hue_order=variants,
-                         marker="o", errorbar=None, ax=ax_m, legend=row == len(facets) - 1)
+            lines_with_points(ax_m, d.assign(mem=d["peak"] / div, line=d["variant"]), "r", "mem", variants, pal,
+                              lambda v, p: f"{where}{v}, r={p['r']:g}: peak {p['mem']:.2f} {unit}")
             ax_m.set_ylim(bottom=0)  # memory from zero: no truncated axis exaggerates a few percent
             for ax in (ax_s, ax_m):
                 ax.set_xscale("log", base=2)
                 ax.set_xticks(ticks, labels=[f"{int(r)}" for r in ticks])
                 ax.minorticks_off()
-            where = f"{facet}: " if facet else ""
             ax_s.set(xlabel="rank r (alpha in the table)", ylabel="score (%), 95% CI if seeds > 1", title=f"{where}score")
             ax_m.set(xlabel="rank r", ylabel=f"peak memory ({unit})", title=f"{where}peak memory")
-        ax_m = grid[-1][1]
-        if ax_m.get_legend() is not None:
-            ax_m.get_legend().remove()
-            handles, labels = ax_m.get_legend_handles_labels()
+        handles, labels = grid[-1][1].get_legend_handles_labels()
+        if handles:
             fig.legend(handles, labels, loc="outside lower center", ncol=2, frameon=False, fontsize=LABEL_PT)
         return _svg(fig)
 
@@ -259,10 +286,12 @@ def paired_bars(data: pd.DataFrame, hue: str, panels: list[tuple[str, str]]) -> 
                 div, unit = memory_unit(d[col].max())
                 d = d.assign(**{col: d[col] / div})
                 label = f"{label} ({unit})"
+            unit_text = f" {unit}" if col.endswith("_bytes") else ""
             for k, level in enumerate(levels):
                 dd = d[d[hue] == level]
-                ax.scatter(dd[col], [order.index(v) for v in dd["setting"]], color=pal[level],
-                           marker=MARKERS[k % len(MARKERS)], s=40, label=level, zorder=3)
+                coll = ax.scatter(dd[col], [order.index(v) for v in dd["setting"]], color=pal[level],
+                                  marker=MARKERS[k % len(MARKERS)], s=40, label=level, zorder=3)
+                label_points(coll, [f"{setting}, {hue} {level}: {label} {v:.3g}{unit_text}" for setting, v in zip(dd["setting"], dd[col])])
             if col.startswith("params."):
                 ax.set_xscale("log")
                 ax.margins(x=0.08)  # markers at the extremes stay whole inside the axes
@@ -283,16 +312,18 @@ def lines_by(data: pd.DataFrame, x: str, hue: str, panels: list[tuple[str, str]]
     with _style():
         fig = Figure(layout="constrained", figsize=(5.2 * len(panels) + 1.5, 3.8))
         axes = fig.subplots(1, len(panels), squeeze=False)[0]
-        for i, (ax, (col, label)) in enumerate(zip(axes, panels)):
+        for ax, (col, label) in zip(axes, panels):
             div, unit = memory_unit(data[col].max())
-            sns.lineplot(data=data.assign(v=data[col] / div), x=x, y="v", hue=hue, style="variant", marker="o",
-                         errorbar=None, ax=ax, legend=i == len(panels) - 1)
+            d = data.assign(v=data[col] / div, line=data[hue].astype(str) + ", " + data["variant"].astype(str))
+            names = _natural(d["line"])
+            lines_with_points(ax, d, x, "v", names, dict(zip(names, colours(len(names)))),
+                              lambda n, p: f"{n}, {x}={p[x]:g}: {label} {p['v']:.2f} {unit}", styled=True)
             ax.set_xscale("log", base=2)
             ax.set_xticks(sorted(data[x].unique()), labels=[f"{int(v)}" for v in sorted(data[x].unique())])
             ax.minorticks_off()
             ax.set_ylim(bottom=0)
             ax.set(xlabel=x, ylabel=f"{label} ({unit})")
-        _legend_outside(axes[-1])
+        axes[-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False, fontsize=LABEL_PT)
         return _svg(fig)
 
 
@@ -306,9 +337,12 @@ def methods(best: pd.DataFrame) -> str:
         order = list(best["method"])
         palette = dict(zip(order, colours(len(order))))
         ys = range(len(order))
-        ax_s.scatter(best["score"] * 100, ys, c=[palette[m] for m in order], s=45, zorder=3)
+        dots = ax_s.scatter(best["score"] * 100, ys, c=[palette[m] for m in order], s=45, zorder=3)
+        label_points(dots, [f"{m}: best score {v * 100:.1f}%" for m, v in zip(order, best["score"])])
         _hbar_ci(ax_s, best, order)
-        ax_m.barh(list(ys), best["peak"] / div, color=[palette[m] for m in order])
+        bars = ax_m.barh(list(ys), best["peak"] / div, color=[palette[m] for m in order])
+        for bar, m, v in zip(bars, order, best["peak"] / div):
+            name_mark(bar, f"{m}: peak memory {v:.2f} {unit}")
         ax_s.set_yticks(list(ys), labels=order)
         ax_s.set_ylim(len(order) - 0.5, -0.5)
         ax_s.tick_params(axis="y", labelsize=LABEL_PT)
@@ -321,9 +355,10 @@ def _hbar_ci(ax, best: pd.DataFrame, order: list[str]) -> None:
     for i, m in enumerate(order):
         row = best[best["method"] == m].iloc[0]
         if not (pd.isna(row["score_lo"]) or pd.isna(row["score"])):
-            ax.errorbar(row["score"] * 100, i, xerr=[[(row["score"] - row["score_lo"]) * 100],
-                                                      [(row["score_hi"] - row["score"]) * 100]],
-                        fmt="none", ecolor="0.2", capsize=3)
+            bar = ax.errorbar(row["score"] * 100, i, xerr=[[(row["score"] - row["score_lo"]) * 100],
+                                                            [(row["score_hi"] - row["score"]) * 100]],
+                              fmt="none", ecolor="0.2", capsize=3)
+            name_mark(bar, f"{m}: 95% CI {row['score_lo'] * 100:.1f} to {row['score_hi'] * 100:.1f}%")
 
 
 def breakdown(groups: pd.DataFrame) -> str:
@@ -346,9 +381,12 @@ def breakdown(groups: pd.DataFrame) -> str:
             left = pd.Series(0.0, index=g.index)
             for part, colour in zip(ACCOUNTED, sns.color_palette("deep", len(ACCOUNTED))):
                 width = g[f"{part}_bytes"].fillna(0) / div
-                ax.barh(ys, width, left=left, color=colour, label=part)
+                bars = ax.barh(ys, width, left=left, color=colour, label=part)
+                for bar, config, w in zip(bars, g["config_label"], width):
+                    name_mark(bar, f"{config}: {part} {w:.3g} {unit}")
                 left = left + width
-            ax.scatter(g["peak"] / div, ys, marker="|", s=200, color="black", label="measured peak", zorder=3)
+            peaks = ax.scatter(g["peak"] / div, ys, marker="|", s=200, color="black", label="measured peak", zorder=3)
+            label_points(peaks, [f"{config}: measured peak {v:.3g} {unit}" for config, v in zip(g["config_label"], g["peak"] / div)])
             ax.set_yticks(ys, labels=ls)
             ax.set_ylim(len(ls) - 0.5, -0.5)
             ax.set_xlim(left=0, right=top / div * 1.04)
@@ -421,8 +459,10 @@ def loss_curves(curves: pd.DataFrame) -> str:
             names = _trial_names(list(d["trial"].unique()))
             d = d.assign(trial=d["trial"].map(names))
             order = sorted(d["trial"].unique(), key=lambda t: _natural_key(t.split(" ", 1)[-1]))  # by configuration, not id
-            sns.lineplot(data=d, x="step", y="loss", hue="trial", hue_order=order, estimator=None, lw=1, alpha=0.85, ax=ax,
-                         legend=1 < n <= MAX_LEGEND, palette=colours(len(order)))
+            for trial, colour in zip(order, colours(len(order))):
+                t = d[d["trial"] == trial].sort_values("step")
+                (line,) = ax.plot(t["step"], t["loss"], color=colour, lw=1, alpha=0.85, label=trial)
+                name_mark(line, f"{panel}: {trial}, final loss {t['loss'].iloc[-1]:.3g}")
             width = 46 if cols > 2 else 80
             if n == 1:
                 title = _wrap(_cut(f"{panel}: {order[0].split(' ', 1)[-1]}", 3 * width), width)

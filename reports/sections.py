@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
@@ -742,11 +743,26 @@ def _gpu_memory_text(lora: dict, longer: list[dict], published_gb: float | None)
     return text
 
 
+# A lead section's subject: which trials it is about. It leads (comes right after the answer) only where those
+# trials are at least half of the report's, i.e. where the suite is that comparison: one surgical trial among
+# twenty other methods does not make a methods comparison a surgical report.
+LEAD_SUBJECTS: dict[str, Callable[[pd.DataFrame], pd.Series]] = {
+    "surgical": lambda t: t["method"].isin(SURGICAL_METHODS),
+    "qlora": lambda t: t["quant"] != "none",
+}
+
+
+def leads(trials: pd.DataFrame, candidates: Sequence[Section]) -> list[Section]:
+    """The candidates with data whose subject is at least half of the trials, in the given order."""
+    return [sec for sec in candidates
+            if sec.has_data and not trials.empty and LEAD_SUBJECTS[sec.id](trials).mean() >= 0.5]
+
+
 def build(trials: pd.DataFrame, pub: dict, records: dict[str, list[dict]] | None = None) -> list[Section]:
     groups = pd.DataFrame() if trials.empty else seed_groups(trials)
     # A suite's own subject leads, right after the answer: the shift x block table, the LoRA-vs-QLoRA comparison.
     surg, qlora = surgical(trials, groups, pub), lora_vs_qlora(groups, pub)
-    lead = [sec for sec in (surg, qlora) if sec.has_data]
+    lead = leads(trials, (surg, qlora))
     rest = [overview(trials, groups), matched.section(trials, groups),
             rank_sweep(groups, pub), targets(groups, pub), optimizer(groups, pub),
             epochs(groups, pub), methods_section(groups, pub), ranking.section(trials, pub), qlora, gpu(records or {}, pub, groups),

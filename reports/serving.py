@@ -16,11 +16,10 @@ from typing import Any
 
 import jinja2
 import pandas as pd
-import seaborn as sns
 from matplotlib.figure import Figure
 
 from reports.blocks import Cell, Section, Table, c_bytes, c_int, c_num, c_text
-from reports.figures import _legend_outside, _style, _svg
+from reports.figures import _style, _svg, colours, lines_with_points
 from reports.results import ResultFileError
 
 HERE = Path(__file__).resolve().parent
@@ -75,9 +74,19 @@ def frame(result: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _where(result: dict[str, Any]) -> str:
+    return str(result["env"].get("device") or result["device"])
+
+
+def title(found: list[dict[str, Any]]) -> str:
+    """The report's title names its models and devices: the index lists the CPU and the GPU runs apart."""
+    runs = dict.fromkeys(f"{r['model']['name']} on {_where(r)}" for r in found)
+    return "peftbench: many LoRA adapters on one base model, " + "; ".join(runs)
+
+
 def _setting(result: dict[str, Any]) -> str:
     s, m = result["suite"], result["model"]
-    where = result["env"].get("device") or result["device"]
+    where = _where(result)
     return (
         f"{m['name']} ({m['dtype']}{', synthetic weights' if m.get('synthetic') else ''}), LoRA r={s['rank']} "
         f"α={s['alpha']:g} on {s['targets']}, prompts of {s['prompt_tokens']} tokens, {s['new_tokens']} greedy tokens per "
@@ -206,25 +215,17 @@ def throughput_figure(df: pd.DataFrame) -> str:
         axes = fig.subplots(1, len(panels), squeeze=False)[0]
         order = [ENGINE_NAMES[e] for e in ENGINE_NAMES if e in set(df["engine"])]
         data = df.assign(engine=df["engine"].map(ENGINE_NAMES))
-        for i, (ax, (mix, batch)) in enumerate(zip(axes, panels)):
+        palette = dict(zip(order, colours(len(order))))
+        for ax, (mix, batch) in zip(axes, panels):
             d = data[(data["mix"] == mix) & (data["batch"] == batch)]
-            sns.lineplot(
-                data=d,
-                x="adapters",
-                y="tokens_per_s",
-                hue="engine",
-                hue_order=order,
-                marker="o",
-                errorbar=None,
-                ax=ax,
-                legend=i == len(panels) - 1,
-            )
+            lines_with_points(ax, d.assign(line=d["engine"]), "adapters", "tokens_per_s", order, palette,
+                              lambda e, p: f"{e}, {mix}, batch {batch}, {p['adapters']:g} adapters: {p['tokens_per_s']:,.0f} tokens/s")
             ax.set_xscale("log", base=2)
             ticks = sorted(d["adapters"].unique())
             ax.set_xticks(ticks, labels=[str(int(t)) for t in ticks])
             ax.set(xlabel="adapters", ylabel="tokens / s", title=f"{mix}, batch {batch}")
             ax.set_ylim(0, d["tokens_per_s"].max() * 1.08)
-        _legend_outside(axes[-1])
+        axes[-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False)
         return _svg(fig)
 
 
@@ -340,7 +341,7 @@ def html(folder: str | Path) -> str:
                 sec.id, sec.title = f"{Path(result['path']).stem}-{sec.id}", f"{Path(result['path']).stem}: {sec.title}"
             parts.append(sec)
     return env.get_template("report.html.j2").render(
-        title="peftbench: many LoRA adapters on one base model", folders=[str(folder)], n_files=len(found), published=None, sections=parts
+        title=title(found), folders=[str(folder)], n_files=len(found), published=None, sections=parts
     )
 
 

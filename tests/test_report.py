@@ -460,3 +460,26 @@ def test_serving_axes_show_every_line_and_the_gpu_headline_is_not_empty():
     text = " ".join(b.text for s in sections_ for b in s.blocks)
     assert "agree with merge and switch" in text and "peft" not in text.split("agree with")[1].split(".")[0]
     assert "uncommitted changes" in text  # the run's provenance says dirty
+
+
+def test_a_lead_section_leads_only_the_report_it_is_the_subject_of(tmp_path):
+    make_cnn(tmp_path / "cnn")  # 15 trials, 12 of them surgical or Auto-RGN: a surgical report
+    cnn = results.tidy(results.frame(tmp_path / "cnn"))
+    assert [s.id for s in sections.build(cnn, render.published(), {})][:2] == ["answer", "surgical"]
+    # One surgical trial beside a LoRA sweep: the surgical section has data but keeps its place after the sweep's own.
+    folder = make_sweep(tmp_path / "sweep")
+    write_cnn_result(folder, task="blur", shift="input", choice="Block 1", lr=1e-3, seed=0, test=0.83)
+    mixed = results.tidy(results.frame(folder))
+    built = sections.build(mixed, render.published(), {})
+    ids = [s.id for s in built]
+    assert next(s for s in built if s.id == "surgical").has_data
+    assert ids[1] != "surgical" and ids.index("surgical") > ids.index("overview")
+
+
+def test_each_serving_report_names_its_device_in_the_title():
+    from reports import serving
+
+    cpu, gpu = (serving.load(ROOT / "results" / "reference" / "serving" / sub) for sub in ("", "gpu"))
+    titles = serving.title(cpu), serving.title(gpu)
+    assert titles[0] != titles[1]
+    assert "H200" in titles[1] and "cpu" in titles[0].lower()

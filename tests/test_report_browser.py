@@ -1,6 +1,6 @@
 """Every committed report (reports/*.html) in a real Chromium at 1400 px: no page or console error,
 nothing wider than the page, the answer box on the first screen, every plotted mark inside its
-axes, and the interaction (hover, filters, CSV download, drill-down) working offline.
+axes and named on hover, and the interaction (hover, filters, CSV download, drill-down) working offline.
 
 The reports are regenerated from results/reference/ with the commands in README.md; this test reads
 the committed files, so a report that was not regenerated after a change is tested as committed."""
@@ -152,6 +152,53 @@ def test_hover_names_the_point(report):
         point.hover(force=True)
         assert tip.is_visible() and tip.text_content() == title
         r.page.mouse.move(0, 0)
+        assert not tip.is_visible()
+
+
+# Every drawn data mark (a line, a marker, a bar, an error bar: a path or marker use inside an axes' clip
+# box) of every figure, legends, tick and grid lines, and empty paths aside, that no <g class="point"> names.
+UNTITLED_MARKS = r"""() => Array.from(document.querySelectorAll("figure svg path, figure svg use"))
+  .filter(m => m.closest("[clip-path]") && !m.closest('[id^=legend], defs, clipPath, [id^="matplotlib.axis"]'))
+  .filter(m => m.tagName !== "path" || (m.getAttribute("d") || "").trim())
+  .filter(m => !m.closest("g.point") || !m.closest("g.point").querySelector("title").textContent.trim())
+  .map(m => (m.closest("figure").querySelector("figcaption") || {}).textContent.slice(0, 60) + ": "
+            + (m.closest("[id]") || {}).id + " " + m.tagName)"""
+
+
+AIM = r"""(i) => {
+  const fig = Array.from(document.querySelectorAll("figure")).filter(f => f.querySelector("svg g.point"))[i];
+  // The largest mark: a sliver of a bar hides under a grid line.
+  const area = e => { const b = e.getBoundingClientRect(); return b.width * b.height; };
+  const marks = Array.from(fig.querySelectorAll("svg g.point use, svg [id^=patch] > g.point path"));
+  const mark = marks.length ? marks.reduce((a, b) => area(b) > area(a) ? b : a) : fig.querySelector("svg g.point path");
+  mark.scrollIntoView({block: "center"});
+  if (mark.tagName === "use" || mark.closest("[id^=patch]")) {
+    const b = mark.getBoundingClientRect();
+    return [b.x + b.width / 2, b.y + b.height / 2];
+  }
+  const p = mark.getPointAtLength(mark.getTotalLength() / 2).matrixTransform(mark.getScreenCTM());
+  return [p.x, p.y];
+}"""
+
+
+def test_every_plotted_mark_names_its_configuration(report):
+    path, r = report
+    page = r.page
+    assert page.evaluate(UNTITLED_MARKS) == [], path.name
+    # Hover one mark in every figure: the centre of a marker or bar, the middle of a line (where its stroke is).
+    tip = page.locator("#tip")
+    n = page.locator("figure:has(svg g.point)").count()
+    assert n >= 1, f"{path.name}: no figure names its marks"
+    r.open_everything()
+    for i in range(n):
+        x, y = page.evaluate(AIM, i)
+        page.mouse.move(x, y)
+        # The tooltip names the mark on top under the cursor (points of equal value overlap).
+        on_top = page.evaluate("([x, y]) => { const g = document.elementFromPoint(x, y).closest('g.point');"
+                               " return g ? g.querySelector('title').textContent : null; }", [x, y])
+        assert on_top and tip.is_visible(), f"{path.name}, figure {i}: no tooltip"
+        assert tip.text_content() == on_top, f"{path.name}, figure {i}"
+        page.mouse.move(0, 0)
         assert not tip.is_visible()
 
 
