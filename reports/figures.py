@@ -277,7 +277,9 @@ def paired_bars(data: pd.DataFrame, hue: str, panels: list[tuple[str, str]]) -> 
         levels = _natural(data[hue].astype(str))
         pal = dict(zip(levels, colours(len(levels))))
         for i, (ax, (col, label)) in enumerate(zip(axes, panels)):
-            d = data.dropna(subset=[col]).assign(**{hue: data[hue].astype(str)})
+            d = data.dropna(subset=[col])
+            # d's own column: assigning data's would align on the index and bring the dropped rows back
+            d = d.assign(**{hue: d[hue].astype(str)})
             if d.empty:
                 ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
                 ax.set(title=label)
