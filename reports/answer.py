@@ -179,7 +179,7 @@ def section(trials: pd.DataFrame, groups: pd.DataFrame) -> Section:
         return s
     ok = trials[trials["status"] == "success"]
     device = ok.groupby("config")["env.device"].first() if "env.device" in ok else pd.Series(dtype=object)
-    g = groups.assign(device=groups["config"].map(device).fillna("unknown device"),
+    g = groups.assign(device=[d if isinstance(d, str) else "unknown device" for d in groups["config"].map(device)],
                       task=groups["spec"].map(lambda sp: _task(sp)))
     out: list[list[Cell]] = []
     devices = sorted(g["device"].unique())
