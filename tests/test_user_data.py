@@ -223,6 +223,31 @@ def test_an_edited_file_makes_new_trials(tmp_path):
     assert len(after) == len(before) == 2 and not set(after) & set(before)
 
 
+def test_a_relative_path_is_relative_to_the_suite_file_from_any_folder(tmp_path, monkeypatch):
+    """file:data/m.jsonl next to the suite is found whatever folder peftbench runs in, and the trial
+    ids (the path as written and the file's sha256, not the folder) are the same from each."""
+    from bench.run.suite import load
+
+    (tmp_path / "project" / "data").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    write(tmp_path / "project" / "data", "m.jsonl", MC_ROWS)
+    path = suite_file(tmp_path / "project", SUITE.format(name="u", task='"file:data/m.jsonl"', data=""))
+    runs = []
+    for folder in (tmp_path / "elsewhere", ROOT):
+        monkeypatch.chdir(folder)
+        user._resolve.cache_clear()
+        suite = load(Path("../project/s.toml") if folder.name == "elsewhere" else path)  # a relative suite path too
+        trial = suite.trials[0]
+        assert trial.spec["data"]["task"] == "file:data/m.jsonl"
+        rows = data.text_task("file:data/m.jsonl", trial.spec["data"]).info
+        runs.append(([t.id for t in suite.trials], rows["file"], rows["train_rows"] + rows["eval_rows"]))
+    assert runs[0] == runs[1] and runs[0][1] == str(tmp_path / "project" / "data" / "m.jsonl") and runs[0][2] == len(MC_ROWS)
+    # Moved elsewhere without its data, the suite says which path it looked for.
+    moved = suite_file(tmp_path / "elsewhere", path.read_text())
+    refused(tmp_path / "elsewhere", "run", moved, "--dry-run", named=moved,
+            says=f"data/m.jsonl: file not found (looked for {tmp_path / 'elsewhere' / 'data' / 'm.jsonl'}")
+
+
 def test_file_settings_on_a_packaged_task_are_refused(tmp_path):
     text = SUITE.format(name="u", task='"sst2"', data="eval_fraction = 0.3")
     path = suite_file(tmp_path, text)

@@ -90,10 +90,10 @@ class DataSpec(Config):
     """What a trial trains on. A packaged task by name, an image task, or the user's own file:
 
         [data]
-        task = "file:suites/examples/capitals_mc.jsonl"   # .jsonl, .csv, .parquet or a datasets folder
-        train_examples = 32
+        task = "file:groups_mc.jsonl"   # .jsonl, .csv, .parquet or a datasets folder, next to the suite file
+        train_examples = 64
         [eval]
-        tasks = ["file:suites/examples/capitals_mc.jsonl"]  # scored by lm-eval on its eval rows
+        tasks = ["file:groups_mc.jsonl"]  # scored by lm-eval on its eval rows
 
     A file's rows are {prompt, answer} (generation: exact match) or {prompt, choices, gold}
     (multiple choice: log-likelihood accuracy); bench/tasks/user.py has the details. The four
@@ -101,7 +101,7 @@ class DataSpec(Config):
 
     task: str
     """Training task: sst2, arc_easy, piqa, boolq, gsm8k (bench/tasks/text.py), an image task
-    (bench/tasks/vision.py), or file:<path> (a path relative to where peftbench runs, or absolute)."""
+    (bench/tasks/vision.py), or file:<path> (a path relative to the suite file's folder, or absolute)."""
     train_examples: int = 512
     """Training examples drawn from the task's train split."""
     max_length: int = 128
@@ -119,6 +119,9 @@ class DataSpec(Config):
     """file generation tasks: a regular expression (at most one group) that picks the part of the
     generated text and of the answer that exact match compares, e.g. "(-?[0-9]+)"; default: the
     whole text, stripped."""
+    suite_dir: str | None = None
+    """Set by the loader, not in a suite: the suite file's folder (absolute), which relative file
+    paths are relative to. Outside the trial id (trial_id), so ids are the same from any folder."""
 
     validation: int | None = None
     """Text tasks: rows carved from the train split, by a fixed seed, for tuning ([tune] sets it): the
@@ -139,16 +142,18 @@ class DataSpec(Config):
             raise ConfigError("eval_fraction", f"must be between 0 and 1, got {self.eval_fraction}")
         if self.eval_file is not None and (self.eval_fraction is not None or self.split_seed is not None):
             raise ConfigError("eval_file", "names the eval rows: eval_fraction and split_seed would do nothing")
+        from bench.tasks.user import located, missing
+
         for key, value in (("task", self.task.removeprefix("file:") if self.task.startswith("file:") else None),
                            ("eval_file", self.eval_file)):
-            if value is not None and not Path(value).exists():
-                raise ConfigError(key, f"{value}: file not found (a path relative to where peftbench runs, or absolute)")
+            if value is not None and not located(value, self.suite_dir).exists():
+                raise ConfigError(key, missing(value, located(value, self.suite_dir)))
 
     def to_dict(self) -> dict[str, Any]:
         # The file settings postdate the first results: left out while unset, so the trial ids
         # of packaged-task trials stay what they were.
         out = super().to_dict()
-        for key in (*_FILE_SETTINGS, "validation"):
+        for key in (*_FILE_SETTINGS, "validation", "suite_dir"):
             if out[key] is None:
                 out.pop(key)
         if self.task.startswith("file:"):
@@ -156,7 +161,7 @@ class DataSpec(Config):
             # "already successful" ones.
             from bench.tasks.user import digest
 
-            out["sha256"] = digest(self.task, self.eval_file)
+            out["sha256"] = digest(self.task, self.eval_file, self.suite_dir)
         return out
 
 
@@ -342,7 +347,11 @@ def _short(v: Any) -> str:
 
 
 def trial_id(spec: dict[str, Any]) -> str:
-    canonical = json.dumps({k: spec[k] for k in ID_SECTIONS}, sort_keys=True, separators=(",", ":"))
+    sections = {k: spec[k] for k in ID_SECTIONS}
+    # Where the suite file lies says where its data files are, not what the experiment is: the
+    # file task's path as written and its sha256 stay in the id, the folder does not.
+    sections["data"] = {k: v for k, v in sections["data"].items() if k != "suite_dir"}
+    canonical = json.dumps(sections, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
@@ -510,6 +519,11 @@ def _expand(path: Path, where: str, block: Any, defaults: dict[str, dict], suite
                     sections[section][field_name] = value
                 else:
                     cfg[key] = value
+        if "suite_dir" in sections["data"]:
+            raise SuiteError(path, f"data.suite_dir (in {where})", "set by peftbench (the suite file's folder), not in a suite")
+        if any(str(t).startswith("file:") for t in [sections["data"].get("task"), *_listed(sections["eval"].get("tasks"))]):
+            # A file task's relative path is relative to the suite file, wherever peftbench runs.
+            sections["data"]["suite_dir"] = str(path.resolve().parent)
         resolved: dict[str, Any] = {}
         for section, spec_cls in SECTIONS.items():
             try:
@@ -524,6 +538,11 @@ def _expand(path: Path, where: str, block: Any, defaults: dict[str, dict], suite
         resolved["method"] = {"name": method.name, "version": method.version, "config": method_cfg.to_dict()}
         trials.append(Trial(suite=suite, spec=resolved, run=run))
     return trials
+
+
+def _listed(value: Any) -> list[Any]:
+    """[eval] tasks as a list, before it is checked to be one."""
+    return value if isinstance(value, list) else []
 
 
 def _check_against_models(path: Path, trials: list[Trial]) -> None:

@@ -28,8 +28,11 @@ TASKS = PACKAGED
 
 def get_task(name: str, spec: dict[str, Any] | None = None) -> Task:
     """The task `name` stands for. `spec`: the trial's [data] section, whose file-task settings
-    (eval_file, extract, ...) apply when it names this very task."""
-    return lookup(name, spec if spec is not None and spec.get("task") == name else None)
+    (eval_file, extract, ...) apply when it names this very task; its suite_dir (the folder a
+    relative file path is relative to) applies to every file task."""
+    if spec is None or spec.get("task") == name:
+        return lookup(name, spec)
+    return lookup(name, {"suite_dir": spec["suite_dir"]} if spec.get("suite_dir") else None)
 
 
 def text_task(name: str, spec: dict[str, Any] | None = None) -> TextTask:

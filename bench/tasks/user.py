@@ -10,6 +10,10 @@ The prompt format is the user's prompt, then the answer (or each choice) after o
 the prompt already ends in whitespace. Training sees exactly this text, and the lm-eval task
 written for the file (`yaml`) scores exactly this text.
 
+A relative path (the file's, or eval_file's) is relative to the suite file's folder, which the
+suite loader records as the trial's [data] suite_dir (absolute paths are used as given): a suite
+moved with its data keeps working, from any folder peftbench runs in.
+
 Eval rows come from `eval_file`, from a saved DatasetDict's eval/validation/test split, or else
 from a seeded split of the rows (eval_fraction of them, shuffled by split_seed: the same for every
 trial). Every row is checked before any trial runs; a problem is one TaskError naming the file,
@@ -128,10 +132,22 @@ def _read_folder(path: Path) -> dict[str, list[tuple[int, dict[str, Any] | None]
     return {"all": list(enumerate(loaded.to_list(), 1))}
 
 
+def located(written: str, suite_dir: str | None) -> Path:
+    """The file a path in a suite stands for: relative to the suite file's folder, absolute as given."""
+    path = Path(written).expanduser()
+    return path if path.is_absolute() or suite_dir is None else Path(suite_dir) / path
+
+
+def missing(written: str, path: Path) -> str:
+    """The message for a file that is not there: the path as written and the one looked for."""
+    where = "" if str(path) == written else f" (looked for {path}: a relative path is relative to the suite file's folder)"
+    return f"{written}: file not found{where}"
+
+
 def read(path: Path) -> dict[str, list[tuple[int, dict[str, Any] | None]]]:
     """split -> (row number, row or None for an empty row) of a user file or folder."""
     if not path.exists():
-        raise _fail(str(path), "file not found (a path relative to where peftbench runs, or absolute)")
+        raise TaskError(missing(str(path), path))
     if path.is_dir():
         return _read_folder(path)
     if path.suffix not in FORMATS:
@@ -263,10 +279,14 @@ def _digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def digest(name: str, eval_file: str | None = None) -> str:
-    """sha256 of a file task's file(s): part of its trials' ids (bench/run/suite.py DataSpec)."""
-    paths = [Path(name.removeprefix(f"{PREFIX}:"))] + ([Path(eval_file)] if eval_file is not None else [])
-    return hashlib.sha256("".join(_digest(p) for p in paths).encode()).hexdigest()
+def digest(name: str, eval_file: str | None = None, suite_dir: str | None = None) -> str:
+    """sha256 of a file task's file(s): part of its trials' ids (bench/run/suite.py DataSpec), with
+    the paths as written, so an id is the same whatever folder peftbench runs in."""
+    written = [name.removeprefix(f"{PREFIX}:")] + ([eval_file] if eval_file is not None else [])
+    for w in written:
+        if not located(w, suite_dir).exists():
+            raise TaskError(missing(w, located(w, suite_dir)))
+    return hashlib.sha256("".join(_digest(located(w, suite_dir)) for w in written).encode()).hexdigest()
 
 
 def _rows(path: Path, rows: list[tuple[int, dict[str, Any] | None]], kind: str, label: str = "") -> list[Row]:
@@ -280,13 +300,14 @@ def _disjoint(train: list[Row], evaluation: list[Row], why: str) -> None:
             raise _fail(r.where, f"field 'prompt' repeats {seen[r.example.prompt]}: {why}")
 
 
-def split(path: Path, options: Options) -> Split:
-    """Read, check and split a user task's file(s); TaskError at the first problem."""
+def split(path: Path, options: Options, suite_dir: str | None = None) -> Split:
+    """Read, check and split a user task's file(s) (`path` already located; eval_file relative to
+    suite_dir); TaskError at the first problem."""
     if not 0 < options.eval_fraction < 1:
         raise TaskError(f"{path}: eval_fraction must be between 0 and 1, got {options.eval_fraction}")
     parts = read(path)
     if options.eval_file is not None:
-        eval_path = Path(options.eval_file)
+        eval_path = located(options.eval_file, suite_dir)
         if "all" not in parts:
             raise _fail(str(path), "is a DatasetDict with its own splits: eval_file applies to a single file")
         eval_parts = read(eval_path)
@@ -333,7 +354,9 @@ def split(path: Path, options: Options) -> Split:
         for r in evaluation:
             if extracted(pattern, r.example.answer) is None:
                 raise _fail(r.where, f"field 'answer': the extract pattern {options.extract!r} finds nothing in {r.example.answer!r:.60}")
-    return Split(kind, tuple(train), tuple(evaluation), digest(f"{PREFIX}:{path}", options.eval_file))
+    # Both paths are located already: digested as they are, not relative to suite_dir again.
+    eval_located = None if options.eval_file is None else str(located(options.eval_file, suite_dir))
+    return Split(kind, tuple(train), tuple(evaluation), digest(f"{PREFIX}:{path}", eval_located))
 
 
 def _yaml(lm_name: str, kind: str, rows: tuple[Row, ...], options: Options, data_file: Path) -> str:
@@ -371,9 +394,9 @@ def _doc(kind: str, pattern: re.Pattern[str] | None, e: Example) -> dict[str, An
 
 
 @functools.lru_cache(maxsize=64)
-def _resolve(name: str, options: Options) -> TextTask:
-    path = Path(name.removeprefix(f"{PREFIX}:"))
-    checked = split(path, options)
+def _resolve(name: str, options: Options, suite_dir: str | None) -> TextTask:
+    path = located(name.removeprefix(f"{PREFIX}:"), suite_dir)
+    checked = split(path, options, suite_dir)
     ident = json.dumps([name, asdict(options)], sort_keys=True)
     stem = re.sub(r"\W", "_", path.stem)[:32]
     lm_name = f"user_{stem}_{hashlib.sha256(ident.encode()).hexdigest()[:8]}"
@@ -393,10 +416,11 @@ def _resolve(name: str, options: Options) -> TextTask:
 
 
 def resolve(name: str, options: dict[str, Any]) -> TextTask:
-    """The task of file:<path> with a trial's [data] settings (eval_file, eval_fraction, split_seed, extract)."""
+    """The task of file:<path> with a trial's [data] settings (eval_file, eval_fraction, split_seed,
+    extract) and suite_dir, the folder a relative path is relative to."""
     if name == f"{PREFIX}:":
         raise TaskError(f"{name!r}: give a path after {PREFIX}: (a .jsonl, .csv, .parquet file or a datasets folder)")
-    return _resolve(name, Options.of(options))
+    return _resolve(name, Options.of(options), options.get("suite_dir"))
 
 
 register_prefix(PREFIX, resolve)
