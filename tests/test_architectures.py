@@ -314,7 +314,8 @@ def test_longlora_runs_shifted_sparse_attention_beyond_llama(arch: str) -> None:
 
     batch = arch_batch(arch, seq=16)
     model = LongLoRA().apply(build_arch(arch), LongLoRAConfig(r=2)).model
-    torch.testing.assert_close(outputs(model, batch), outputs(build_arch(arch), batch), atol=0, rtol=0)
+    # Equal in exact arithmetic, computed along two code paths: a tolerance, not bit-equality, holds on any CPU.
+    torch.testing.assert_close(outputs(model, batch), outputs(build_arch(arch), batch), atol=1e-5, rtol=0)
     model.train()
     with torch.no_grad():
         grouped = model(**batch).logits
