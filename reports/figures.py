@@ -110,9 +110,8 @@ def colours(n: int) -> list:
     return [base[i % len(base)] for i in range(n)]
 
 
-def _natural_key(v) -> list:
-    parts = re.split(r"(\d+(?:\.\d+)?)", str(v))
-    return [(0, float(p), "") if i % 2 else (1, 0.0, p) for i, p in enumerate(parts)]
+def _natural_key(v) -> tuple:
+    return blocks.natural_key(str(v))
 
 
 def _natural(values) -> list:

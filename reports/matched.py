@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 from scipy import stats as scipy_stats
 
-from reports.blocks import Cell, Section, Table, c_int, c_pct, c_text, missing
+from reports.blocks import Cell, Section, Table, c_int, c_pct, c_text, missing, natural_key
 from reports.results import get_path, spec_key
 
 ALPHA = 0.05
@@ -43,11 +43,8 @@ def _adjacent(values: list[Any]) -> list[tuple[Any, Any]]:
     return list(zip(ordered, ordered[1:]))
 
 
-def _order(v: Any) -> tuple[int, float, str]:
-    try:
-        return (0, float(v), "")
-    except (TypeError, ValueError):
-        return (1, 0.0, str(v))
+def _order(v: Any) -> tuple:
+    return natural_key(str(v))
 
 
 @dataclass(frozen=True)
