@@ -123,6 +123,8 @@ def overview(trials: pd.DataFrame, groups: pd.DataFrame) -> Section:
     s.p("Score: " + (", ".join(names) if len(names) else "none (no lm-eval results in these files)")
         + " (lm-eval; the mean over tasks when there are several). Peak memory is memory.peak_bytes "
         + f"(source: {', '.join(sorted(map(str, trials.get('memory.peak_source', pd.Series()).dropna().unique()))) or 'unknown'}).")
+    if line := trial_table.utilization_summary(trials):  # results older than the field have none
+        s.p(line)
     scored = groups.dropna(subset=["score", "peak"]) if not groups.empty else groups
     if scored.empty:
         s.p("Pareto front: no results with both a score and a peak memory (synthetic models never report scores).")

@@ -82,6 +82,38 @@ def _opt_int(v: Any) -> Any:
     return None if missing(v) else int(v)
 
 
+def _number(v: Any) -> float | None:
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) and not missing(v) else None
+
+
+UTILIZATION = "runtime.utilization.fraction"
+"""Counted training FLOPs per second over the machine's matmul peak (bench/trial/flops.py); older results lack it."""
+
+
+def utilization_summary(trials: pd.DataFrame) -> str | None:
+    """One sentence on the sweep's utilization: median, min and max fraction of peak over the trials that
+    trained, and the peak(s) it was taken against; None where no result has the field."""
+    if UTILIZATION not in trials or trials.empty:
+        return None
+    fractions = trials[UTILIZATION].map(_number)
+    trained = trials[(trials["status"] == "success") & fractions.notna()]
+    if trained.empty:
+        return None
+    values = fractions[trained.index].astype(float)
+    peaks = []
+    for _, r in trained.iterrows():
+        rate, where = _number(r.get("runtime.utilization.peak_flops_per_s")), r.get("runtime.utilization.peak_source.machine_class")
+        threads = r.get("runtime.utilization.peak_source.threads")
+        if rate is not None:
+            peaks.append(f"{rate / 1e9:,.1f} GFLOP/s ({where or 'unknown machine'}, {_opt_int(threads) or '?'} "
+                         f"thread{'' if _opt_int(threads) == 1 else 's'})")
+    return (f"Utilization: the {len(values)} trained trial{'' if len(values) == 1 else 's'} ran their counted training FLOPs "
+            f"(matmuls: forward, backward to the inputs, weight gradients where parameters train) at a median "
+            f"{100 * values.median():.1f}% of the machine's matmul peak (min {100 * values.min():.1f}%, "
+            f"max {100 * values.max():.1f}%); peak {', '.join(dict.fromkeys(peaks)) or 'unknown'}, "
+            "the best rate of square float32 matmuls measured once per machine class.")
+
+
 # (header, cell of a trial row, shown always): the others only where they vary or have a value,
 # so that a CNN suite shows its task and learning rate, not empty rank and target columns.
 COLUMNS: list[tuple[str, Callable[[pd.Series], Cell], bool]] = [
@@ -100,6 +132,7 @@ COLUMNS: list[tuple[str, Callable[[pd.Series], Cell], bool]] = [
     ("trainable", lambda r: c_int(r["params.trainable"]), True),
     ("peak memory", lambda r: c_bytes(r["memory.peak_bytes"]), True),
     ("train time", lambda r: c_num(r["runtime.train_s"], 1, " s"), True),
+    ("utilization", lambda r: c_pct(_number(r.get(UTILIZATION))), False),
     ("score", lambda r: c_pct(r["score"]), False),
     ("forgetting", lambda r: c_num(r.get("eval.forgetting"), 3), False),
     ("final loss", lambda r: c_num(_final_loss(r), 3), False),

@@ -483,3 +483,34 @@ def test_each_serving_report_names_its_device_in_the_title():
     titles = serving.title(cpu), serving.title(gpu)
     assert titles[0] != titles[1]
     assert "H200" in titles[1] and "cpu" in titles[0].lower()
+
+
+def test_utilization_column_and_sweep_line(tmp_path):
+    """runtime.utilization.fraction as a trial-table column and one overview line (median, min, max over the
+    trials that trained, and the peak); results without the field (older ones) show neither, and do not fail."""
+    import html as html_lib
+
+    from reports import trials as trial_table
+
+    folder = tmp_path / "u"
+    paths = [write_result(folder, r=r, seed=0) for r in (4, 8, 16)]
+    write_result(folder, method="frozen", r=None, trainable=0, train_s=0.0, curve=[])
+    old = render.html([folder])
+    assert "Utilization:" not in old and "<th>utilization</th>" not in old  # no field: no column, no line
+    peak = {"flops_per_s": 5e10, "source": "cached", "machine_class": "x86_64-2cpu-cpu", "device": "cpu", "threads": 1,
+            "dtype": "float32", "measured_at": "2026-11-29T00:00:00Z"}
+    for path, fraction in zip(paths, (0.2, 0.05, 0.4), strict=True):
+        result = json.loads(path.read_text())
+        result["runtime"]["utilization"] = {"train_flops": fraction * 5e10 * 50, "achieved_flops_per_s": fraction * 5e10,
+                                            "peak_flops_per_s": 5e10, "fraction": fraction, "peak_source": peak}
+        path.write_text(json.dumps(result))
+    frame = results.tidy(results.frame(folder))
+    line = trial_table.utilization_summary(frame)
+    assert line is not None and "3 trained trials" in line
+    assert "median 20.0%" in line and "min 5.0%" in line and "max 40.0%" in line and "50.0 GFLOP/s (x86_64-2cpu-cpu, 1 thread)" in line
+    table = trial_table.table(frame)
+    assert "utilization" in table.columns
+    column = [row[table.columns.index("utilization")].text for row in table.rows]
+    assert sorted(column) == sorted(["20.0%", "5.0%", "40.0%", "—"])
+    new = render.html([folder])
+    assert line in html_lib.unescape(new) and "<th>utilization</th>" in new

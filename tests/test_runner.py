@@ -128,6 +128,11 @@ def test_sweep_writes_one_complete_result_per_trial_and_resumes(tmp_path):
             assert flat["memory.accounted.grads"] > 0 and flat["memory.accounted.optimizer"] > 0
             assert flat["memory.accounted.activations"] > 0 and flat["runtime.step_s_median"] > 0
             assert flat["params.adapter_bytes"] > 0
+            # Counted FLOPs over train_s against the machine's cached matmul peak (bench/trial/flops.py).
+            assert flat["runtime.utilization.train_flops"] > 0 and 0 < flat["runtime.utilization.fraction"]
+            assert result["runtime"]["utilization"]["peak_source"]["source"] in ("cached", "measured")
+        else:  # nothing trains: no FLOPs, no fraction
+            assert flat["runtime.utilization.train_flops"] == 0 and flat["runtime.utilization.fraction"] is None
     # A rerun skips every success.
     proc = run_cli(str(path), "--results", str(tmp_path / "r"))
     out, _ = proc.communicate(timeout=300)

@@ -59,7 +59,9 @@ SHAPES: dict[str, str] = {
     "memory.peak_bytes": "number?", "memory.peak_delta_bytes": "number?", "memory.accounted": "dict",
     **{f"memory.accounted.{key}": "number?" for key in ("weights", "grads", "optimizer", "activations")},
     **{f"runtime.{key}": "number?" for key in ("train_s", "step_s_median", "tokens_per_s", "eval_s", "step_ratio")},
-    "runtime.calibration_s": "durations", "eval.lm_eval": "dict", "eval.forgetting": "number?",
+    "runtime.calibration_s": "durations", "runtime.utilization": "dict",
+    **{f"runtime.utilization.{key}": "number?" for key in ("train_flops", "achieved_flops_per_s", "peak_flops_per_s", "fraction")},
+    "eval.lm_eval": "dict", "eval.forgetting": "number?",
     "train.loss_curve": "numbers", "train.step_times": "durations", "train.steps": "int", "env.machine_class": "str",
 }
 

@@ -1,0 +1,376 @@
+"""Utilization: a trial's training FLOPs, counted, over the machine's matmul peak, measured once.
+
+Training FLOPs (`training_flops`). What is counted: every matrix multiplication a training step
+runs, in the forward and in the backward, as 2 FLOPs per multiply-add:
+
+    nn.Linear and anything that calls F.linear (LoRA's A and B, bitsandbytes' layers, methods that
+    multiply by a parameter of their own), transformers' Conv1D (torch.addmm), torch.matmul / mm /
+    bmm / baddbmm / the @ operator (eager attention, VeRA's shared matrices), convolutions
+    (F.conv1d/2d/3d) and F.scaled_dot_product_attention (its two matmuls, Q K^T and P V);
+    forward   2 m k n for an (m x k) @ (k x n) product;
+    backward  2 m k n more for each operand that requires a gradient: the input's gradient when the
+              input carries one (it does from the first trained parameter on: below a LoRA's first
+              adapted layer autograd computes nothing, and the frozen W0 of the first block's
+              projections passes no gradient back), the weight's gradient only where the weight
+              trains (LoRA: A and B, never W0; full: all; frozen: no training, no FLOPs).
+              Attention: dV if V needs one, dP if Q or K does, dQ, dK each if it needs one.
+
+What is not counted: layer norms, softmax, activations, residual adds, elementwise adapters (IA3's
+scaling), embedding lookups, the loss, einsum, the optimizer step and gradient clipping. For a
+transformer these are a few per cent of the matmuls (the conventional 6 x params x tokens leaves
+them out as well), so the fraction of peak they give is a slight underestimate of the arithmetic done.
+
+How: which products run, their shapes and which operands need a gradient are read from one forward
+of the trial's own adapted model (a TorchFunctionMode records each product; nothing is changed), run
+on a few tiny batches (at most a few dozen tokens, outside the timed window); the backward follows
+from the rules above. A forward's count is a polynomial in the batch's rows B and width T,
+c0 + B (c1 + c2 T + c3 T^2) (linear layers grow with the tokens, attention with T^2, a method's
+per-batch work such as DoRA's weight norm is c0), so four tiny forwards give the coefficients and a
+fifth checks them; each of the trial's micro-batches (padded as the model ran it) is then summed. A
+batch without a token width (images) is c0 + c1 B. Padding positions are counted: the machine
+computed them.
+
+Peak (`peak_flops`): the best rate of square float32 matmuls of a few sizes at the trial's thread
+count, measured once per machine class (bench.regression.calibrate.machine_class) in about a second and
+cached in <cache>/machine/<class>.json keyed by device, dtype and threads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+F = nn.functional
+
+
+# ---------------------------------------------------------------- counting
+
+
+@dataclass(frozen=True)
+class Product:
+    """One matrix product of a forward: its multiply-adds and which operands need a gradient."""
+
+    name: str
+    macs: int
+    """Multiply-adds of the forward product (FLOPs are 2 x macs)."""
+    backward_macs: int
+    """Multiply-adds the backward runs for it: one product of the same size per operand that needs a gradient."""
+
+
+def _rg(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and t.requires_grad
+
+
+def _matmul(name: str, a: torch.Tensor, b: torch.Tensor) -> Product:
+    """(..., m, k) @ (..., k, n), batch dims broadcast; a 1-D operand is a single row or column."""
+    m = a.shape[-2] if a.dim() > 1 else 1
+    k = a.shape[-1]
+    n = b.shape[-1] if b.dim() > 1 else 1
+    batch = math.prod(torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])) if a.dim() > 2 or b.dim() > 2 else 1
+    macs = batch * m * k * n
+    return Product(name, macs, macs * (int(_rg(a)) + int(_rg(b))))
+
+
+def _linear(args, kwargs) -> Product:
+    x, w = args[0], args[1] if len(args) > 1 else kwargs["weight"]
+    macs = x.numel() // x.shape[-1] * w.shape[0] * w.shape[1]
+    return Product("linear", macs, macs * (int(_rg(x)) + int(_rg(w))))
+
+
+def _addmm(args, kwargs) -> Product:
+    return _matmul("addmm", args[1], args[2])
+
+
+def _baddbmm(args, kwargs) -> Product:
+    return _matmul("baddbmm", args[1], args[2])
+
+
+def _mm(args, kwargs) -> Product:
+    return _matmul("matmul", args[0], args[1])
+
+
+def _sdpa(args, kwargs) -> Product:
+    q, k, v = (args[i] if len(args) > i else kwargs[name] for i, name in enumerate(("query", "key", "value")))
+    # Q K^T and P V over every query head (grouped key/value heads are repeated, not fewer products).
+    scores = math.prod(q.shape[:-1]) * k.shape[-2]
+    qk, pv = scores * q.shape[-1], scores * v.shape[-1]
+    # Backward: dQ = dS K and dK = dS^T Q (each of Q K^T's size), dV = P^T dO and dP = dO V^T (P V's
+    # size); dP is needed when Q or K needs a gradient.
+    backward = qk * (int(_rg(q)) + int(_rg(k))) + pv * (int(_rg(q) or _rg(k)) + int(_rg(v)))
+    return Product("attention", qk + pv, backward)
+
+
+def _conv(args, kwargs, out: torch.Tensor) -> Product:
+    x, w = args[0], args[1] if len(args) > 1 else kwargs["weight"]
+    # Each output element is one dot product over (in channels / groups) x kernel.
+    macs = out.numel() * math.prod(w.shape[1:])
+    return Product("conv", macs, macs * (int(_rg(x)) + int(_rg(w))))
+
+
+PRODUCTS: dict[Callable, Callable[..., Product]] = {
+    F.linear: _linear, torch.addmm: _addmm, torch.baddbmm: _baddbmm, torch.mm: _mm, torch.bmm: _mm,
+    torch.matmul: _mm, torch.Tensor.__matmul__: _mm, torch.Tensor.matmul: _mm, torch.Tensor.mm: _mm, torch.Tensor.bmm: _mm,
+    F.scaled_dot_product_attention: _sdpa,
+}
+CONVS = (F.conv1d, F.conv2d, F.conv3d)
+
+
+class _Recorder(TorchFunctionMode):
+    """Records each matrix product the forward runs (PRODUCTS, CONVS) and changes nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.products: list[Product] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)  # the mode is off inside: products nested in a product count once
+        if func in PRODUCTS:
+            self.products.append(PRODUCTS[func](args, kwargs))
+        elif func in CONVS:
+            self.products.append(_conv(args, kwargs, out))
+        return out
+
+
+def step_flops(products: Iterable[Product]) -> int:
+    """FLOPs of one forward and backward made of these products."""
+    return sum(2 * (p.macs + p.backward_macs) for p in products)
+
+
+def forward_products(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[Product]:
+    """The products of one training-mode forward of `model` on `batch`, with gradients tracked as in
+    training; the random state, the mode and the parameters are left as they were."""
+    was_training = model.training
+    model.train()
+    try:
+        with torch.random.fork_rng(devices=[]), torch.enable_grad(), _Recorder() as recorder:
+            model(**batch)
+    finally:
+        model.train(was_training)
+    return recorder.products
+
+
+def _text_width(batch: dict[str, torch.Tensor]) -> int | None:
+    ids = batch.get("input_ids")
+    return int(ids.shape[1]) if ids is not None and ids.dim() == 2 else None
+
+
+def _shaped(batch: dict[str, torch.Tensor], rows: int, width: int | None) -> dict[str, torch.Tensor]:
+    """A batch of `rows` rows (and `width` tokens) made of the given one's rows and tokens repeated,
+    unpadded (the mask does not change what is multiplied)."""
+    old_rows = next(iter(batch.values())).shape[0]
+    old_width = _text_width(batch)
+    out = {}
+    for name, t in batch.items():
+        t = t[torch.arange(rows) % old_rows]
+        if width is not None and t.dim() >= 2 and t.shape[1] == old_width:
+            t = t[:, torch.arange(width) % old_width]
+            if name == "attention_mask":
+                t = torch.ones_like(t)
+        out[name] = t
+    return out
+
+
+@dataclass(frozen=True)
+class FlopModel:
+    """FLOPs of one training micro-batch of B rows and T tokens: c0 + B (c1 + c2 T + c3 T^2)."""
+
+    coefficients: tuple[float, float, float, float]
+    text: bool
+    check_error: float
+    """Relative error of the polynomial on a fifth, traced shape (0 where exact)."""
+
+    def __call__(self, rows: int, width: int = 1) -> float:
+        c0, c1, c2, c3 = self.coefficients
+        return c0 + rows * (c1 + c2 * width + c3 * width * width)
+
+
+FIT_WIDTHS = (8, 12, 16)
+CHECK = (3, 20)
+"""Shapes the polynomial is fitted on (rows 1 at three widths, rows 2 at the first) and checked on."""
+
+
+def flop_model(model: nn.Module, example: dict[str, torch.Tensor]) -> FlopModel:
+    """The FLOP polynomial of `model`'s training step, from tiny forwards on batches built from `example`
+    (a real micro-batch of the trial, only its rows and tokens are reused)."""
+
+    def traced(rows: int, width: int | None) -> float:
+        return float(step_flops(forward_products(model, _shaped(example, rows, width))))
+
+    if _text_width(example) is None:
+        one, two, three = traced(1, None), traced(2, None), traced(CHECK[0], None)
+        c1 = two - one
+        fit = FlopModel((one - c1, c1, 0.0, 0.0), False, 0.0)
+        return FlopModel(fit.coefficients, False, _relative(fit(CHECK[0]), three))
+    w1, w2, w3 = FIT_WIDTHS
+    y1, y2, y3, y4 = traced(1, w1), traced(1, w2), traced(1, w3), traced(2, w1)
+    # Per-row part q(T) = c1 + c2 T + c3 T^2 through three widths; c0 = y(1, w1) - q(w1) from two row counts.
+    per_row_w1 = y4 - y1
+    c0 = y1 - per_row_w1
+    q = [y - c0 for y in (y1, y2, y3)]
+    c3 = ((q[2] - q[1]) / (w3 - w2) - (q[1] - q[0]) / (w2 - w1)) / (w3 - w1)
+    c2 = (q[1] - q[0]) / (w2 - w1) - c3 * (w1 + w2)
+    c1 = q[0] - c2 * w1 - c3 * w1 * w1
+    fit = FlopModel((c0, c1, c2, c3), True, 0.0)
+    return FlopModel(fit.coefficients, True, _relative(fit(*CHECK), traced(*CHECK)))
+
+
+def _relative(predicted: float, traced: float) -> float:
+    return abs(predicted - traced) / traced if traced else abs(predicted)
+
+
+def batch_shape(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(rows, width) of a micro-batch as the model runs it (padding included; width 1 without tokens)."""
+    return int(next(iter(batch.values())).shape[0]), _text_width(batch) or 1
+
+
+@dataclass(frozen=True)
+class TrainingFlops:
+    """A trial's counted training FLOPs and how they were counted."""
+
+    flops: float
+    micro_batches: int
+    check_error: float
+    """The polynomial's relative error on its check shape: above 1% the model's count is not a
+    polynomial in the batch shape (e.g. attention in fixed-size groups) and the figure is approximate."""
+
+
+def training_flops(model: nn.Module, trainable: list[nn.Parameter], shapes: Iterable[tuple[int, int]],
+                   example: dict[str, torch.Tensor]) -> TrainingFlops:
+    """FLOPs of training `model` (its `trainable` parameters) on micro-batches of these (rows, width)
+    shapes; `example` is one of the trial's micro-batches. No trainable parameters: nothing trains, 0."""
+    shapes = list(shapes)
+    if not trainable or not shapes:
+        return TrainingFlops(0.0, len(shapes), 0.0)
+    fit = flop_model(model, example)
+    return TrainingFlops(sum(fit(rows, width) for rows, width in shapes), len(shapes), fit.check_error)
+
+
+# ---------------------------------------------------------------- peak
+
+
+MATMUL_SIZES = (512, 1024, 2048)
+BUDGET_S = 1.5
+"""The measurement stops after this long (the largest size is then timed fewer times)."""
+
+
+def _measure(device: str, threads: int, dtype: str) -> float:
+    """The best FLOP rate of square matmuls at MATMUL_SIZES on `device` with `threads` torch threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    best = 0.0
+    deadline = time.perf_counter() + BUDGET_S
+    try:
+        for n in MATMUL_SIZES:
+            a = torch.randn(n, n, dtype=getattr(torch, dtype), device=device)
+            b = torch.randn(n, n, dtype=getattr(torch, dtype), device=device)
+            torch.mm(a, b)  # warm-up: allocation, kernel selection
+            for rep in range(5):
+                sync()
+                start = time.perf_counter()
+                torch.mm(a, b)
+                sync()
+                best = max(best, 2 * n**3 / (time.perf_counter() - start))
+                if rep >= 1 and time.perf_counter() > deadline:
+                    break
+    finally:
+        torch.set_num_threads(before)
+    return best
+
+
+@dataclass(frozen=True)
+class Peak:
+    """The machine's achievable matmul rate, and where the figure came from."""
+
+    flops_per_s: float
+    source: str
+    """measured (this call timed it) or cached (read from the machine's file)."""
+    machine_class: str
+    device: str
+    threads: int
+    dtype: str
+    measured_at: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def cache_path(machine: str | None = None):
+    from bench.paths import cache_dir
+    from bench.regression.calibrate import machine_class
+
+    return cache_dir() / "machine" / f"{machine or machine_class()}.json"
+
+
+def peak_flops(device: str = "cpu", threads: int | None = None, dtype: str = "float32",
+               measure: Callable[[str, int, str], float] | None = None) -> Peak:
+    """The machine's matmul peak for (device, threads, dtype): read from the machine class's cache
+    file, or measured (about a second) and stored there. An unreadable cache file is remeasured with a
+    warning. `measure` replaces the timing (tests)."""
+    from bench.regression.calibrate import machine_class
+
+    threads = threads or torch.get_num_threads()
+    machine = machine_class()
+    path = cache_path(machine)
+    key = f"{device}/{dtype}/threads={threads}"
+    entries: dict[str, Any] = {}
+    if path.exists():
+        try:
+            entries = json.loads(path.read_text())
+            entry = entries.get(key) if isinstance(entries, dict) else None
+            if not isinstance(entries, dict) or (entry is not None and not (isinstance(entry, dict) and entry.get("flops_per_s", 0) > 0)):
+                raise ValueError(f"entry {key!r} is not an object with a positive flops_per_s")
+        except (OSError, ValueError) as exc:
+            warnings.warn(f"{path}: unreadable machine peak cache ({type(exc).__name__}: {exc}); measuring again", stacklevel=2)
+            entries, entry = {}, None
+        if entry is not None:
+            return Peak(float(entry["flops_per_s"]), "cached", machine, device, threads, dtype, str(entry.get("measured_at", "")))
+    rate = (measure or _measure)(device, threads, dtype)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    entries[key] = {"flops_per_s": rate, "measured_at": stamp, "sizes": list(MATMUL_SIZES)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{id(entries)}.tmp")
+    tmp.write_text(json.dumps(entries, indent=1, sort_keys=True))
+    tmp.replace(path)
+    return Peak(rate, "measured", machine, device, threads, dtype, stamp)
+
+
+def utilization(train_flops: float, train_s: float | None, peak: Peak | None) -> dict[str, Any]:
+    """What a result stores: the counted FLOPs, the achieved rate and its fraction of the peak
+    (None where nothing trained or nothing was timed)."""
+    achieved = train_flops / train_s if train_flops and train_s else None
+    return {"train_flops": train_flops, "achieved_flops_per_s": achieved,
+            "peak_flops_per_s": peak.flops_per_s if peak else None,
+            "fraction": achieved / peak.flops_per_s if achieved and peak else None,
+            "peak_source": peak.to_dict() if peak else None}
+
+
+def of_trial(adapted, dataset, t: dict[str, Any], collate, device: torch.device, steps: int, train_s: float | None,
+             dtype: str = "float32") -> dict[str, Any]:
+    """A trained trial's `runtime.utilization`: its micro-batches replayed (shapes only: the same seed and
+    collate as bench.trial.train draws them), their FLOPs counted on the adapted model, and the machine's
+    peak for this device and thread count. Call it outside the timed window."""
+    from bench.trial.train import batches
+
+    count = steps * t["grad_accum"]
+    if not adapted.trainable or not count:
+        return {**utilization(0.0, train_s, None), "micro_batches": 0}
+    stream = batches(dataset, t, collate, torch.device("cpu"))
+    shapes, example = [], None
+    for _ in range(count):
+        batch = next(stream)
+        example = example or {k: v.to(device) for k, v in batch.items()}
+        shapes.append(batch_shape(batch))
+    counted = training_flops(adapted.model, adapted.trainable, shapes, example)
+    peak = peak_flops(device.type, torch.get_num_threads(), dtype)
+    return {**utilization(counted.flops, train_s, peak), "micro_batches": counted.micro_batches, "check_error": counted.check_error}
