@@ -21,6 +21,9 @@ def cmd_run(args) -> int:
     if args.address and args.backend != "ray":
         print("error: --address names a Ray cluster: it needs --backend ray", file=sys.stderr)
         return 2
+    if args.parallel is not None and args.backend == "ray":
+        print("error: --parallel is for the local backend: Ray places trials by their [run] cpus and gpus", file=sys.stderr)
+        return 2
     if args.backend == "ray" and not args.dry_run:
         from bench.run import ray_backend
 
@@ -39,6 +42,12 @@ def cmd_run(args) -> int:
         if args.backend == "ray" and suites[-1].studies:  # a study's next trial waits on the last one's score
             print(f"error: {path}: tune: tuned suites run on the local backend only", file=sys.stderr)
             return 2
+        if args.parallel is None and args.backend == "local":
+            try:
+                runner.parallel_level(suites[-1])
+            except runner.RunnerError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
     from bench.records import track
 
     try:  # --track / --tracking-uri replace the suites' [run] settings; a missing extra stops here, before any trial
@@ -70,15 +79,16 @@ def cmd_run(args) -> int:
             if args.backend == "ray":
                 report = ray_backend.run(s, Path(args.results), args.address, force=args.force, progress=not args.no_progress)
             else:
-                report = runner.run(s, Path(args.results), force=args.force, progress=not args.no_progress)
+                report = runner.run(s, Path(args.results), force=args.force, progress=not args.no_progress, parallel=args.parallel)
         except runner.RunnerError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         _print_summary(Path(args.results) / s.name, list(report.statuses))  # a tuned study's trials included
-        overhead = report.wall_s - report.inside_s
+        lanes_s = report.wall_s * report.parallel  # N trials at once: N lanes' worth of time to fill
+        overhead = lanes_s - report.inside_s
         print(f"{s.name}: ran {len(report.ran)}, skipped {len(report.skipped)} already successful; "
-              f"wall {report.wall_s:.0f} s, overhead outside train+eval {overhead:.0f} s "
-              f"({100 * overhead / report.wall_s if report.wall_s else 0:.1f}%)")
+              f"wall {report.wall_s:.0f} s{f' x {report.parallel} trials at once' if report.parallel > 1 else ''}, "
+              f"overhead outside train+eval {overhead:.0f} s ({100 * overhead / lanes_s if lanes_s else 0:.1f}%)")
         bad = [i for i, st in report.statuses.items() if st != "success"]
         if bad:
             print(f"{len(bad)} trial(s) did not succeed: {', '.join(bad)}", file=sys.stderr)
@@ -239,6 +249,16 @@ def track_arguments(p: argparse.ArgumentParser, replay: bool = False) -> None:
                    "(default: the trial's [run] tracking_uri, else RESULTS/<suite>/tracking/mlflow.db; $MLFLOW_TRACKING_URI is not read)")
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1 (trials at once), got {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     from bench.regression.compare import add_arguments as compare_arguments
 
@@ -251,7 +271,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="list the trials with an estimated cost, run nothing")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--backend", choices=["local", "ray"], default="local",
-                   help="local: one trial at a time on this machine (default); ray: each trial a task on a Ray cluster")
+                   help="local: on this machine, one trial at a time or --parallel (default); ray: each trial a task on a Ray cluster")
+    p.add_argument("--parallel", type=_at_least_one, metavar="N",
+                   help="local backend: N trials at once, each pinned to its own 1/N of the cores, with cores // N torch threads "
+                        "unless [run] threads says (default: the suite's [run] parallel, else 1)")
     p.add_argument("--address", help="--backend ray: the cluster's address, host:port (default: $RAY_ADDRESS, else one of the run's own)")
     track_arguments(p)
     p.set_defaults(fn=cmd_run)

@@ -3,17 +3,28 @@
 Results live in <results>/<suite name>/<trial id>.json. A rerun skips trials whose result is
 `success`, reruns the others, and never touches a file except by atomic rename. The runner
 holds a lock on the folder so two runners cannot race for the same trial.
+
+With `[run] parallel = N` (or `--parallel N`) N trials run at once, each still a process of its
+own, pinned to one of N disjoint sets of this machine's cores (a Lane); threads of this process
+wait on them, and every publish goes through the Sweep's lock.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
+import functools
 import json
 import os
+import queue
 import signal
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
+from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +46,55 @@ class SweepReport:
     """Seconds the trials spent training and evaluating: the rest is the sweep's overhead."""
     tracking_errors: dict[str, dict[str, str]] = field(default_factory=dict)
     """Trial id -> tracker -> why it holds no copy; `peftbench track` replays them."""
+    parallel: int = 1
+    """Trials at once: the sweep had parallel x wall_s seconds of lanes to spend, inside_s of them inside trials."""
+
+
+@dataclass(frozen=True)
+class Lane:
+    """Where a trial of the local runner runs. With parallel N: one of N disjoint sets of this
+    machine's cores, which the worker pins the trial's process to before any thread starts."""
+
+    parallel: int
+    """Trials at once in the sweep (1: one at a time, as before; nothing is pinned)."""
+    cpus: tuple[int, ...] | None = None
+    """Cores the trial's process is pinned to (None: not pinned)."""
+    threads: int | None = None
+    """torch threads when the trial's [run] threads does not say (None: torch's default)."""
+
+    def threads_for(self, trial: Trial) -> int | None:
+        return trial.run.get("threads") or self.threads
+
+    @property
+    def where(self) -> str:
+        """For the `.running` marker: which cores."""
+        return f"cpus={','.join(map(str, self.cpus))}" if self.cpus else ""
+
+
+def lanes(parallel: int, cpus: Iterable[int] | None = None) -> list[Lane]:
+    """`parallel` lanes over `cpus` (default: the cores this process may run on): disjoint sets whose
+    sizes differ by at most one, each lane with cores // parallel threads. Every lane gets the same
+    thread count, so a trial's numerics never depend on which lane it drew; with more lanes than
+    cores, lanes share cores in turn."""
+    if parallel == 1:
+        return [Lane(1)]
+    cores = sorted(os.sched_getaffinity(0) if cpus is None else cpus)
+    if parallel > len(cores):
+        sets = [(cores[i % len(cores)],) for i in range(parallel)]
+    else:
+        size, extra = divmod(len(cores), parallel)
+        bounds = [i * size + min(i, extra) for i in range(parallel + 1)]
+        sets = [tuple(cores[a:b]) for a, b in zip(bounds, bounds[1:])]
+    return [Lane(parallel, cpus, max(1, len(cores) // parallel)) for cpus in sets]
+
+
+def parallel_level(suite: Suite) -> int:
+    """The suite's `[run] parallel`: how the whole sweep runs, so its blocks must agree."""
+    levels = {t.run["parallel"] for t in [*suite.trials, *(study.corners()[0] for study in suite.studies)]}
+    if len(levels) > 1:
+        raise RunnerError(f"{suite.path}: run.parallel: the blocks say {sorted(levels)}, but it is how many trials of the whole "
+                          f"suite run at once: set it once, in the top-level [run] table")
+    return levels.pop() if levels else 1
 
 
 def check_results_dir(directory: Path) -> None:
@@ -109,36 +169,57 @@ def _in_environment(env: dict[str, str], *args) -> None:
     worker.main(*args)
 
 
+# multiprocessing reads a child's exit code from its sentinel once, and Process.start() polls every
+# other child too: from several threads, one could read another's exit code and leave it 255.
+_PROCESSES = threading.Lock()
+
+
 def execute(ctx, trial: Trial, draft: Path, adapters: Path | None, progress: bool, started=None,
-            env: dict[str, str] | None = None) -> dict[str, Any]:
+            env: dict[str, str] | None = None, lane: Lane | None = None) -> dict[str, Any]:
     """Run one trial in a fresh process and return its result, a recorded failure if the process
     died or timed out; publishing it is the caller's job. `started(pid)` learns the process id;
-    `env`, if given, is the trial's whole environment."""
+    `env`, if given, is the trial's whole environment; `lane`, where a local trial runs. Safe to
+    call from several threads at once."""
     from bench.run import worker
 
     draft.unlink(missing_ok=True)
-    args = (trial, str(draft), str(adapters) if adapters else None, progress, os.getpid())
+    args = (trial, str(draft), str(adapters) if adapters else None, progress, os.getpid(), lane)
     proc = ctx.Process(target=worker.main if env is None else _in_environment, name=f"trial-{trial.id}",
                        args=args if env is None else (env, *args))
-    start = time.perf_counter()
+    start, started_at = time.perf_counter(), time.time()
     ooms_before = oom_kills()
-    proc.start()
+    with _PROCESSES:
+        proc.start()
     if started is not None:
         started(proc.pid)
-    proc.join(trial.run["timeout"])
-    timed_out = proc.is_alive()
+    wait([proc.sentinel], trial.run["timeout"])  # the exit code is read under the lock below
+    with _PROCESSES:
+        timed_out = proc.is_alive()
+        if timed_out:
+            proc.kill()
     if timed_out:
-        proc.kill()
+        wait([proc.sentinel])
+    with _PROCESSES:
         proc.join()
+        exitcode = proc.exitcode
     process_s = time.perf_counter() - start
-    if not timed_out and proc.exitcode == 0 and draft.exists():
+    if not timed_out and exitcode == 0 and draft.exists():
         result = results.read(draft)
     else:
-        status, error = _death_status(proc.exitcode, timed_out, trial.run["timeout"], ooms_before)
+        status, error = _death_status(exitcode, timed_out, trial.run["timeout"], ooms_before)
         result = results.skeleton(trial, status, error)
+        if lane is not None:  # what the trial would have recorded itself
+            result["env"].update(parallel=lane.parallel, torch_threads=lane.threads_for(trial),
+                                 cpu_affinity=sorted(lane.cpus or os.sched_getaffinity(0)))
     draft.unlink(missing_ok=True)
     result["runtime"]["process_s"] = process_s
+    # Wall-clock bounds of the trial's process, seen by the runner: which trials ran side by side.
+    result["runtime"]["process_started_at"], result["runtime"]["process_ended_at"] = started_at, time.time()
     return result
+
+
+class Stopped(Exception):
+    """A parallel sweep is stopping (an error or Ctrl-C elsewhere): start nothing more."""
 
 
 class Sweep:
@@ -146,7 +227,8 @@ class Sweep:
     result by atomic rename, the `.running` marker, the progress bar and the report.
 
     The child writes a draft; only the sweep publishes it, so a trial whose runner died can never
-    leave a result behind, and a rerun redoes exactly the trials without a successful result."""
+    leave a result behind, and a rerun redoes exactly the trials without a successful result.
+    Several trials may run at once (side_by_side, the Ray backend): what they share is locked."""
 
     def __init__(self, suite: Suite, results_root: Path, force: bool = False, progress: bool = True):
         from tqdm import tqdm
@@ -171,6 +253,9 @@ class Sweep:
             else:
                 self.todo.append(trial)
         self._running: dict[str, tuple[Trial, str]] = {}
+        self._pids: dict[str, int] = {}
+        self._mutex = threading.RLock()
+        self._stopping = threading.Event()
         self._bar = tqdm(total=len(self.todo), desc=suite.name, unit="trial", position=0, dynamic_ncols=True, disable=not progress)
 
     def __enter__(self) -> "Sweep":
@@ -184,36 +269,103 @@ class Sweep:
 
     def grow(self, n: int) -> None:
         """n more trials to come (a tuned study's, made as its search goes)."""
-        self._bar.total += n
-        self._bar.refresh()
+        with self._mutex:
+            self._bar.total += n
+            self._bar.refresh()
 
     def advance(self, n: int = 1) -> None:
-        self._bar.update(n)
+        with self._mutex:
+            self._bar.update(n)
+
+    def skip(self, trial: Trial) -> None:
+        """A trial that succeeded before, found as a tuned study replays its search."""
+        with self._mutex:
+            self.report.skipped.append(trial.id)
+            self.report.statuses[trial.id] = "success"
+            self._bar.update(1)
 
     def draft(self, trial: Trial) -> Path:
         return self.directory / f".{trial.id}.draft.json"
 
     def started(self, trial: Trial, pid: int, where: str = "") -> None:
         """Which trial runs in which process (and where), for a person or a test who wants to look."""
-        self._running[trial.id] = (trial, f"{trial.id} {pid}{f' {where}' if where else ''}")
-        self._show()
+        with self._mutex:
+            self._running[trial.id] = (trial, f"{trial.id} {pid}{f' {where}' if where else ''}")
+            self._show()
+
+    def started_here(self, trial: Trial, pid: int, where: str = "") -> None:
+        """started() for a process of this machine, which stop() may kill."""
+        with self._mutex:
+            self._pids[trial.id] = pid
+            if self._stopping.is_set():  # it began as the sweep stopped
+                _kill(pid)
+            self.started(trial, pid, where)
+
+    def stop(self) -> None:
+        """Kill this machine's running trials and publish nothing more, as a stopped sequential
+        runner leaves its running trial (which dies with it) unpublished."""
+        with self._mutex:
+            self._stopping.set()
+            for pid in self._pids.values():
+                _kill(pid)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
 
     def publish(self, trial: Trial, result: dict[str, Any]) -> None:
-        path = results.path_for(self.directory, trial.id)
-        results.write(path, result)
-        if trial.run.get("track"):  # only after the publish: a tracker never holds a trial the folder does not
-            if errors := self._tracking.log(track.Record.read(path)).errors:
-                self.report.tracking_errors[trial.id] = errors
-        self.report.ran.append(trial.id)
-        self.report.statuses[trial.id] = result["status"]
-        rt = result["runtime"]
-        self.report.inside_s += (rt.get("train_s") or 0) + (rt.get("eval_s") or 0)
-        if result["status"] != "success":
-            self._bar.write(f"{trial.id} {trial.label}: {result['status']}: {result['error']}", file=sys.stderr)
-        self._running.pop(trial.id, None)
-        self._bar.update(1)
-        if self._running:  # else the line stays until the next start, as readers of the local runner expect
-            self._show()
+        with self._mutex:
+            self._pids.pop(trial.id, None)
+            if self._stopping.is_set():  # killed by stop(): its death is not the trial's result
+                self._running.pop(trial.id, None)
+                return
+            path = results.path_for(self.directory, trial.id)
+            results.write(path, result)
+            if trial.run.get("track"):  # only after the publish: a tracker never holds a trial the folder does not
+                if errors := self._tracking.log(track.Record.read(path)).errors:
+                    self.report.tracking_errors[trial.id] = errors
+            self.report.ran.append(trial.id)
+            self.report.statuses[trial.id] = result["status"]
+            rt = result["runtime"]
+            self.report.inside_s += (rt.get("train_s") or 0) + (rt.get("eval_s") or 0)
+            if result["status"] != "success":
+                self._bar.write(f"{trial.id} {trial.label}: {result['status']}: {result['error']}", file=sys.stderr)
+            self._running.pop(trial.id, None)
+            self._bar.update(1)
+            if self._running:  # else the line stays until the next start, as readers of the local runner expect
+                self._show()
+
+    def side_by_side(self, jobs: list[Callable[[Lane], None]], lanes: list[Lane]) -> None:
+        """Run the jobs (each a trial, or a tuned study's trials in turn) as many at once as there
+        are lanes, each holding a lane while it runs, in the order given. One lane: in this thread,
+        one after the other. An error (or Ctrl-C) in any job stops the sweep and is raised here."""
+        if len(lanes) == 1:
+            for job in jobs:
+                job(lanes[0])
+            return
+        free: queue.SimpleQueue[Lane] = queue.SimpleQueue()
+        for lane in lanes:
+            free.put(lane)
+
+        def hold(job: Callable[[Lane], None]) -> None:
+            lane = free.get()  # never waits: as many threads as lanes
+            try:
+                if not self.stopping:
+                    job(lane)
+            except Stopped:
+                pass
+            finally:
+                free.put(lane)
+
+        pool = ThreadPoolExecutor(len(lanes), thread_name_prefix="peftbench-lane")
+        try:
+            for done in as_completed([pool.submit(hold, job) for job in jobs]):
+                done.result()
+        except BaseException:
+            self.stop()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def _show(self) -> None:
         tmp = self.directory / ".running.tmp"
@@ -222,6 +374,13 @@ class Sweep:
         labels = [trial.label for trial, _ in self._running.values()]
         if labels:
             self._bar.set_postfix_str(labels[0] if len(labels) == 1 else f"{len(labels)} running: {'; '.join(labels)}", refresh=True)
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _over_budget(trial: Trial) -> dict[str, Any] | None:
@@ -241,43 +400,91 @@ def _over_budget(trial: Trial) -> dict[str, Any] | None:
 
 
 def run(suite: Suite, results_root: Path, force: bool = False, progress: bool = True,
-        save_adapters: bool = True) -> SweepReport:
+        save_adapters: bool = True, parallel: int | None = None) -> SweepReport:
+    """Run the suite's trials and tuned studies; `parallel` (default: the suite's [run] parallel)
+    of them at once, the longest first, else one at a time in the suite's order."""
+    level = parallel or parallel_level(suite)
     with Sweep(suite, results_root, force, progress) as sweep:
+        sweep.report.parallel = level
         ctx = trial_context()
         adapters = sweep.directory / "adapters" if save_adapters else None
-        for trial in sweep.todo:
-            result = execute(ctx, trial, sweep.draft(trial), adapters, progress, lambda pid, t=trial: sweep.started(t, pid))
-            sweep.publish(trial, result)
+
+        def one(trial: Trial, lane: Lane) -> dict[str, Any]:
+            if sweep.stopping:
+                raise Stopped
+            trial = dataclasses.replace(trial, run={**trial.run, "parallel": level})  # --parallel, in the record
+            # Several trials' step bars would draw over each other: the sweep's bar alone then.
+            return execute(ctx, trial, sweep.draft(trial), adapters, progress and level == 1,
+                           lambda pid: sweep.started_here(trial, pid, lane.where), lane=lane)
+
+        jobs: list[tuple[float, Callable[[Lane], None]]] = [
+            (cost(trial), lambda lane, t=trial: sweep.publish(t, one(t, lane))) for trial in sweep.todo]
         if suite.studies:
-            run_studies(suite, sweep, lambda trial: execute(ctx, trial, sweep.draft(trial), adapters, progress,
-                                                            lambda pid, t=trial: sweep.started(t, pid)), force)
+            sweep.grow(sum(study.tune.trials + len(study.tune.seeds) for study in suite.studies))
+            jobs += [(study_cost(study), lambda lane, s=study: run_study(s, sweep, functools.partial(one, lane=lane), force))
+                     for study in suite.studies]
+        if level > 1:  # the longest first, so that the last to finish is a short one
+            jobs.sort(key=lambda job: -job[0])
+        sweep.side_by_side([job for _, job in jobs], lanes(level))
     return sweep.report
 
 
 def run_studies(suite: Suite, sweep: Sweep, execute_one, force: bool = False) -> None:
-    """Each tuned study in turn (bench/run/tune.py): a trial that succeeded before is read back
-    from its result file, any other runs through `execute_one(trial) -> result` and is published,
-    so an interrupted study resumes by replaying the same choices."""
-    from bench.run import tune
-
+    """Each tuned study in turn (run_study)."""
     sweep.grow(sum(study.tune.trials + len(study.tune.seeds) for study in suite.studies))
+    for study in suite.studies:
+        run_study(study, sweep, execute_one, force)
+
+
+def run_study(study, sweep: Sweep, execute_one, force: bool = False) -> None:
+    """One tuned study (bench/run/tune.py), its trials one after another: a trial that succeeded
+    before is read back from its result file, any other runs through `execute_one(trial) -> result`
+    and is published, so an interrupted study resumes by replaying the same choices. Studies share
+    nothing but the sweep, so several may run at once."""
+    from bench.run import tune
 
     def outcome(trial: Trial) -> dict[str, Any]:
         path = results.path_for(sweep.directory, trial.id)
         if not force and _done(path):
-            sweep.report.skipped.append(trial.id)
-            sweep.report.statuses[trial.id] = "success"
-            sweep.advance()
+            sweep.skip(trial)
             return results.read(path)
         result = execute_one(trial)
         sweep.publish(trial, result)
         return result
 
-    for study in suite.studies:
-        done = tune.run(study, outcome)
-        if done.chosen is None:
-            sweep.advance(len(study.tune.seeds))
-            print(f"{study.where}: no search trial scored on the validation rows; no final trials", file=sys.stderr)
+    done = tune.run(study, outcome)
+    if done.chosen is None:
+        sweep.advance(len(study.tune.seeds))
+        print(f"{study.where}: no search trial scored on the validation rows; no final trials", file=sys.stderr)
+
+
+def cost(trial: Trial) -> float:
+    """A trial's relative cost, to start the longest first: the model's parameters times the rows
+    it trains on and scores. Not seconds (estimate() below is the fuller, slower one)."""
+    from bench.tasks import data
+    from bench.trial.train import total_steps
+
+    s = trial.spec
+    s_data = s["data"]
+    trained = total_steps(s_data["train_examples"], s["train"]) * s["train"]["batch_size"] * s["train"]["grad_accum"]
+    scored = 0
+    for task in s["eval"]["tasks"]:
+        rows = data.text_task(task, s_data).size(s["eval"].get("split", "eval"), s_data.get("validation"))
+        scored += min(rows, s["eval"]["limit"] or rows)
+    # Training a row costs about three forwards (forward, backward to inputs, weight gradients).
+    return _parameters(json.dumps(s["model"], sort_keys=True)) * (3 * trained + scored) * (s_data.get("max_length") or 1)
+
+
+def study_cost(study) -> float:
+    """A tuned study's: its trial count times one final trial's cost."""
+    return (study.tune.trials + len(study.tune.seeds)) * cost(study.corners()[1])
+
+
+@functools.lru_cache(maxsize=64)
+def _parameters(model: str) -> int:
+    from bench import models
+
+    return sum(p.numel() for p in models.skeleton(json.loads(model)).parameters())
 
 
 def estimate(suite: Suite) -> list[dict[str, Any]]:

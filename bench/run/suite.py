@@ -251,7 +251,15 @@ class RunSpec(Config):
     timeout: float = 3600.0
     """Seconds before a trial's process is killed and recorded as timeout."""
     threads: int | None = None
-    """torch threads per trial (default: all cores). 1 keeps timings sane on a shared machine."""
+    """torch threads per trial (default: all cores; with parallel N, each trial's share: cores // N).
+    1 keeps timings sane on a shared machine."""
+    calibrate_every: int = 1
+    """Time the runtime calibration (bench/regression/calibrate.py) after every Nth training step only,
+    not after each: for steps so short that a calibration after each would cost a large share of the
+    sweep (surgical's CNN steps). Recorded as runtime.calibration_every; the regression suite keeps 1."""
+    parallel: int = 1
+    """The local runner's trials at once, each in its own process pinned to its own cores (this
+    machine's cores split N ways). The suite's setting, not a trial's: the same in every block."""
     cpus: float | None = None
     """--backend ray: CPUs a trial reserves on its node (default: threads, else 1)."""
     gpus: float = 0.0
@@ -285,6 +293,10 @@ class RunSpec(Config):
             raise ConfigError("timeout", f"must be > 0, got {self.timeout}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError("threads", f"must be >= 1, got {self.threads}")
+        if self.calibrate_every < 1:
+            raise ConfigError("calibrate_every", f"must be >= 1 (training steps per calibration), got {self.calibrate_every}")
+        if self.parallel < 1:
+            raise ConfigError("parallel", f"must be >= 1 (trials at once), got {self.parallel}")
         if self.cpus is not None and self.cpus <= 0:
             raise ConfigError("cpus", f"must be > 0, got {self.cpus}")
         if self.gpus < 0 or (self.gpus > 1 and self.gpus != int(self.gpus)):

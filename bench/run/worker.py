@@ -58,7 +58,10 @@ def _status_of(exc: BaseException) -> str:
     return "failed"
 
 
-def main(trial, out_path: str, adapters_dir: str | None, show_progress: bool, runner_pid: int) -> None:
+def main(trial, out_path: str, adapters_dir: str | None, show_progress: bool, runner_pid: int, lane=None) -> None:
+    """`lane` (bench.run.runner.Lane): the cores and default threads a parallel sweep gives this trial."""
+    if lane is not None and lane.cpus:  # before any thread starts: every thread of the trial inherits it
+        os.sched_setaffinity(0, lane.cpus)
     _die_with_runner(runner_pid)
     # Library progress bars (weights loading, lm-eval requests) drown the sweep's own two bars.
     os.environ["TQDM_DISABLE"] = "1"
@@ -68,7 +71,7 @@ def main(trial, out_path: str, adapters_dir: str | None, show_progress: bool, ru
     out = Path(out_path)
     result = results.skeleton(trial, "failed")
     try:
-        run(trial, result, Path(adapters_dir) if adapters_dir else None, show_progress)
+        run(trial, result, Path(adapters_dir) if adapters_dir else None, show_progress, lane)
         result["status"] = "success"
     except BaseException as exc:  # every failure is recorded, then the process ends
         result["status"] = _status_of(exc)
@@ -89,7 +92,7 @@ def _base_loss(model, tokenizer, spec: dict[str, Any]) -> float:
         return json.loads(path.read_text())["loss"]
     loss = lm_loss(model, tokenizer, forgetting_texts(spec["eval"]["forgetting_texts"]))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # trials side by side may both write it
     tmp.write_text(json.dumps({"loss": loss}))
     tmp.replace(path)
     return loss
@@ -129,7 +132,7 @@ def _store_utilization(adapted, dataset, t: dict[str, Any], collate, device: tor
     rt["utilization_s"] = time.perf_counter() - start
 
 
-def run(trial, result: dict[str, Any], adapters_dir: Path | None, show_progress: bool) -> None:
+def run(trial, result: dict[str, Any], adapters_dir: Path | None, show_progress: bool, lane=None) -> None:
     from bench.tasks import data
     from bench import models
 
@@ -137,11 +140,13 @@ def run(trial, result: dict[str, Any], adapters_dir: Path | None, show_progress:
     t = spec["train"]
     rt = result["runtime"]
     rt["_t0"] = time.perf_counter()
-    if trial.run.get("threads"):
-        torch.set_num_threads(trial.run["threads"])
+    if threads := lane.threads_for(trial) if lane is not None else trial.run.get("threads"):
+        torch.set_num_threads(threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     result["env"] = results.environment(torch.cuda.get_device_name(device) if device.type == "cuda" else None)
     result["env"]["torch_threads"] = torch.get_num_threads()
+    result["env"]["cpu_affinity"] = sorted(os.sched_getaffinity(0))
+    result["env"]["parallel"] = lane.parallel if lane is not None else None  # None: not the local runner (Ray)
     result["env"]["machine_class"] = calibrate.machine_class()
 
     _store_forecast(spec, device, result)
