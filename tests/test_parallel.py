@@ -1,0 +1,224 @@
+"""Parallel trials on one machine (`[run] parallel`, `--parallel`): the same trials, statuses and,
+at the same thread count, the same numbers bit for bit as one at a time; trials that really
+overlap, each pinned to its own cores; a timeout that costs only its own trial; tuned studies side
+by side making the choices they make one after another; bad settings stopped before anything runs."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from bench.cli import main
+from bench.records import results
+from bench.run import runner, suite, tune
+
+TRIALS = """
+name = "{name}"
+[model]
+name = "{model}"
+[data]
+task = "sst2"
+train_examples = 16
+max_length = 32
+[train]
+lr = 1e-2
+batch_size = 4
+max_steps = 4
+[eval]
+tasks = {tasks}
+limit = 8
+forgetting_texts = 4
+[run]
+timeout = 300
+threads = 1
+parallel = {parallel}
+[[sweep]]
+method = "lora"
+grid.rank = [{{ r = 2, alpha = 4 }}, {{ r = 4, alpha = 8 }}]
+[[sweep]]
+method = "frozen"
+{extra}
+"""
+
+
+def write(tmp_path: Path, name: str, model: str = "synthetic:llama-tiny", parallel: int = 2, tasks: str = "[]",
+          extra: str = "") -> Path:
+    path = tmp_path / f"{name}.toml"
+    path.write_text(TRIALS.format(name=name, model=model, parallel=parallel, tasks=tasks, extra=extra))
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    """A tiny Llama saved as a local checkpoint folder: not synthetic, so its trials are scored."""
+    from bench import models
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    model = models.build_synthetic("llama-tiny")
+    model.save_pretrained(out)
+    models._tiny_tokenizer(model.config.vocab_size).save_pretrained(out)
+    return str(out)
+
+
+def ran(root: Path, name: str) -> dict[str, dict]:
+    return {p.stem: results.read(p) for p in (root / name).glob("*.json")}
+
+
+def overlap(a: dict, b: dict) -> bool:
+    ra, rb = a["runtime"], b["runtime"]
+    return ra["process_started_at"] < rb["process_ended_at"] and rb["process_started_at"] < ra["process_ended_at"]
+
+
+def test_parallel_runs_the_same_trials_to_the_same_numbers_side_by_side(tmp_path, checkpoint):
+    path = write(tmp_path, "p", model=checkpoint, tasks='["sst2"]')
+    s = suite.load(path)
+    one = runner.run(s, tmp_path / "seq", progress=False, parallel=1)
+    two = runner.run(s, tmp_path / "par", progress=False)  # the suite's parallel = 2
+    assert one.parallel == 1 and two.parallel == 2
+    assert one.statuses == two.statuses and set(one.statuses) == {t.id for t in s.trials}
+    assert set(one.statuses.values()) == {"success"}
+    seq, par = ran(tmp_path / "seq", "p"), ran(tmp_path / "par", "p")
+    assert seq.keys() == par.keys() == set(one.statuses)
+
+    # The same trial at the same thread count, in another process pinned elsewhere: bit for bit.
+    for trial_id, a in seq.items():
+        b = par[trial_id]
+        assert a["env"]["torch_threads"] == b["env"]["torch_threads"] == 1
+        assert a["train"]["loss_curve"] == b["train"]["loss_curve"]
+        assert a["eval"]["lm_eval"] == b["eval"]["lm_eval"] and a["eval"]["forgetting"] == b["eval"]["forgetting"]
+        assert math.isfinite(a["eval"]["forgetting"]) and a["eval"]["lm_eval"]["sst2"]
+        if a["spec"]["method"]["name"] == "lora":
+            assert len(a["train"]["loss_curve"]) == 4 and all(math.isfinite(v) for v in a["train"]["loss_curve"])
+
+    # Recorded: the level, and where each trial ran.
+    cores = sorted(os.sched_getaffinity(0))
+    assert all(r["env"]["parallel"] == 1 and r["run"]["parallel"] == 1 and r["env"]["cpu_affinity"] == cores for r in seq.values())
+    assert all(r["env"]["parallel"] == 2 and r["run"]["parallel"] == 2 for r in par.values())
+    lanes = {tuple(lane.cpus) for lane in runner.lanes(2)}
+    assert {tuple(r["env"]["cpu_affinity"]) for r in par.values()} <= lanes
+
+    # Two trials ran at once (by the runner's clock), on disjoint cores where there are two.
+    pairs = [(a, b) for a, b in itertools.combinations(par.values(), 2) if overlap(a, b)]
+    assert pairs, [(r["runtime"]["process_started_at"], r["runtime"]["process_ended_at"]) for r in par.values()]
+    if len(cores) >= 2:
+        assert all(not set(a["env"]["cpu_affinity"]) & set(b["env"]["cpu_affinity"]) for a, b in pairs)
+    assert not any(overlap(a, b) for a, b in itertools.combinations(seq.values(), 2))
+
+    # A rerun skips every success, in parallel too.
+    again = runner.run(s, tmp_path / "par", progress=False)
+    assert again.ran == [] and sorted(again.skipped) == sorted(one.statuses)
+
+
+def test_a_timeout_in_parallel_costs_only_its_own_trial(tmp_path):
+    # The first block's trial trains forever and is killed at 6 s; it starts first (the longest).
+    path = write(tmp_path, "slow", extra='[[sweep]]\nmethod = "lora"\ngrid.rank = [{ r = 8, alpha = 16 }]\n'
+                                           'train = { max_steps = 100000 }\nrun = { timeout = 6 }\n')
+    s = suite.load(path)
+    slow = next(t.id for t in s.trials if t.spec["train"]["max_steps"] == 100000)
+    report = runner.run(s, tmp_path / "r", progress=False)
+    found = ran(tmp_path / "r", "slow")
+    assert report.statuses == {trial_id: r["status"] for trial_id, r in found.items()}
+    assert found[slow]["status"] == "timeout" and "timeout of 6 s" in found[slow]["error"]
+    assert found[slow]["env"]["parallel"] == 2 and found[slow]["env"]["torch_threads"] == 1
+    others = [r for trial_id, r in found.items() if trial_id != slow]
+    assert len(others) == 3 and all(r["status"] == "success" for r in others)
+    assert any(overlap(found[slow], r) for r in others)  # they ran while it was being timed out
+    assert not (tmp_path / "r" / "slow" / ".running").exists()
+
+
+TUNED = """
+name = "tuned"
+[model]
+name = "synthetic:llama-tiny"
+[data]
+task = "sst2"
+train_examples = 16
+max_length = 64
+[eval]
+tasks = ["sst2"]
+[run]
+parallel = {parallel}
+[tune]
+space = {{ "train.lr" = {{ log = [1e-5, 1e-1] }} }}
+trials = 5
+seeds = [0, 1, 2]
+validation = 40
+[[sweep]]
+method = "lora"
+grid.rank = [{{ r = 4, alpha = 8 }}, {{ r = 8, alpha = 16 }}]
+[[sweep]]
+method = "ia3"
+"""
+
+
+def test_tuned_studies_side_by_side_choose_as_they_do_one_after_another(tmp_path, monkeypatch):
+    """Trials are faked (a validation score that peaks at lr = 1e-3): what is tested is which
+    trials each study makes and chooses, and that two studies ran at once."""
+    meeting = threading.Barrier(2, timeout=60)  # the first two trials wait for each other: fails unless side by side
+    gate, met = threading.Lock(), []
+
+    def fake(ctx, trial, draft, adapters, progress, started=None, env=None, lane=None):
+        with gate:
+            first = lane.parallel == 2 and len(met) < 2
+            if first:
+                met.append(trial.id)
+        if first:
+            meeting.wait()
+        result = results.skeleton(trial, "success")
+        score = 0.9 - 0.01 * (math.log10(trial.spec["train"]["lr"]) + 3) ** 2
+        result["eval"]["lm_eval"] = {"sst2": {"acc": score}}
+        return result
+
+    monkeypatch.setattr(runner, "execute", fake)
+    outcomes: dict[int, dict[str, tune.Outcome]] = {1: {}, 2: {}}
+    original = tune.run
+    for level in (1, 2):
+        path = tmp_path / f"tuned{level}.toml"
+        path.write_text(TUNED.format(parallel=level))
+        s = suite.load(path)
+
+        def recording(study, outcome, level=level):
+            outcomes[level][study.key] = original(study, outcome)
+            return outcomes[level][study.key]
+
+        monkeypatch.setattr(tune, "run", recording)
+        report = runner.run(s, tmp_path / f"r{level}", progress=False)
+        assert len(report.ran) == 3 * (5 + 3) and set(report.statuses.values()) == {"success"}
+    assert len(met) == 2 and meeting.n_waiting == 0 and not meeting.broken
+    assert outcomes[1] == outcomes[2] and len(outcomes[1]) == 3
+    assert all(o.chosen is not None and len(o.finals) == 3 for o in outcomes[1].values())
+
+
+def test_bad_parallel_is_stopped_before_anything_runs(tmp_path, capsys):
+    path = write(tmp_path, "bad", parallel=0)
+    with pytest.raises(suite.SuiteError) as caught:
+        suite.load(path)
+    assert "run.parallel" in str(caught.value) and "must be >= 1" in str(caught.value)
+    assert main(["run", str(path), "--results", str(tmp_path / "r"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "bad.toml" in err and "run.parallel" in err and "Traceback" not in err
+
+    # Blocks that disagree: parallel says how the whole sweep runs.
+    mixed = write(tmp_path, "mixed", parallel=2, extra='[[sweep]]\nmethod = "lora"\nrun = { parallel = 3 }\n')
+    assert main(["run", str(mixed), "--results", str(tmp_path / "r"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "run.parallel" in err and "[2, 3]" in err and "Traceback" not in err
+
+    good = write(tmp_path, "good")
+    with pytest.raises(SystemExit) as exited:
+        main(["run", str(good), "--parallel", "0", "--results", str(tmp_path / "r")])
+    assert exited.value.code == 2 and "--parallel: must be a whole number >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_lanes_split_the_cores_disjointly_with_equal_threads():
+    assert runner.lanes(1) == [runner.Lane(1)]
+    five = runner.lanes(2, range(5))
+    assert [lane.cpus for lane in five] == [(0, 1, 2), (3, 4)] and {lane.threads for lane in five} == {2}
+    assert [lane.cpus for lane in runner.lanes(3, [4, 6])] == [(4,), (6,), (4,)]  # more lanes than cores: shared
+    assert {lane.threads for lane in runner.lanes(3, [4, 6])} == {1}
