@@ -11,6 +11,7 @@ does not count torch's CPU flash-attention kernel) except in one SDPA case on th
 from __future__ import annotations
 
 import json
+import math
 import warnings
 
 import pytest
@@ -33,9 +34,18 @@ def _model(arch: str, attention: str = "eager"):
     return model
 
 
+# FlopCounterMode knows aten.addmm and aten.baddbmm but not their in-place forms, which a fused layer
+# (methods/lora.py's LowRankLinear accumulates its branch into the base output) runs: same formulas.
+def _product_flops(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * math.prod(a_shape) * b_shape[-1]  # (..., m, k) @ (..., k, n): 2 m k n per batch entry
+
+
+IN_PLACE = {torch.ops.aten.addmm_: _product_flops, torch.ops.aten.baddbmm_: _product_flops}
+
+
 def _torch_count(model, trainable, batch, inputs_grad: bool = False) -> int:
     model.train()
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=IN_PLACE) as counter:
         if inputs_grad:  # the frozen floor: backward to the input embeddings, no parameter trains
             embeds = model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_(True)
             loss = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
@@ -61,6 +71,10 @@ CASES = [
     ("llama", "lora", {"r": 4, "targets": "all-linear"}),
     ("gpt2", "lora", {"r": 8, "targets": "all-linear"}),
     ("llama", "top_k", {"k": 1}),
+    ("llama", "lora", {"r": 4, "targets": "qv", "dropout": 0.1}),  # the branch reads a dropped copy of x
+    ("llama", "lora_fa", {"r": 4, "targets": "qv"}),  # A frozen: no dA, but the gradient still flows through it
+    ("gpt2", "dora", {"r": 4, "targets": "qv"}),  # its weight norm's B A runs under no_grad: no backward
+    ("llama", "vera", {"r": 16, "targets": "qv"}),
 ]
 
 
@@ -204,3 +218,19 @@ def test_utilization_fields():
     assert u["achieved_flops_per_s"] == pytest.approx(2e10)
     assert u["fraction"] == pytest.approx(0.5)
     assert u["peak_source"]["source"] == "cached" and u["peak_source"]["threads"] == 2
+
+
+def test_flop_model_is_cached_per_model_and_method(tmp_path, monkeypatch):
+    """Trials that differ only in training settings share one trace; another method config traces again."""
+    monkeypatch.setenv("PEFTBENCH_CACHE", str(tmp_path))
+    spec = {"model": {"name": "tiny-llama"}, "method": {"name": "lora", "version": "1", "config": {"r": 4, "targets": "qv"}}}
+    adapted = _adapt(_model("llama"), "lora", spec["method"]["config"])
+    batch = arch_batch("llama")
+    first, how = flops.cached_flop_model(adapted.model, batch, spec)
+    again, how_again = flops.cached_flop_model(adapted.model, batch, spec)
+    assert (how, how_again) == ("traced", "cached") and again == first
+    other = {**spec, "method": {**spec["method"], "config": {"r": 8, "targets": "qv"}}}
+    assert flops.cached_flop_model(adapted.model, batch, other)[1] == "traced"
+    for path in (tmp_path / "flops").glob("*.json"):
+        path.write_text("{broken")
+    assert flops.cached_flop_model(adapted.model, batch, spec) == (first, "traced")  # unreadable: traced again

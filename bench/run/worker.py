@@ -116,8 +116,7 @@ def _store_forecast(spec: dict[str, Any], device: torch.device, result: dict[str
     result["runtime"]["forecast_s"] = time.perf_counter() - start
 
 
-def _store_utilization(adapted, dataset, t: dict[str, Any], collate, device: torch.device, steps: int, spec: dict[str, Any],
-                       result: dict[str, Any]) -> None:
+def _store_utilization(adapted, dataset, collate, device: torch.device, steps: int, spec: dict[str, Any], result: dict[str, Any]) -> None:
     """runtime.utilization (bench/trial/flops.py): counted training FLOPs over train_s, against the
     machine's matmul peak, all after the timed window. A count that fails is noted, never fatal."""
     from bench.trial import flops
@@ -125,8 +124,7 @@ def _store_utilization(adapted, dataset, t: dict[str, Any], collate, device: tor
     rt = result["runtime"]
     start = time.perf_counter()
     try:
-        rt["utilization"] = flops.of_trial(adapted, dataset, t, collate, device, steps, rt["train_s"],
-                                           spec["model"].get("dtype", "float32"))
+        rt["utilization"] = flops.of_trial(adapted, dataset, spec, collate, device, steps, rt["train_s"])
     except Exception as exc:  # noqa: BLE001  (the trial's measurements matter more than their utilization)
         rt["utilization_error"] = f"{type(exc).__name__}: {exc}"[:500]
     rt["utilization_s"] = time.perf_counter() - start
@@ -224,7 +222,7 @@ def run(trial, result: dict[str, Any], adapters_dir: Path | None, show_progress:
     rt["step_s_median"] = trained.step_s_median
     rt["step_ratio"] = compare.step_ratio(trained.step_times, calibration.times)
     rt["tokens_per_s"] = trained.tokens / rt["train_s"] if trained.steps else None
-    _store_utilization(adapted, dataset, t, collate, device, trained.steps, spec, result)
+    _store_utilization(adapted, dataset, collate, device, trained.steps, spec, result)
 
     start = time.perf_counter()
     if adapters_dir is not None and adapted.trainable:

@@ -37,19 +37,26 @@ cached in <cache>/machine/<class>.json keyed by device, dtype and threads.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
+import os
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 F = nn.functional
+VERSION = 1
+"""Bump when a count of the same model would change: part of the cached counts' key."""
 
 
 # ---------------------------------------------------------------- counting
@@ -66,79 +73,120 @@ class Product:
     """Multiply-adds the backward runs for it: one product of the same size per operand that needs a gradient."""
 
 
-def _rg(t: Any) -> bool:
-    return isinstance(t, torch.Tensor) and t.requires_grad
+Needs = Callable[[Any], bool]
+"""Whether an operand needs a gradient in the backward (see _Recorder.needs)."""
 
 
-def _matmul(name: str, a: torch.Tensor, b: torch.Tensor) -> Product:
+def _matmul(name: str, needs: Needs, a: torch.Tensor, b: torch.Tensor) -> Product:
     """(..., m, k) @ (..., k, n), batch dims broadcast; a 1-D operand is a single row or column."""
     m = a.shape[-2] if a.dim() > 1 else 1
     k = a.shape[-1]
     n = b.shape[-1] if b.dim() > 1 else 1
     batch = math.prod(torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])) if a.dim() > 2 or b.dim() > 2 else 1
     macs = batch * m * k * n
-    return Product(name, macs, macs * (int(_rg(a)) + int(_rg(b))))
+    return Product(name, macs, macs * (int(needs(a)) + int(needs(b))))
 
 
-def _linear(args, kwargs) -> Product:
+def _linear(needs: Needs, args, kwargs) -> Product:
     x, w = args[0], args[1] if len(args) > 1 else kwargs["weight"]
     macs = x.numel() // x.shape[-1] * w.shape[0] * w.shape[1]
-    return Product("linear", macs, macs * (int(_rg(x)) + int(_rg(w))))
+    return Product("linear", macs, macs * (int(needs(x)) + int(needs(w))))
 
 
-def _addmm(args, kwargs) -> Product:
-    return _matmul("addmm", args[1], args[2])
+def _addmm(needs: Needs, args, kwargs) -> Product:
+    """addmm / baddbmm (and their in-place forms): the product of the second and third operands."""
+    return _matmul("addmm", needs, args[1], args[2])
 
 
-def _baddbmm(args, kwargs) -> Product:
-    return _matmul("baddbmm", args[1], args[2])
+def _mm(needs: Needs, args, kwargs) -> Product:
+    return _matmul("matmul", needs, args[0], args[1])
 
 
-def _mm(args, kwargs) -> Product:
-    return _matmul("matmul", args[0], args[1])
-
-
-def _sdpa(args, kwargs) -> Product:
+def _sdpa(needs: Needs, args, kwargs) -> Product:
     q, k, v = (args[i] if len(args) > i else kwargs[name] for i, name in enumerate(("query", "key", "value")))
     # Q K^T and P V over every query head (grouped key/value heads are repeated, not fewer products).
     scores = math.prod(q.shape[:-1]) * k.shape[-2]
     qk, pv = scores * q.shape[-1], scores * v.shape[-1]
     # Backward: dQ = dS K and dK = dS^T Q (each of Q K^T's size), dV = P^T dO and dP = dO V^T (P V's
     # size); dP is needed when Q or K needs a gradient.
-    backward = qk * (int(_rg(q)) + int(_rg(k))) + pv * (int(_rg(q) or _rg(k)) + int(_rg(v)))
-    return Product("attention", qk + pv, backward)
+    gq, gk, gv = needs(q), needs(k), needs(v)
+    return Product("attention", qk + pv, qk * (int(gq) + int(gk)) + pv * (int(gq or gk) + int(gv)))
 
 
-def _conv(args, kwargs, out: torch.Tensor) -> Product:
+def _conv(needs: Needs, args, kwargs, out: torch.Tensor) -> Product:
     x, w = args[0], args[1] if len(args) > 1 else kwargs["weight"]
     # Each output element is one dot product over (in channels / groups) x kernel.
     macs = out.numel() * math.prod(w.shape[1:])
-    return Product("conv", macs, macs * (int(_rg(x)) + int(_rg(w))))
+    return Product("conv", macs, macs * (int(needs(x)) + int(needs(w))))
 
 
+T = torch.Tensor
 PRODUCTS: dict[Callable, Callable[..., Product]] = {
-    F.linear: _linear, torch.addmm: _addmm, torch.baddbmm: _baddbmm, torch.mm: _mm, torch.bmm: _mm,
-    torch.matmul: _mm, torch.Tensor.__matmul__: _mm, torch.Tensor.matmul: _mm, torch.Tensor.mm: _mm, torch.Tensor.bmm: _mm,
-    F.scaled_dot_product_attention: _sdpa,
+    F.linear: _linear, F.scaled_dot_product_attention: _sdpa,
+    **dict.fromkeys((torch.addmm, torch.baddbmm, T.addmm, T.addmm_, T.baddbmm, T.baddbmm_), _addmm),
+    **dict.fromkeys((torch.mm, torch.bmm, torch.matmul, T.__matmul__, T.matmul, T.mm, T.bmm), _mm),
 }
 CONVS = (F.conv1d, F.conv2d, F.conv3d)
 
 
 class _Recorder(TorchFunctionMode):
-    """Records each matrix product the forward runs (PRODUCTS, CONVS) and changes nothing."""
+    """Records each matrix product the forward runs (PRODUCTS, CONVS) and changes nothing.
+
+    Which operands need a gradient: where autograd is on, the tensor's requires_grad. Inside a custom
+    autograd function's forward (methods/lora.py's fused LoRA node, bitsandbytes' 4-bit matmul) autograd
+    is off and tensors derived there carry no requires_grad, yet the function's backward computes the
+    same gradients the plain expression would: there an operand needs one when it derives from a tensor
+    that does (a parameter that trains, an input that carries a gradient). Elsewhere with autograd off
+    (a no_grad block such as DoRA's weight norm) nothing does.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.products: list[Product] = []
+        self.in_function = 0
+        self.carries: set[int] = set()
+        self._alive: list[torch.Tensor] = []  # keeps ids in `carries` from being reused during the trace
+
+    def needs(self, t: Any) -> bool:
+        if not isinstance(t, torch.Tensor):
+            return False
+        if torch.is_grad_enabled():
+            return t.requires_grad
+        return self.in_function > 0 and (t.requires_grad or id(t) in self.carries)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)  # the mode is off inside: products nested in a product count once
         if func in PRODUCTS:
-            self.products.append(PRODUCTS[func](args, kwargs))
+            self.products.append(PRODUCTS[func](self.needs, args, kwargs))
         elif func in CONVS:
-            self.products.append(_conv(args, kwargs, out))
+            self.products.append(_conv(self.needs, args, kwargs, out))
+        if self.in_function and not torch.is_grad_enabled() and any(self.needs(t) for t in tree_leaves((args, kwargs))):
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    self.carries.add(id(t))
+                    self._alive.append(t)
         return out
+
+    @contextlib.contextmanager
+    def functions(self) -> Iterator[None]:
+        """Mark the forwards of custom autograd functions while recording (Function.apply is not a torch function)."""
+        saved = torch.autograd.Function.__dict__["apply"]
+        original = saved.__func__
+        recorder = self
+
+        def apply(cls, *args, **kwargs):
+            recorder.in_function += 1
+            try:
+                return original(cls, *args, **kwargs)
+            finally:
+                recorder.in_function -= 1
+
+        torch.autograd.Function.apply = classmethod(apply)
+        try:
+            yield
+        finally:
+            torch.autograd.Function.apply = saved
 
 
 def step_flops(products: Iterable[Product]) -> int:
@@ -152,7 +200,8 @@ def forward_products(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[P
     was_training = model.training
     model.train()
     try:
-        with torch.random.fork_rng(devices=[]), torch.enable_grad(), _Recorder() as recorder:
+        recorder = _Recorder()
+        with torch.random.fork_rng(devices=[]), torch.enable_grad(), recorder.functions(), recorder:
             model(**batch)
     finally:
         model.train(was_training)
@@ -339,7 +388,7 @@ def peak_flops(device: str = "cpu", threads: int | None = None, dtype: str = "fl
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     entries[key] = {"flops_per_s": rate, "measured_at": stamp, "sizes": list(MATMUL_SIZES)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{id(entries)}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(entries, indent=1, sort_keys=True))
     tmp.replace(path)
     return Peak(rate, "measured", machine, device, threads, dtype, stamp)
@@ -355,13 +404,51 @@ def utilization(train_flops: float, train_s: float | None, peak: Peak | None) ->
             "peak_source": peak.to_dict() if peak else None}
 
 
-def of_trial(adapted, dataset, t: dict[str, Any], collate, device: torch.device, steps: int, train_s: float | None,
-             dtype: str = "float32") -> dict[str, Any]:
+def _code_digest() -> str:
+    """The code a count depends on besides the packages: the methods, model loading and this module."""
+    from bench.paths import REPO
+
+    digest = hashlib.sha256()
+    for path in sorted([*(REPO / "methods").glob("*.py"), *(REPO / "bench" / "models").glob("*.py"), Path(__file__)]):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def cached_flop_model(model: nn.Module, example: dict[str, torch.Tensor], spec: dict[str, Any]) -> tuple[FlopModel, str]:
+    """flop_model, cached on disk per model, method and code: trials that differ only in training settings
+    (optimizer, learning rate, epochs, seed) run the same products, so a sweep traces each adapted model
+    once. The key holds the model and method specs, the example's shapes beyond rows and width (image
+    sizes), torch's and transformers' versions and a digest of the code (_code_digest). Returns the
+    model and whether it was "cached" or "traced"."""
+    from importlib import metadata
+
+    from bench.paths import cache_dir
+
+    width = _text_width(example)
+    shapes = {k: [d for i, d in enumerate(v.shape) if i > 1 or (i == 1 and v.shape[1] != width)] for k, v in example.items()}
+    key = json.dumps([spec["model"], spec["method"], shapes, next(iter(example.values())).device.type, VERSION,
+                      metadata.version("torch"), metadata.version("transformers"), _code_digest()], sort_keys=True, default=str)
+    path = cache_dir() / "flops" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+    try:
+        stored = json.loads(path.read_text())
+        return FlopModel(tuple(float(c) for c in stored["coefficients"]), bool(stored["text"]), float(stored["check_error"])), "cached"
+    except (OSError, ValueError, KeyError, TypeError):  # absent or unreadable: trace again
+        pass
+    fit = flop_model(model, example)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({**asdict(fit), "key": json.loads(key)}, default=str))
+    tmp.replace(path)
+    return fit, "traced"
+
+
+def of_trial(adapted, dataset, spec: dict[str, Any], collate, device: torch.device, steps: int, train_s: float | None) -> dict[str, Any]:
     """A trained trial's `runtime.utilization`: its micro-batches replayed (shapes only: the same seed and
-    collate as bench.trial.train draws them), their FLOPs counted on the adapted model, and the machine's
-    peak for this device and thread count. Call it outside the timed window."""
+    collate as bench.trial.train draws them), their FLOPs counted on the adapted model (cached_flop_model),
+    and the machine's peak for this device, thread count and the model's dtype. Call it outside the timed window."""
     from bench.trial.train import batches
 
+    t = spec["train"]
     count = steps * t["grad_accum"]
     if not adapted.trainable or not count:
         return {**utilization(0.0, train_s, None), "micro_batches": 0}
@@ -371,6 +458,7 @@ def of_trial(adapted, dataset, t: dict[str, Any], collate, device: torch.device,
         batch = next(stream)
         example = example or {k: v.to(device) for k, v in batch.items()}
         shapes.append(batch_shape(batch))
-    counted = training_flops(adapted.model, adapted.trainable, shapes, example)
-    peak = peak_flops(device.type, torch.get_num_threads(), dtype)
-    return {**utilization(counted.flops, train_s, peak), "micro_batches": counted.micro_batches, "check_error": counted.check_error}
+    fit, how = cached_flop_model(adapted.model, example, spec)
+    flops = sum(fit(rows, width) for rows, width in shapes)
+    peak = peak_flops(device.type, torch.get_num_threads(), spec["model"].get("dtype", "float32"))
+    return {**utilization(flops, train_s, peak), "micro_batches": len(shapes), "check_error": fit.check_error, "count": how}
