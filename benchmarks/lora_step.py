@@ -28,6 +28,7 @@ import torch  # noqa: E402
 
 import methods  # noqa: E402
 from bench import models  # noqa: E402
+from bench.trial import flops  # noqa: E402
 from bench.trial.evaluate import forgetting_texts  # noqa: E402
 from bench.trial.measure import PeakMemory, saved_for_backward  # noqa: E402
 
@@ -66,6 +67,15 @@ def step(model, optimizer, ids: torch.Tensor) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
+def step_flops(model, optimizer, ids: torch.Tensor) -> int:
+    """The matmul FLOPs of one `step` (bench/trial/flops.py: forward, backward to what needs a gradient,
+    weight gradients where weights train), read from one forward of the same inputs."""
+    if optimizer is None:
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        return flops.step_flops(flops.forward_products(model, {"inputs_embeds": embeds, "labels": ids}))
+    return flops.step_flops(flops.forward_products(model, {"input_ids": ids, "labels": ids}))
+
+
 def memory_child(variant: str, rank: int, ids: torch.Tensor, queue) -> None:
     model, optimizer = build(variant, rank)
     peak = PeakMemory(torch.device("cpu"))
@@ -100,6 +110,8 @@ def main() -> None:
         p.join()
 
     built = {v: build(v, args.rank) for v in variants}
+    counted = {v: step_flops(*built[v], ids) for v in variants}  # before the timed steps, as in a trial
+    peak = flops.peak_flops("cpu", torch.get_num_threads())
     for v in variants:  # warm-up: allocator, caches, lazy inits
         step(*built[v], ids)
     times: dict[str, list[float]] = {v: [] for v in variants}
@@ -116,6 +128,8 @@ def main() -> None:
         "step_s_median": med,
         "step_s_min": {v: min(times[v]) for v in variants},
         "memory": memory,
+        "utilization": {v: {"step_flops": counted[v], "achieved_flops_per_s": counted[v] / med[v],
+                            "fraction": counted[v] / med[v] / peak.flops_per_s} for v in variants} | {"peak": peak.to_dict()},
         "ratios": {
             "ours_over_floor_time": med["ours"] / med["floor"],
             "ours_over_peft_time": med["ours"] / med["peft"],
@@ -130,6 +144,10 @@ def main() -> None:
               f"peak +{memory[v]['peak_delta_bytes'] / 2**20:.0f} MiB  saved-for-backward {memory[v]['saved_bytes'] / 2**20:.0f} MiB")
     for k, r in out["ratios"].items():
         print(f"  {k}: {r:.3f}")
+    print(f"  utilization against the {peak.flops_per_s / 1e9:.1f} GFLOP/s matmul peak ({peak.source}, {peak.machine_class}, "
+          f"{peak.threads} threads): " + ", ".join(
+              f"{v} {counted[v] / 1e9:.0f} GFLOP/step, {out['utilization'][v]['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s = "
+              f"{100 * out['utilization'][v]['fraction']:.1f}%" for v in variants))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
