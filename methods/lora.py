@@ -103,6 +103,68 @@ def check_rank(targets: list[tuple[str, nn.Module]], rank: int, key: str = "r") 
                                    f"each factor would be larger than the weight itself; use at most {min(fin, fout)}")
 
 
+class LowRankLinear(torch.autograd.Function):
+    """h = W0 x + b + s * B (A x'), the frozen base layer and the LoRA branch in one autograd node
+    (Hu et al. 2021, arXiv 2106.09685, eq. 3: h = W0 x + (alpha / r) B A x), x' being x or, with
+    dropout, its dropped copy.
+
+    Why this beats autograd over the plain expression: the branch adds into the base output inside
+    one GEMM (addmm with beta 1) instead of materialising a (tokens x out) branch and adding it, and
+    in backward the branch's input gradient adds into the base's the same way (tokens x in), so each
+    layer saves two full-size temporaries and two elementwise passes per step.
+
+    What backward needs, from the forward above with g = dL/dh, u = A x' (tokens x r):
+      dL/dx  = g W0 + s (g B) A      W0, A, B: parameters, nothing new to keep
+      dL/dA  = s (g B)^T x'          x' (tokens x in), kept only when A trains (LoRA-FA freezes it)
+      dL/dB  = s g^T u               u (tokens x r), kept only when B trains
+      dL/db  = sum over tokens of g  nothing kept
+    W0 gets no gradient (frozen): LoRALinear.fused() sends a base whose weight or bias trains down
+    the plain path, which autograd differentiates in full. So the node keeps at most x' and u, what
+    autograd keeps for the plain expression too; nothing is kept for W0 beyond the weight itself.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, x_branch: Tensor | None, weight: Tensor, bias: Tensor | None,
+                lora_A: Tensor, lora_B: Tensor, scaling: float, fan_in_fan_out: bool) -> Tensor:
+        # x_branch None: the branch reads x itself (no dropout), so one input gradient serves both.
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        branch_in = x2 if x_branch is None else x_branch.reshape(-1, x_branch.shape[-1])
+        w = weight if fan_in_fan_out else weight.t()  # (in, out) either way: Conv1D stores W0 transposed
+        out = torch.mm(x2, w) if bias is None else torch.addmm(bias, x2, w)
+        down = torch.mm(branch_in, lora_A.t())
+        out.addmm_(down, lora_B.t(), alpha=scaling)
+        need_A, need_B = ctx.needs_input_grad[4:6]
+        ctx.save_for_backward(branch_in if need_A else None, down if need_B else None, weight, lora_A, lora_B)
+        ctx.scaling, ctx.fan_in_fan_out, ctx.shared = scaling, fan_in_fan_out, x_branch is None
+        ctx.in_shape, ctx.branch_shape = x.shape, None if x_branch is None else x_branch.shape
+        return out.view(*lead, out.shape[-1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # its in-place accumulations have no derivative of their own
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        branch_in, down, weight, lora_A, lora_B = ctx.saved_tensors
+        need_x, need_branch, _, need_bias, need_A, need_B = ctx.needs_input_grad[:6]
+        g = grad.reshape(-1, grad.shape[-1])
+        # s (g B): (tokens x r), the scaled gradient at the branch's middle; small, so scale it here once.
+        up = torch.mm(g, lora_B).mul_(ctx.scaling) if need_x or need_branch or need_A else None
+        dx = dx_branch = d_bias = dA = dB = None
+        if need_x:
+            dx = torch.mm(g, weight.t() if ctx.fan_in_fan_out else weight)
+            if ctx.shared:
+                dx.addmm_(up, lora_A)
+            dx = dx.view(ctx.in_shape)
+        if need_branch:
+            dx_branch = torch.mm(up, lora_A).view(ctx.branch_shape)
+        if need_A:
+            dA = torch.mm(up.t(), branch_in)
+        if need_B:
+            dB = torch.mm(g.t(), down).mul_(ctx.scaling)
+        if need_bias:
+            d_bias = g.sum(0)
+        return dx, dx_branch, None, d_bias, dA, dB, None, None
+
+
 class LoRALinear(nn.Module):
     """A frozen nn.Linear or transformers Conv1D plus a trainable low-rank branch."""
 
@@ -127,7 +189,27 @@ class LoRALinear(nn.Module):
         """The base weight, for model code that inspects `layer.weight` (dtype, device)."""
         return self.base_layer.weight
 
+    def fused(self, x: Tensor) -> bool:
+        """Whether LowRankLinear can run this layer: a plain frozen Linear or Conv1D without hooks,
+        input, base and adapter all in one dtype, no autocast. Anything else (a quantized or
+        half-precision base, a base that trains, autocast, hooks that expect the base module to
+        run) takes the plain path below, which autograd differentiates in full."""
+        base = self.base_layer
+        if not (type(base) is nn.Linear or (self.fan_in_fan_out and type(base) is Conv1D)):
+            return False
+        if base._forward_hooks or base._forward_pre_hooks or base.weight.requires_grad:
+            return False
+        if base.bias is not None and base.bias.requires_grad:
+            return False
+        device = x.device.type  # meta (bench/trial/forecast.py) has no autocast to ask about
+        autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+        return x.dtype == base.weight.dtype == self.lora_A.dtype and not autocast
+
     def forward(self, x: Tensor) -> Tensor:
+        if not self.merged and self.fused(x):
+            base = self.base_layer
+            dropped = self.dropout(x) if isinstance(self.dropout, nn.Dropout) and self.training else None
+            return LowRankLinear.apply(x, dropped, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling, self.fan_in_fan_out)
         result = self.base_layer(x)
         if self.merged:
             return result
