@@ -17,7 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-from reports import answer, figures, forecast, matched, ranking, stats
+from reports import answer, figures, forecast, longlora_context, matched, ranking, stats
 from reports import trials as trial_table
 from reports.blocks import (Cell, Section, Table, c_bytes, c_change, c_config, c_int, c_mem, c_num, c_score, c_signed,
                             c_text, cite, missing, natural_key, published_table)
@@ -768,6 +768,7 @@ def build(trials: pd.DataFrame, pub: dict, records: dict[str, list[dict]] | None
     rest = [overview(trials, groups), matched.section(trials, groups),
             rank_sweep(groups, pub), targets(groups, pub), optimizer(groups, pub),
             epochs(groups, pub), methods_section(groups, pub), ranking.section(trials, pub), qlora, gpu(records or {}, pub, groups),
+            longlora_context.section(records or {}),
             surg, memory_breakdown(groups), forecast.section(trials), loss_curves(trials), failures(trials),
             provenance(trials), trial_table.section(trials)]
     return [answer.section(trials, groups), *lead, *(sec for sec in rest if all(sec is not x for x in lead))]
