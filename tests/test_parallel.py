@@ -16,6 +16,7 @@ import pytest
 from bench.cli import main
 from bench.records import results
 from bench.run import runner, suite, tune
+from tests import test_tune
 
 TRIALS = """
 name = "{name}"
@@ -131,36 +132,12 @@ def test_a_timeout_in_parallel_costs_only_its_own_trial(tmp_path):
     assert not (tmp_path / "r" / "slow" / ".running").exists()
 
 
-TUNED = """
-name = "tuned"
-[model]
-name = "synthetic:llama-tiny"
-[data]
-task = "sst2"
-train_examples = 16
-max_length = 64
-[eval]
-tasks = ["sst2"]
-[run]
-parallel = {parallel}
-[tune]
-space = {{ "train.lr" = {{ log = [1e-5, 1e-1] }} }}
-trials = 5
-seeds = [0, 1, 2]
-validation = 40
-[[sweep]]
-method = "lora"
-grid.rank = [{{ r = 4, alpha = 8 }}, {{ r = 8, alpha = 16 }}]
-[[sweep]]
-method = "ia3"
-"""
-
-
 def test_tuned_studies_side_by_side_choose_as_they_do_one_after_another(tmp_path, monkeypatch):
-    """Trials are faked (a validation score that peaks at lr = 1e-3): what is tested is which
-    trials each study makes and chooses, and that two studies ran at once."""
+    """test_tune's suite and fake trials (a validation score that peaks at lr = 1e-3): what is
+    tested is which trials each study makes and chooses, and that two studies ran at once."""
     meeting = threading.Barrier(2, timeout=60)  # the first two trials wait for each other: fails unless side by side
     gate, met = threading.Lock(), []
+    scored = test_tune.fake(1.0, [])
 
     def fake(ctx, trial, draft, adapters, progress, started=None, env=None, lane=None):
         with gate:
@@ -169,27 +146,21 @@ def test_tuned_studies_side_by_side_choose_as_they_do_one_after_another(tmp_path
                 met.append(trial.id)
         if first:
             meeting.wait()
-        result = results.skeleton(trial, "success")
-        score = 0.9 - 0.01 * (math.log10(trial.spec["train"]["lr"]) + 3) ** 2
-        result["eval"]["lm_eval"] = {"sst2": {"acc": score}}
-        return result
+        return scored(trial)
 
     monkeypatch.setattr(runner, "execute", fake)
+    s = suite.load(test_tune.write(tmp_path), check_models=False)
     outcomes: dict[int, dict[str, tune.Outcome]] = {1: {}, 2: {}}
     original = tune.run
     for level in (1, 2):
-        path = tmp_path / f"tuned{level}.toml"
-        path.write_text(TUNED.format(parallel=level))
-        s = suite.load(path)
-
         def recording(study, outcome, level=level):
             outcomes[level][study.key] = original(study, outcome)
             return outcomes[level][study.key]
 
         monkeypatch.setattr(tune, "run", recording)
-        report = runner.run(s, tmp_path / f"r{level}", progress=False)
-        assert len(report.ran) == 3 * (5 + 3) and set(report.statuses.values()) == {"success"}
-    assert len(met) == 2 and meeting.n_waiting == 0 and not meeting.broken
+        report = runner.run(s, tmp_path / f"r{level}", progress=False, parallel=level)
+        assert len(report.ran) == 3 * (6 + 3) and set(report.statuses.values()) == {"success"}
+    assert len(met) == 2 and not meeting.broken
     assert outcomes[1] == outcomes[2] and len(outcomes[1]) == 3
     assert all(o.chosen is not None and len(o.finals) == 3 for o in outcomes[1].values())
 

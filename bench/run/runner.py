@@ -90,7 +90,7 @@ def lanes(parallel: int, cpus: Iterable[int] | None = None) -> list[Lane]:
 
 def parallel_level(suite: Suite) -> int:
     """The suite's `[run] parallel`: how the whole sweep runs, so its blocks must agree."""
-    levels = {t.run["parallel"] for t in [*suite.trials, *(study.corners()[0] for study in suite.studies)]}
+    levels = {t.run.get("parallel", 1) for t in [*suite.trials, *(study.corners()[0] for study in suite.studies)]}
     if len(levels) > 1:
         raise RunnerError(f"{suite.path}: run.parallel: the blocks say {sorted(levels)}, but it is how many trials of the whole "
                           f"suite run at once: set it once, in the top-level [run] table")
@@ -417,14 +417,14 @@ def run(suite: Suite, results_root: Path, force: bool = False, progress: bool = 
             return execute(ctx, trial, sweep.draft(trial), adapters, progress and level == 1,
                            lambda pid: sweep.started_here(trial, pid, lane.where), lane=lane)
 
-        jobs: list[tuple[float, Callable[[Lane], None]]] = [
-            (cost(trial), lambda lane, t=trial: sweep.publish(t, one(t, lane))) for trial in sweep.todo]
+        jobs: list[tuple[Callable[[], float], Callable[[Lane], None]]] = [
+            (functools.partial(cost, trial), lambda lane, t=trial: sweep.publish(t, one(t, lane))) for trial in sweep.todo]
         if suite.studies:
             sweep.grow(sum(study.tune.trials + len(study.tune.seeds) for study in suite.studies))
-            jobs += [(study_cost(study), lambda lane, s=study: run_study(s, sweep, functools.partial(one, lane=lane), force))
-                     for study in suite.studies]
+            jobs += [(functools.partial(study_cost, study),
+                      lambda lane, s=study: run_study(s, sweep, functools.partial(one, lane=lane), force)) for study in suite.studies]
         if level > 1:  # the longest first, so that the last to finish is a short one
-            jobs.sort(key=lambda job: -job[0])
+            jobs.sort(key=lambda job: -job[0]())
         sweep.side_by_side([job for _, job in jobs], lanes(level))
     return sweep.report
 
