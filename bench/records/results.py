@@ -59,7 +59,7 @@ SHAPES: dict[str, str] = {
     "memory.peak_bytes": "number?", "memory.peak_delta_bytes": "number?", "memory.accounted": "dict",
     **{f"memory.accounted.{key}": "number?" for key in ("weights", "grads", "optimizer", "activations")},
     **{f"runtime.{key}": "number?" for key in ("train_s", "step_s_median", "tokens_per_s", "eval_s", "step_ratio")},
-    "runtime.calibration_s": "durations", "runtime.utilization": "dict",
+    "runtime.calibration_s": "durations", "runtime.calibration_every": "count", "runtime.utilization": "dict",
     **{f"runtime.utilization.{key}": "number?" for key in ("train_flops", "achieved_flops_per_s", "peak_flops_per_s", "fraction")},
     "eval.lm_eval": "dict", "eval.forgetting": "number?",
     "train.loss_curve": "numbers", "train.step_times": "durations", "train.steps": "int", "env.machine_class": "str",
@@ -73,6 +73,8 @@ def _is(value: Any, shape: str) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if shape == "numbers":
         return isinstance(value, list) and all(v is None or _is(v, "number") for v in value)
+    if shape == "count":  # a whole number of things, at least one
+        return _is(value, "int") and value >= 1
     if shape == "durations":  # timed seconds: compare divides by them
         return isinstance(value, list) and all(_is(v, "number") and 0 < v < math.inf for v in value)
     return isinstance(value, {"int": int, "str": str, "dict": dict}[shape]) and not isinstance(value, bool)
@@ -98,7 +100,7 @@ def check(result: Any, path: Path) -> None:
 
 _ABSENT = object()
 _SAY = {"int": "an integer", "str": "a string", "dict": "a JSON object", "number": "a number", "numbers": "a list of numbers",
-        "durations": "a list of positive, finite numbers of seconds",
+        "durations": "a list of positive, finite numbers of seconds", "count": "a whole number >= 1",
         **{f"{k}?": f"{v} or null" for k, v in {"int": "an integer", "str": "a string", "number": "a number"}.items()}}
 
 
@@ -133,7 +135,23 @@ def _git(*args: str) -> str | None:
         return None
 
 
+_FROZEN: dict[str, Any] | None = None
+"""environment() as freeze_environment() found it, served from then on in this process."""
+
+
+def freeze_environment() -> None:
+    """Take environment() once and serve that copy for the rest of this process. The fork server
+    does it before it forks the sweep's first trial (bench/run/forkserver_warm.py): its trials run
+    the code it imported, so the git sha and dirty flag of the sweep's start are theirs, and each
+    trial saves four git calls and the package lookups."""
+    global _FROZEN
+    _FROZEN = None
+    _FROZEN = environment()
+
+
 def environment(device_name: str | None = None) -> dict[str, Any]:
+    if _FROZEN is not None:
+        return {**_FROZEN, "packages": dict(_FROZEN["packages"]), "device": device_name or _FROZEN["device"]}
     versions = {}
     for pkg in PACKAGES:
         try:

@@ -25,6 +25,7 @@ overhead and arithmetic, not a change of hardware class.
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import time
@@ -58,14 +59,23 @@ def machine_class() -> str:
     return f"{platform.machine()}-{cpus}cpu-{accelerator}"
 
 
+@functools.cache
+def blocks() -> tuple[nn.Module, ...]:
+    """The calibration's frozen blocks, built once per process (seeded: the same weights in every
+    process). The fork server builds them before it forks any trial (bench/run/forkserver_warm.py),
+    so a trial does not pay for building two transformers models."""
+    with torch.random.fork_rng(devices=[]):  # the caller's seed must not see this init
+        torch.manual_seed(0)
+        return tuple(_blocks())
+
+
 class Calibration:
     """Call it between training steps; `times` holds one entry per call, `spent` their sum."""
 
     def __init__(self, device: torch.device):
-        fork_rng = torch.random.fork_rng(devices=[])  # the trial's seed must not see this init
-        with fork_rng:
+        self.blocks = [m.to(device) for m in blocks()]
+        with torch.random.fork_rng(devices=[]):  # the trial's seed must not see this init
             torch.manual_seed(0)
-            self.blocks = [m.to(device) for m in _blocks()]
             self.inputs = torch.randn(BATCH, TOKENS, WIDTH).to(device)
         self.device = device
         self.times: list[float] = []

@@ -211,15 +211,17 @@ def _quartiles(xs: list[float]) -> tuple[float, float, float]:
     return q1, q2, q3
 
 
-def ratios(step_times: list[float], calibration_s: list[float]) -> list[float]:
-    """Each steady step's time in units of the calibration timed right after it."""
-    pairs = list(zip(step_times, calibration_s))
-    return [step / calibration for step, calibration in pairs[WARMUP:] or pairs]
+def ratios(step_times: list[float], calibration_s: list[float], every: int = 1) -> list[float]:
+    """Each steady step's time in units of the calibration timed right after it. The calibration
+    follows every `every`-th step (runtime.calibration_every; absent in older results: 1), so the
+    i-th calibration belongs to step (i + 1) * every - 1."""
+    pairs = [(i, step_times[i], c) for i, c in zip(range(every - 1, len(step_times), every), calibration_s)]
+    return [step / calibration for _, step, calibration in [p for p in pairs if p[0] >= WARMUP] or pairs]
 
 
-def step_ratio(step_times: list[float], calibration_s: list[float]) -> float | None:
+def step_ratio(step_times: list[float], calibration_s: list[float], every: int = 1) -> float | None:
     """runtime.step_ratio of a result: the median of its ratios."""
-    found = ratios(step_times, calibration_s)
+    found = ratios(step_times, calibration_s, every)
     return statistics.median(found) if found else None
 
 
@@ -233,7 +235,8 @@ def ratio_spread(result: dict[str, Any]) -> Spread | None:
 
 
 def _steady_ratios(result: dict[str, Any]) -> list[float]:
-    return ratios((result.get("train") or {}).get("step_times") or [], (result.get("runtime") or {}).get("calibration_s") or [])
+    rt = result.get("runtime") or {}
+    return ratios((result.get("train") or {}).get("step_times") or [], rt.get("calibration_s") or [], rt.get("calibration_every") or 1)
 
 
 def _shift_p(base: dict[str, Any], cur: dict[str, Any], alternative: str) -> float:

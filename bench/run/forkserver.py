@@ -12,7 +12,8 @@ import multiprocessing as mp
 # Imported once by the fork server, so each trial process starts without paying for them.
 PRELOAD = ["bench.run.forkserver_guard", "torch", "transformers", "transformers.models.llama.modeling_llama",
            "transformers.models.gpt2.modeling_gpt2", "datasets", "lm_eval", "lm_eval.models.huggingface",
-           "bench.run.worker", "bench.tasks.data", "bench.trial.evaluate", "bench.models"]
+           "bench.run.worker", "bench.tasks.data", "bench.trial.evaluate", "bench.models",
+           "bench.run.forkserver_warm"]  # last: it freezes what the imports before it made (see there)
 
 
 def trial_context():

@@ -192,9 +192,11 @@ def run(trial, result: dict[str, Any], adapters_dir: Path | None, show_progress:
         bar = tqdm(desc="  steps", leave=False, position=1, dynamic_ncols=True, disable=False)
 
     calibration = calibrate.Calibration(device)
+    every = trial.run.get("calibrate_every", 1)
 
     def progress(step: int, total: int, loss: float) -> None:
-        calibration()  # between steps, outside the step timer: see bench/regression/calibrate.py
+        if step % every == 0:
+            calibration()  # between steps, outside the step timer: see bench/regression/calibrate.py
         if bar is not None:
             bar.total = total
             bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
@@ -220,7 +222,8 @@ def run(trial, result: dict[str, Any], adapters_dir: Path | None, show_progress:
     if adapted.hooks.report:
         result["method_report"] = adapted.hooks.report()
     rt["step_s_median"] = trained.step_s_median
-    rt["step_ratio"] = compare.step_ratio(trained.step_times, calibration.times)
+    rt["calibration_every"] = every
+    rt["step_ratio"] = compare.step_ratio(trained.step_times, calibration.times, every)
     rt["tokens_per_s"] = trained.tokens / rt["train_s"] if trained.steps else None
     _store_utilization(adapted, dataset, collate, device, trained.steps, spec, result)
 

@@ -14,6 +14,10 @@ The splits never overlap: the source model trains on the first 50,000 train imag
 train and validation rows come from the other 10,000 (validation fixed, training rows drawn by
 the trial's seed), test rows from the official test split. Validation picks the learning rate
 (in the report); test is only ever reported.
+
+Decoding the images and shifting them cost a trial more than a second, the same work every time:
+both are done once per machine and kept as tensor files under bench.paths.cache_dir() (keyed by
+the image files and everything the shift depends on), so a trial reads a few MB instead.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import json
 import math
 import os
 import uuid
+import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -40,6 +46,9 @@ from bench.tasks import registry
 FMNIST_DIR = Path(os.environ.get("PEFTBENCH_FMNIST", "/usr/share/datasets/fashion-mnist"))
 VERSION = 2
 """Bump when the architecture or the source training changes: cached source models are rebuilt."""
+DATA_VERSION = 1
+"""Bump when decoding, a shift or the choice of rows changes: cached images and target sets are rebuilt."""
+FMNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 SOURCE_TRAIN = 50_000
 """Fashion-MNIST train images the source model sees; the rest is the target pool."""
 VAL_SIZE = 1_000
@@ -115,30 +124,102 @@ def _idx(path: Path) -> np.ndarray:
 
 def source_name() -> str:
     """The image source that runs here: fashion-mnist if its files exist, else sklearn-digits."""
-    files = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
-    return "fashion-mnist" if all((FMNIST_DIR / f).exists() for f in files) else "sklearn-digits"
+    return "fashion-mnist" if all((FMNIST_DIR / f).exists() for f in FMNIST_FILES) else "sklearn-digits"
+
+
+class CacheWarning(UserWarning):
+    """A cached tensor file that could not be read back (truncated, corrupted): it is rebuilt."""
+
+
+def _fingerprint(source: str) -> list[Any]:
+    """What decoded images depend on, cheap enough to check on every read: each Fashion-MNIST file's
+    path, size and modification time (a reinstalled or replaced dataset rebuilds the cache), or
+    scikit-learn's version for the digits it bundles."""
+    if source == "fashion-mnist":
+        return [[str(FMNIST_DIR / f), (st := (FMNIST_DIR / f).stat()).st_size, st.st_mtime_ns] for f in FMNIST_FILES]
+    from importlib import metadata
+
+    try:
+        return [metadata.version("scikit-learn")]
+    except metadata.PackageNotFoundError:
+        return [None]  # decoding then fails with the import error itself
+
+
+def _checksum(tensors: dict[str, Tensor]) -> str:
+    crc = 0
+    for name in sorted(tensors):
+        crc = zlib.crc32(tensors[name].contiguous().numpy(), crc)
+    return f"{crc:08x}"
+
+
+def _read_tensors(path: Path) -> dict[str, Tensor]:
+    """A cached tensor file, checked against the checksum stored in it; anything else raises ValueError."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    raw = path.read_bytes()
+    try:
+        tensors = load(raw)  # checks the header against the file's length
+        header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+    except (SafetensorError, ValueError, RuntimeError) as exc:  # ValueError covers bad UTF-8 or JSON in the header
+        raise ValueError(f"unreadable ({type(exc).__name__}: {str(exc)[:200]})") from None
+    stored = (header.get("__metadata__") or {}).get("crc32")
+    if stored != (found := _checksum(tensors)):
+        raise ValueError(f"checksum {found} does not match the stored {stored}")
+    return tensors
+
+
+def cached_tensors(kind: str, key: list[Any], build: Callable[[], dict[str, Tensor]]) -> dict[str, Tensor]:
+    """`build()`'s tensors, built once per machine: later calls read them back from
+    cache_dir()/data/vision/<kind>-<hash of DATA_VERSION and key>.safetensors, bit for bit. A file
+    that cannot be read back or fails its checksum is rebuilt, with a CacheWarning."""
+    from safetensors.torch import save_file
+
+    digest = hashlib.sha256(json.dumps([DATA_VERSION, kind, key]).encode()).hexdigest()[:16]
+    path = cache_dir() / "data" / "vision" / f"{kind}-{digest}.safetensors"
+    if path.exists():
+        try:
+            return _read_tensors(path)
+        except (OSError, ValueError) as exc:
+            warnings.warn(f"{path}: {exc}; rebuilding it", CacheWarning, stacklevel=2)
+    tensors = build()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:  # each tensor in its own storage: safetensors refuses views that share one
+        save_file({k: v.clone() for k, v in tensors.items()}, str(tmp), metadata={"crc32": _checksum(tensors)})
+        tmp.replace(path)  # a reader sees the whole file or none; two builders write identical files
+    finally:
+        tmp.unlink(missing_ok=True)
+    return tensors
 
 
 @functools.cache
 def images(source: str) -> dict[str, tuple[Tensor, Tensor]]:
-    """{"source", "pool", "test"}: (images N x 1 x 28 x 28 in [0, 1], labels), disjoint."""
+    """{"source", "pool", "test"}: (images N x 1 x 28 x 28 in [0, 1], labels), disjoint; decoded once
+    per machine (cached_tensors), then read back."""
+    if source not in ("fashion-mnist", "sklearn-digits"):
+        raise VisionError(f"unknown image source {source!r} (known: fashion-mnist, sklearn-digits)")
+    flat = cached_tensors(f"images-{source}", [source, _fingerprint(source), SOURCE_TRAIN],
+                          lambda: {f"{part}.{k}": t for part, rows in _decode(source).items() for k, t in zip("xy", rows)})
+    return {part: (flat[f"{part}.x"], flat[f"{part}.y"]) for part in ("source", "pool", "test")}
+
+
+def _decode(source: str) -> dict[str, tuple[Tensor, Tensor]]:
     if source == "fashion-mnist":
         x = torch.from_numpy(_idx(FMNIST_DIR / "train-images-idx3-ubyte.gz").copy()).float().div(255).unsqueeze(1)
         y = torch.from_numpy(_idx(FMNIST_DIR / "train-labels-idx1-ubyte.gz").copy()).long()
         xt = torch.from_numpy(_idx(FMNIST_DIR / "t10k-images-idx3-ubyte.gz").copy()).float().div(255).unsqueeze(1)
         yt = torch.from_numpy(_idx(FMNIST_DIR / "t10k-labels-idx1-ubyte.gz").copy()).long()
         return {"source": (x[:SOURCE_TRAIN], y[:SOURCE_TRAIN]), "pool": (x[SOURCE_TRAIN:], y[SOURCE_TRAIN:]), "test": (xt, yt)}
-    if source == "sklearn-digits":
-        from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits
 
-        digits = load_digits()
-        x = F.interpolate(torch.tensor(digits.images, dtype=torch.float32).div(16).unsqueeze(1), size=28, mode="bilinear")
-        y = torch.tensor(digits.target, dtype=torch.long)
-        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-        x, y = x[order], y[order]
-        a, b = int(0.6 * len(y)), int(0.8 * len(y))  # 60% source, 20% target pool, 20% test
-        return {"source": (x[:a], y[:a]), "pool": (x[a:b], y[a:b]), "test": (x[b:], y[b:])}
-    raise VisionError(f"unknown image source {source!r} (known: fashion-mnist, sklearn-digits)")
+    digits = load_digits()
+    x = F.interpolate(torch.tensor(digits.images, dtype=torch.float32).div(16).unsqueeze(1), size=28, mode="bilinear")
+    y = torch.tensor(digits.target, dtype=torch.long)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    x, y = x[order], y[order]
+    a, b = int(0.6 * len(y)), int(0.8 * len(y))  # 60% source, 20% target pool, 20% test
+    return {"source": (x[:a], y[:a]), "pool": (x[a:b], y[a:b]), "test": (x[b:], y[b:])}
 
 
 # ---- shifts ---------------------------------------------------------------------------------
@@ -263,27 +344,47 @@ def collate(rows: list[dict[str, Tensor]]) -> dict[str, Tensor]:
 
 def target_sets(task: str, n_train: int, seed: int) -> tuple[Rows, dict[str, Rows], dict[str, Any]]:
     """(train, {"val", "test"}, info): validation is the pool's first VAL_SIZE rows, training rows
-    are drawn from the rest by `seed`, test is the first TEST_SIZE rows of the test split."""
+    are drawn from the rest by `seed`, test is the first TEST_SIZE rows of the test split. Each set
+    is shifted once per machine and read back from the cache after that (cached_tensors)."""
     source = source_name()
-    x, y = candidates(task, "pool", source)
-    n_val = min(VAL_SIZE, len(y) // 3)  # the small digits pool keeps two thirds for training
-    order = n_val + torch.randperm(len(y) - n_val, generator=torch.Generator().manual_seed(seed))[:n_train]
-    xt, yt = candidates(task, "test", source)
-    # Shift only the rows used: corrupting whole splits would cost each trial seconds.
-    train = shift(task, x[order], y[order], [task, source, "train", seed])
-    val = shift(task, x[:n_val], y[:n_val], [task, source, "val"])
-    test = shift(task, xt[:TEST_SIZE], yt[:TEST_SIZE], [task, source, "test"])
+    t = get_task(task)
+    # Everything the rows depend on besides the code (DATA_VERSION): the images, the task, the split sizes.
+    key = [task, t.describe, t.level, t.flip, source, _fingerprint(source), SOURCE_TRAIN, VAL_SIZE, HIERARCHY[source]]
+    scored = cached_tensors(f"{task}-scored", [*key, TEST_SIZE], lambda: _scored_rows(task, source))
+    train = cached_tensors(f"{task}-train", [*key, n_train, seed], lambda: _train_rows(task, source, n_train, seed))
     info = {
         "source": source,
         "task": task,
-        "shift": get_task(task).level,
-        "describe": get_task(task).describe,
-        "train_rows": len(order),
+        "shift": t.level,
+        "describe": t.describe,
+        "train_rows": len(train["y"]),
         "train_rows_asked": n_train,
-        "val_rows": n_val,
-        "test_rows": len(test[1]),
+        "val_rows": len(scored["val.y"]),
+        "test_rows": len(scored["test.y"]),
     }
-    return Rows(*train), {"val": Rows(*val), "test": Rows(*test)}, info
+    return Rows(train["x"], train["y"]), {part: Rows(scored[f"{part}.x"], scored[f"{part}.y"]) for part in ("val", "test")}, info
+
+
+def _val_size(pool_rows: int) -> int:
+    return min(VAL_SIZE, pool_rows // 3)  # the small digits pool keeps two thirds for training
+
+
+def _train_rows(task: str, source: str, n_train: int, seed: int) -> dict[str, Tensor]:
+    x, y = candidates(task, "pool", source)
+    n_val = _val_size(len(y))
+    order = n_val + torch.randperm(len(y) - n_val, generator=torch.Generator().manual_seed(seed))[:n_train]
+    # Shift only the rows used: corrupting whole splits would cost seconds.
+    x, y = shift(task, x[order], y[order], [task, source, "train", seed])
+    return {"x": x, "y": y}
+
+
+def _scored_rows(task: str, source: str) -> dict[str, Tensor]:
+    x, y = candidates(task, "pool", source)
+    n_val = _val_size(len(y))
+    xt, yt = candidates(task, "test", source)
+    val = shift(task, x[:n_val], y[:n_val], [task, source, "val"])
+    test = shift(task, xt[:TEST_SIZE], yt[:TEST_SIZE], [task, source, "test"])
+    return {"val.x": val[0], "val.y": val[1], "test.x": test[0], "test.y": test[1]}
 
 
 @dataclass(eq=False)
