@@ -9,6 +9,7 @@ import itertools
 import math
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -130,6 +131,39 @@ def test_a_timeout_in_parallel_costs_only_its_own_trial(tmp_path):
     assert len(others) == 3 and all(r["status"] == "success" for r in others)
     assert any(overlap(found[slow], r) for r in others)  # they ran while it was being timed out
     assert not (tmp_path / "r" / "slow" / ".running").exists()
+
+
+def test_an_error_stops_the_sweep_and_kills_the_trial_beside_it(tmp_path, monkeypatch):
+    """An error in one lane (here: raised as the frozen trial's result comes back) stops the sweep
+    as it would stop a sequential one: the trial running beside it is killed, not waited for, and
+    nothing more is published or started."""
+    # The frozen trial trains nothing whatever max_steps says: a large one puts it first in the queue.
+    path = write(tmp_path, "stop", extra='[[sweep]]\nmethod = "frozen"\ntrain = { max_steps = 200000 }\n'
+                                           '[[sweep]]\nmethod = "lora"\ngrid.rank = [{ r = 8, alpha = 16 }]\n'
+                                           'train = { max_steps = 100000 }\n')
+    s = suite.load(path)
+    quick, slow = (next(t.id for t in s.trials if t.spec["train"]["max_steps"] == n) for n in (200000, 100000))
+    real, pids = runner.execute, {}
+
+    def failing(ctx, trial, draft, adapters, progress, started=None, env=None, lane=None):
+        def record(pid):
+            pids[trial.id] = pid
+            started(pid)
+
+        result = real(ctx, trial, draft, adapters, progress, record, env, lane)
+        if trial.id == quick:
+            raise RuntimeError("the sweep broke")
+        return result
+
+    monkeypatch.setattr(runner, "execute", failing)
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="the sweep broke"):
+        runner.run(s, tmp_path / "r", progress=False)
+    assert time.monotonic() - start < 120  # the slow trial trains for hours and has a 300 s timeout
+    assert set(pids) == {quick, slow}  # the queue's first two; the others never started
+    assert not list((tmp_path / "r" / "stop").glob("*.json"))
+    zombie = Path(f"/proc/{pids[slow]}/stat")
+    assert not zombie.exists() or zombie.read_text().split()[2] in ("Z", "X")
 
 
 def test_tuned_studies_side_by_side_choose_as_they_do_one_after_another(tmp_path, monkeypatch):

@@ -354,6 +354,9 @@ class Sweep:
                     job(lane)
             except Stopped:
                 pass
+            except BaseException:
+                self.stop()  # now, before this thread takes the next job
+                raise
             finally:
                 free.put(lane)
 
