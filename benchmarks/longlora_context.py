@@ -67,8 +67,10 @@ from torch import nn  # noqa: E402
 
 import methods  # noqa: E402
 from bench import models  # noqa: E402
+from bench.records import results as results_env  # noqa: E402
 from bench.trial.evaluate import forgetting_texts  # noqa: E402
 from bench.trial.measure import PeakMemory, saved_for_backward  # noqa: E402
+from bench.trial.train import OPTIMIZERS  # noqa: E402
 from reports import longlora_context as render  # noqa: E402
 from reports.results import ResultFileError  # noqa: E402
 
@@ -158,16 +160,19 @@ def interpolate_positions(model: nn.Module, length: int) -> float:
 
 
 def build(variant: str, length: int, setup: Setup, load: Callable[[Setup], nn.Module] = load_smollm2):
-    """The model in training mode, its positions interpolated where `length` needs it, and AdamW over LongLoRA's trainables."""
+    """The model in training mode, its positions interpolated where `length` needs it, and the training loop's
+    AdamW (bench/trial/train.py: fused where torch has the kernel; no weight decay) over LongLoRA's trainables."""
     model = load(setup)
     interpolate_positions(model, length)
     longlora = methods.get("longlora")
     base = model.config._attn_implementation
+    if base != FULL_ATTENTION:  # the comparison's fairness rests on both variants calling torch's SDPA
+        raise ValueError(f"{type(model).__name__} loaded with {base!r} attention; this benchmark compares against {FULL_ATTENTION!r}")
     adapted = longlora.apply(model, longlora.Config(r=setup.rank, alpha=2 * setup.rank, group_size_ratio=setup.group_size_ratio))
     if VARIANTS[variant].full_attention:
         model.set_attn_implementation(base)
     model.train()
-    return model, torch.optim.AdamW(adapted.trainable, lr=setup.lr)
+    return model, OPTIMIZERS["adamw"]([{"params": adapted.trainable}], {"lr": setup.lr, "weight_decay": 0.0})
 
 
 def step(model: nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor) -> float:
@@ -268,11 +273,21 @@ def measure_length(length: int, setup: Setup, ids: torch.Tensor, reps: int, max_
 
 
 def environment(setup: Setup) -> dict[str, Any]:
-    import transformers
+    """Package versions, git commit, host and device as trial results record them, and torch's thread count."""
+    gpu = torch.cuda.get_device_name(setup.device) if setup.device.startswith("cuda") else None
+    return results_env.environment(gpu) | {"threads": torch.get_num_threads()}
 
-    device = torch.cuda.get_device_name(setup.device) if setup.device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)"
-    return {"device_name": device, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "transformers": transformers.__version__}
+
+def header(setup: Setup, model: str, lengths: Sequence[int], max_positions: int, text: dict[str, Any]) -> dict[str, Any]:
+    """The record before its rows (one per length): what was run, on what, with which text."""
+    return {
+        "benchmark": render.NAME,  # how reports/results.py tells it from trial results
+        "config": asdict(setup) | {"model": model, "lengths": list(lengths), "batch": 1, "attn_implementation": FULL_ATTENTION,
+                                   "max_position_embeddings": max_positions, "variants": {v.name: v.label for v in VARIANTS.values()}},
+        "text": text,
+        "env": environment(setup),
+        "rows": [],
+    }
 
 
 def write_json(path: str, record: dict[str, Any]) -> None:
@@ -304,6 +319,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         ap.error(f"--reps and --reps-long must be >= 1 and every length > {PRIMING_TOKENS}")
     if not 0 < args.group_size_ratio <= 1:
         ap.error("--group-size-ratio must be in (0, 1]")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: CUDA is not available here")
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        ap.error(f"--json {args.json}: no such folder {Path(args.json).parent}")
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     return args
 
@@ -319,24 +338,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     setup = Setup(rank=args.rank, group_size_ratio=args.group_size_ratio, device=args.device, dtype=args.dtype)
     tokenizer = models.load_tokenizer({"name": MODEL})
-    config = models.config_of({"name": MODEL})
+    max_positions = models.config_of({"name": MODEL}).max_position_embeddings
     ids, text = text_ids(tokenizer, max(args.lengths))
-    record: dict[str, Any] = {
-        "benchmark": "longlora_context",  # how reports/results.py tells it from trial results
-        "config": asdict(setup) | {"model": MODEL, "lengths": args.lengths, "batch": 1, "attn_implementation": FULL_ATTENTION,
-                                   "max_position_embeddings": config.max_position_embeddings,
-                                   "variants": {v.name: v.label for v in VARIANTS.values()}},
-        "text": text,
-        "env": environment(setup),
-        "rows": [],
-    }
+    record = header(setup, MODEL, args.lengths, max_positions, text)
     print(f"{MODEL}, batch 1, LongLoRA r={args.rank} attention + embeddings + norms, groups of {args.group_size_ratio:g} x length, "
           f"{setup.device} {setup.dtype}, {record['env']['threads']} threads, warm-up + {args.reps} interleaved steps per length "
           f"({args.reps_long} from {LONG:,} tokens on)",
           flush=True)
     for length in args.lengths:
         reps = args.reps_long if length >= LONG else args.reps
-        row = measure_length(length, setup, ids[:, :length], reps, config.max_position_embeddings)
+        row = measure_length(length, setup, ids[:, :length], reps, max_positions)
         record["rows"].append(row)
         print(render.progress_line(row), flush=True)
         if args.json:

@@ -21,7 +21,7 @@ MIB = 2**20
 
 _REQUIRED: dict[str, tuple[str, ...]] = {
     "config": ("model", "device", "dtype", "rank", "group_size_ratio", "attn_implementation", "max_position_embeddings"),
-    "env": ("device_name", "threads"),
+    "env": ("device", "threads"),
     "text": ("source", "tokens_available", "repeated"),
 }
 _ROW = ("length", "group_size", "rope_factor", "reps", "variants")
@@ -119,7 +119,7 @@ def describe(record: dict[str, Any]) -> str:
             + (", repeated to reach the longest length" if t["repeated"] else ", no repetition"))
     return (f"{c['model']}, batch 1, LongLoRA r={c['rank']} on q, k, v, o plus embeddings and norms, AdamW; S²-Attn groups of "
             f"{c['group_size_ratio']:g} x the length, half the heads shifted; full = the same trainables with the model's "
-            f"{c['attn_implementation']} attention. {e['device_name']} ({c['device']}), {c['dtype']}, {e['threads']} threads; "
+            f"{c['attn_implementation']} attention. {e['device']} ({c['device']}), {c['dtype']}, {e['threads']} torch threads; "
             f"one untimed warm-up step then {'/'.join(map(str, reps))} timed step(s) per variant, interleaved; step = median. "
             f"Peak = memory above the loaded model over a step at the length with AdamW's state allocated, each variant in its "
             f"own process "

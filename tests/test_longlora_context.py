@@ -53,14 +53,9 @@ def test_s2_attn_agrees_with_full_attention_only_before_the_first_shifted_group(
 
 
 def test_both_variants_run_end_to_end_at_two_lengths_each_in_its_own_process(tmp_path: Path, capsys) -> None:
-    record: dict[str, Any] = {
-        "benchmark": "longlora_context",
-        "config": {"model": "tiny-llama", "device": "cpu", "dtype": "float32", "rank": SETUP.rank, "group_size_ratio": 0.25,
-                   "attn_implementation": bench.FULL_ATTENTION, "max_position_embeddings": 64},
-        "env": {"device_name": "cpu", "threads": torch.get_num_threads()},
-        "text": {"source": "random ids", "tokens_available": max(LENGTHS), "repeated": False},
-        "rows": [bench.measure_length(n, SETUP, tokens(n), reps=1, max_positions=64, load=tiny) for n in LENGTHS],
-    }
+    text = {"source": "random ids", "tokens_available": max(LENGTHS), "repeated": False}
+    record = bench.header(SETUP, "tiny-llama", LENGTHS, 64, text)
+    record["rows"] = [bench.measure_length(n, SETUP, tokens(n), reps=1, max_positions=64, load=tiny) for n in LENGTHS]
     for row in record["rows"]:
         assert row["group_size"] == row["length"] // 4 and row["rope_factor"] == 1.0
         for v in bench.VARIANTS:
@@ -116,7 +111,7 @@ def record_with() -> dict[str, Any]:
         "benchmark": "longlora_context",
         "config": {"model": "smollm2-135m", "device": "cpu", "dtype": "float32", "rank": 8, "group_size_ratio": 0.25,
                    "attn_implementation": "sdpa", "max_position_embeddings": 8192},
-        "env": {"device_name": "cpu (2 cores)", "threads": 2},
+        "env": {"device": "cpu: Intel(R) Xeon(R) Processor", "threads": 2},
         "text": {"source": "LAMBADA", "tokens_available": 10_000, "repeated": False},
         "rows": [{"length": 2048, "group_size": 512, "rope_factor": 1.0, "reps": 2,
                   "variants": {"s2": variant(3.0, 3 * 2**30, 2**30), "full": variant(6.0, 4 * 2**30, 2**29)}},
