@@ -16,6 +16,16 @@ computes the layer as W x + (m / n - 1) W x + (m / n) s B A x, which we follow, 
 gradients agree with peft's to float rounding (tested at 1e-5). Dropout, as in peft, applies to
 the input of the whole update (both the rescaled W x term and the low-rank term).
 
+Cost (issue #21, against peft's every-forward recomputation): the norm is taken without
+materialising W + s B A. Row by row, ||W + s B A||^2 = ||W||^2 + 2 s <B, W A^T> + s^2 <B, B (A A^T)>:
+||W||^2 is a constant of the frozen weight, cached (recomputed after unmerge, which rewrites W), and
+the rest needs one (r x out) product A W^T, which reads W once, instead of B A, W + s B A and the
+norm, three (out x in) passes. And the layer is computed as m / n * (W x + s B A x) (+ bias), equal
+in exact arithmetic to peft's form: W x + s B A x runs in the fused LoRA node
+(methods.lora.LowRankLinear), so autograd keeps one (tokens x out) tensor per layer, for m's
+gradient, where peft's form keeps two (W x and B A x), and runs two full-size elementwise passes
+fewer. With dropout, peft's form is kept as is (its W x term reads the undropped input).
+
 Merge writes m / n * (W + s B A) into the base weight (n from the unmerged weights) and keeps n,
 so that unmerge can divide it out again. The adapter is saved in peft's format (use_dora, with a
 `lora_magnitude_vector` per layer), which `peft.PeftModel.from_pretrained` loads.
@@ -34,7 +44,7 @@ from torch import Tensor, nn
 
 from methods.base import Adapted, require_float_weights
 from methods.layers import resolve_targets
-from methods.lora import LoRA, LoRAConfig, LoRALinear, features
+from methods.lora import features, LoRA, LoRAConfig, LoRALinear, LowRankLinear
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,7 +61,11 @@ class DoRALinear(LoRALinear):
 
     def __init__(self, base_layer: nn.Module, r: int, scaling: float, dropout: float = 0.0):
         super().__init__(base_layer, r, scaling, dropout)
-        self.lora_magnitude = nn.Parameter(self.weight_norm())
+        self.register_buffer("base_sq_norm", None, persistent=False)
+        norm = self.cache_base_norm()
+        # ||W|| itself (B = 0): the norm the forward computes from the cache is then exactly m, as
+        # sqrt(fl(v * v)) = v in binary floating point, so the layer is exactly the base at init.
+        self.lora_magnitude = nn.Parameter(norm)
         self.merged_norm: Tensor | None = None
 
     def oriented_weight(self) -> Tensor:
@@ -60,24 +74,46 @@ class DoRALinear(LoRALinear):
         return weight.T if self.fan_in_fan_out else weight
 
     @torch.no_grad()
+    def cache_base_norm(self) -> Tensor:
+        """Cache ||W||^2 per output feature (W is frozen: only merge and unmerge write it); returns ||W||."""
+        norm = torch.linalg.vector_norm(self.oriented_weight().to(self.lora_A.dtype), dim=1)
+        self.base_sq_norm = norm * norm
+        return norm
+
+    @torch.no_grad()
     def weight_norm(self) -> Tensor:
-        """||W + s B A|| for each output feature, outside the autograd graph (paper, section 4.3)."""
-        weight = self.oriented_weight().to(self.lora_A.dtype) + (self.lora_B @ self.lora_A) * self.scaling
-        return torch.linalg.vector_norm(weight, dim=1)
+        """||W + s B A|| for each output feature, outside the autograd graph (paper, section 4.3),
+        from the cached ||W||^2 without materialising W + s B A (module docstring)."""
+        a, b, s = self.lora_A, self.lora_B, self.scaling
+        projected = F.linear(a, self.oriented_weight().to(a.dtype))  # A W^T, (r x out)
+        square = self.base_sq_norm + (2 * s) * (b * projected.T).sum(1) + (s * s) * ((b @ (a @ a.T)) * b).sum(1)
+        return square.clamp_min(0).sqrt()
 
     def forward(self, x: Tensor) -> Tensor:
-        result = self.base_layer(x)
         if self.merged:
-            return result
+            return self.base_layer(x)
         scale = self.lora_magnitude / self.weight_norm()
-        x = x.to(self.lora_A.dtype)
-        dropped = self.dropout(x)
-        if dropped is x:
-            # W x is already in `result`: reuse it instead of a second full matmul.
-            bias = self.base_layer.bias
-            base = result.to(x.dtype) if bias is None else (result - bias).to(x.dtype)
+        if isinstance(self.dropout, nn.Dropout) and self.training:
+            return self.forward_dropped(x, scale)
+        bias = self.base_layer.bias
+        if self.fused(x):
+            weight, a, b = self.base_layer.weight, self.lora_A, self.lora_B
+            combined = LowRankLinear.apply(x, None, weight, None, a, b, self.scaling, self.fan_in_fan_out)
+            dtype = x.dtype
         else:
-            base = F.linear(dropped, self.oriented_weight().to(x.dtype))
+            result = self.base_layer(x)
+            dtype = result.dtype
+            base = result if bias is None else result - bias
+            low_rank = F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B * self.scaling)
+            combined = base.to(low_rank.dtype) + low_rank
+        out = combined * scale if bias is None else torch.addcmul(bias.to(combined.dtype), combined, scale)
+        return out.to(dtype)
+
+    def forward_dropped(self, x: Tensor, scale: Tensor) -> Tensor:
+        """peft's form, W x + (m / n - 1) W x' + (m / n) s B A x', x' the dropped input."""
+        result = self.base_layer(x)
+        dropped = self.dropout(x.to(self.lora_A.dtype))
+        base = F.linear(dropped, self.oriented_weight().to(dropped.dtype))
         low_rank = F.linear(F.linear(dropped, self.lora_A), self.lora_B * self.scaling)
         return result + ((scale - 1) * base + scale * low_rank).to(result.dtype)
 
@@ -106,6 +142,7 @@ class DoRALinear(LoRALinear):
         delta = (self.lora_B @ self.lora_A) * self.scaling
         factor = (self.lora_magnitude / self.merged_norm)[:, None]
         self._write(self.oriented_weight().to(delta.dtype) / factor - delta)
+        self.cache_base_norm()  # W is back up to rounding: the cache follows it
         self.merged_norm = None
         self.merged = False
 
