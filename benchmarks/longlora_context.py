@@ -20,14 +20,15 @@ every variant runs under torch's profiler and the JSON records the attention ker
 (grouped-query attention, 3 key/value heads for 9 query heads) where full attention passes
 enable_gqa: that copy is part of the method's cost and is timed with it.
 
-Per length: each variant's peak memory first, in its own process (forked on CPU; spawned on CUDA,
-where a forked child cannot start CUDA): a step on 8 tokens allocates AdamW's state, then one step
-at the length; the resident-set high-water mark on CPU or torch.cuda.max_memory_allocated on CUDA
-over both, minus the level after loading, plus the bytes autograd saves for backward in the second.
-A variant whose process dies (out of memory) is recorded as such and not timed. Then the variants
-that fit are built side by side in this process, one untimed warm-up step each, and --reps timed
-steps (--reps-long from 8192 tokens on) interleaved rep by rep, so that machine noise hits them
-alike. The JSON is rewritten after every length, so a run stopped at 8k keeps the shorter lengths.
+First every length's peak memory per variant, each in its own process (forked on CPU, before this
+process trains anything; spawned on CUDA, where a forked child cannot start CUDA): a step on 8
+tokens allocates AdamW's state, then one step at the length; the resident-set high-water mark on
+CPU or torch.cuda.max_memory_allocated on CUDA over both, minus the level after loading, plus the
+bytes autograd saves for backward in the second. A variant whose process dies (out of memory) is
+recorded as such and not timed. Then per length the variants that fit are built side by side in
+this process, one untimed warm-up step each, and --reps timed steps (--reps-long from 8192 tokens
+on) interleaved rep by rep, so that machine noise hits them alike. The JSON is rewritten after
+every timed length, so a run stopped at 8k keeps the shorter lengths.
 
 Run time on a 2-core CPU (estimated from 1k and 2k steps, float32, 2 threads): a step takes about
 4 s at 1k tokens and 45-80 s at 8k (full attention the slower), so the default run (2 timed steps
@@ -45,6 +46,7 @@ ceil(length / max_position_embeddings), as the authors' fine-tune.py sets), reco
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import math
@@ -243,14 +245,23 @@ def memory_in_child(variant: str, length: int, setup: Setup, ids: torch.Tensor,
     return result
 
 
+def measure_memory(length: int, setup: Setup, ids: torch.Tensor, load: Callable[[Setup], nn.Module] = load_smollm2
+                   ) -> dict[str, dict[str, Any]]:
+    """Every variant's memory at one length, each in its own process. Forked children start from this
+    process's heap: fork them before it trains anything, since freed memory its allocator keeps would
+    serve a child's tensors without raising its resident set (measured: a 2k child's peak came out
+    below a 1k child's when forked after the 1k steps had run here)."""
+    return {v: memory_in_child(v, length, setup, ids, load) for v in VARIANTS}
+
+
 def measure_length(length: int, setup: Setup, ids: torch.Tensor, reps: int, max_positions: int,
-                   load: Callable[[Setup], nn.Module] = load_smollm2, isolate: bool = True) -> dict[str, Any]:
-    """One length: every variant's memory (each in its own process unless `isolate` is off), then the
-    variants that fit built side by side, a profiled warm-up step each and `reps` interleaved timed steps."""
-    measure = memory_in_child if isolate else memory
+                   load: Callable[[Setup], nn.Module] = load_smollm2, measured: dict[str, dict[str, Any]] | None = None
+                   ) -> dict[str, Any]:
+    """One length: every variant's memory (`measured`, else measure_memory now), then the variants that
+    fit built side by side, a profiled warm-up step each and `reps` interleaved timed steps."""
     row: dict[str, Any] = {"length": length, "group_size": math.ceil(setup.group_size_ratio * length), "reps": reps,
                            "rope_factor": position_factor(length, max_positions),
-                           "variants": {v: measure(v, length, setup, ids, load) for v in VARIANTS}}
+                           "variants": copy.deepcopy(measured) if measured else measure_memory(length, setup, ids, load)}
     fits = [v for v in VARIANTS if row["variants"][v]["status"] == "ok"]
     built = {v: build(v, length, setup, load) for v in fits}
     on_device = ids.to(setup.device)
@@ -345,9 +356,13 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{setup.device} {setup.dtype}, {record['env']['threads']} threads, warm-up + {args.reps} interleaved steps per length "
           f"({args.reps_long} from {LONG:,} tokens on)",
           flush=True)
+    measured = {}
+    for length in args.lengths:  # every length's memory before this process trains (see measure_memory)
+        measured[length] = measure_memory(length, setup, ids[:, :length])
+        print(render.memory_line(length, measured[length]), flush=True)
     for length in args.lengths:
         reps = args.reps_long if length >= LONG else args.reps
-        row = measure_length(length, setup, ids[:, :length], reps, max_positions)
+        row = measure_length(length, setup, ids[:, :length], reps, max_positions, measured=measured[length])
         record["rows"].append(row)
         print(render.progress_line(row), flush=True)
         if args.json:

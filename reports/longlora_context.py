@@ -134,6 +134,13 @@ def markdown(record: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n\n" + describe(record)
 
 
+def memory_line(length: int, variants: dict[str, dict[str, Any]]) -> str:
+    """One length's peak memory per variant as the benchmark prints it before timing."""
+    return f"  {length:>6,} tokens: peak " + ", ".join(
+        f"{v} " + (f"+{m['peak_delta_bytes'] / MIB:,.0f} MiB" if m["status"] == "ok" else f"{m['status']} ({m.get('error', '')})")
+        for v, m in variants.items())
+
+
 def progress_line(row: dict[str, Any]) -> str:
     """One length's figures as the benchmark prints them while it runs."""
     parts = []
