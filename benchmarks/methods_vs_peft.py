@@ -6,16 +6,16 @@ For DoRA, LoRA-FA, VeRA, IA3, prompt tuning, prefix tuning and LLaMA-Adapter (pe
 prompt), ours (methods.get(name).apply) and peft's (get_peft_model) are built from the same
 settings (rank, alpha, targets, virtual tokens, adapter layers and length, init) on the same
 frozen float32 SmolLM2-135M, and run the same loop on the same batch of real text (lora_step.py's):
-forward with labels, backward, AdamW step. Every variant is timed rep by rep in turn, so that
-machine noise hits all of them alike; peak memory is measured per variant in its own forked
-process (resident-set high-water mark over three steps, after building), with the bytes autograd
-saves for backward in one step, as lora_step.py does. Prints per method the median step times,
+forward with labels, backward, a step of the training loop's AdamW (lora_step.py's `adamw`). Every
+variant is timed rep by rep in turn, so that machine noise hits all of them alike; peak memory is
+measured per variant in its own forked process (resident-set high-water mark over two steps, after
+building), with the bytes autograd saves for backward in one step, as lora_step.py does. Prints per method the median step times,
 the ratios ours/peft (time, peak memory; the targets are <= 1.0) and both trainable counts, which
 must be equal (a warning line says so when they are not).
 
 LoRA-FA in peft 0.21 is `create_lorafa_optimizer`: it freezes every lora_A of a LoRA model and
 returns LoraFAOptimizer, an AdamW that also projects B's gradient (methods/lora_fa.py). The model
-is built that way here, and both sides then train with the loop's plain AdamW, as our LoRA-FA does.
+is built that way here, and both sides then train with the loop's AdamW, as our LoRA-FA does.
 
 The variants share one loaded copy of the frozen weights (each wraps its own module tree around
 the same tensors), so the timed run holds one model's weights, not fourteen.
@@ -46,7 +46,7 @@ from torch import nn  # noqa: E402
 import methods  # noqa: E402
 from bench import models  # noqa: E402
 from bench.trial.measure import PeakMemory, saved_for_backward  # noqa: E402
-from benchmarks.lora_step import make_batch  # noqa: E402
+from benchmarks.lora_step import adamw, make_batch  # noqa: E402
 
 SIDES = ("ours", "peft")
 
@@ -191,7 +191,8 @@ def build(method: str, side: str, base: nn.Module, s: Settings) -> Built:
 
 
 def optimizer(built: Built) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(built.trainable, lr=1e-4)
+    """The training loop's AdamW (fused where torch has the kernel), as lora_step.py steps both sides."""
+    return adamw(built.trainable)
 
 
 def step(built: Built, opt: torch.optim.Optimizer, ids: torch.Tensor) -> None:
@@ -211,8 +212,8 @@ def memory_child(method: str, side: str, s: Settings, ids: torch.Tensor, queue: 
     peak.start()
     with saved_for_backward(built.model) as saved:
         step(built, opt, ids)
-    for _ in range(2):  # AdamW's state exists from the first step on
-        step(built, opt, ids)
+    # The second step runs with AdamW's state, allocated at the end of the first: the steady peak.
+    step(built, opt, ids)
     queue.put({"peak_delta_bytes": peak.stop()["peak_delta_bytes"], "saved_bytes": saved["bytes"]})
 
 

@@ -159,9 +159,12 @@ def _inject_prefix(encoder: PrefixEncoder) -> Any:
         if cache.get_seq_length() == 0:
             # A non-empty cache was begun here and holds the prefix already.
             kv = encoder().to(model.get_input_embeddings().weight.dtype)
+            # One expand and one unbind for the whole table: backward then sums over the batch once and
+            # stacks the per-layer gradients once, where indexing per layer would zero-fill and add
+            # a table-sized gradient for every key and value (2 x layers of them).
+            parts = kv.unsqueeze(1).expand(-1, batch, -1, -1, -1).unbind(0)
             for layer in range(encoder.geometry.layers):
-                key, value = (t.unsqueeze(0).expand(batch, -1, -1, -1) for t in (kv[2 * layer], kv[2 * layer + 1]))
-                cache.update(key, value, layer)
+                cache.update(parts[2 * layer], parts[2 * layer + 1], layer)
         kwargs["cache"] = cache
         mask = kwargs.get("attention_mask")
         if mask is not None:
