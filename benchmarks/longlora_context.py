@@ -30,10 +30,11 @@ this process, one untimed warm-up step each, and --reps timed steps (--reps-long
 on) interleaved rep by rep, so that machine noise hits them alike. The JSON is rewritten after
 every timed length, so a run stopped at 8k keeps the shorter lengths.
 
-Run time on a 2-core CPU (estimated from 1k and 2k steps, float32, 2 threads): a step takes about
-4 s at 1k tokens and 45-80 s at 8k (full attention the slower), so the default run (2 timed steps
-below 8192 tokens, 1 at 8192: four steps per variant and length) takes about 8-11 minutes; --quick
-takes 1-2. On a GPU all of it takes seconds: pass --reps 5 there.
+Run time on a 2-core CPU (estimated from 1k and 2k steps, float32, 2 threads; 4k and 8k
+extrapolated): a step takes about 4 s at 1k tokens and 30-80 s at 8k (full attention the slower).
+The default run steps each variant four times per length (memory, warm-up, 2 timed) and three
+times at 8192 (one timed: --reps-long), about 8-12 minutes; --quick takes 1-2. On a GPU all of it
+takes seconds: pass --reps 5 --reps-long 5 there.
 
 Text: LAMBADA book passages (bench.trial.evaluate.forgetting_texts, the held-out text lora_step.py
 uses), joined with blank lines and cut to the length: 8192 tokens take about 100 passages of the
