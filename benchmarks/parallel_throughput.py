@@ -117,7 +117,7 @@ def main() -> int:
     print(f"one_at_a_time / side_by_side wall: {ratio:.3f} (median of {', '.join(f'{r:.3f}' for r in ratios)}): "
           f"higher throughput: {better}")
     if args.json:
-        Path(args.json).write_text(json.dumps({
+        Path(args.json).write_text(json.dumps({"benchmark": "parallel_throughput",  # how reports/results.py tells it from trial results
             "suite": str(s.path), "cores": cores, "trials": [{"id": t.id, "label": t.label} for t in trials],
             "shrunk": {"max_steps": args.max_steps, "eval_limit": args.eval_limit}, "runs": runs,
             "ratios": ratios, "ratio": ratio, "better": better.split()[0]}, indent=1, sort_keys=True))
