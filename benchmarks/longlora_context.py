@@ -20,8 +20,8 @@ every variant runs under torch's profiler and the JSON records the attention ker
 (grouped-query attention, 3 key/value heads for 9 query heads) where full attention passes
 enable_gqa: that copy is part of the method's cost and is timed with it.
 
-First every length's peak memory per variant, each in its own process (forked on CPU, before this
-process trains anything; spawned on CUDA, where a forked child cannot start CUDA): a step on 8
+First every length's peak memory per variant, each in its own spawned process (the committed CPU
+reference run forked them, before this process trained anything; see memory_in_child): a step on 8
 tokens allocates AdamW's state, then one step at the length; the resident-set high-water mark on
 CPU or torch.cuda.max_memory_allocated on CUDA over both, minus the level after loading, plus the
 bytes autograd saves for backward in the second. A variant whose process dies (out of memory) is
@@ -225,9 +225,11 @@ def _memory_child(variant: str, length: int, setup: Setup, ids: torch.Tensor, lo
 
 def memory_in_child(variant: str, length: int, setup: Setup, ids: torch.Tensor,
                     load: Callable[[Setup], nn.Module] = load_smollm2) -> dict[str, Any]:
-    """`memory` in a process of its own: forked on CPU, spawned on CUDA (CUDA cannot start in a fork of
-    a process that used it). A child that dies (the kernel's OOM killer) is recorded, not waited for."""
-    ctx = mp.get_context("spawn" if setup.device.startswith("cuda") else "fork")
+    """`memory` in a process of its own, spawned: a fresh interpreter and heap. (A fork inherits the
+    parent's heap and, once the parent has run torch's thread pool, can hang on its lock: the test
+    suite's process had, and its child hung; CUDA cannot start in a fork of a process that used it.)
+    A child that dies (the kernel's OOM killer) is recorded, not waited for."""
+    ctx = mp.get_context("spawn")
     out = ctx.Queue()
     child = ctx.Process(target=_memory_child, args=(variant, length, setup, ids, load, out))
     child.start()
@@ -248,10 +250,10 @@ def memory_in_child(variant: str, length: int, setup: Setup, ids: torch.Tensor,
 
 def measure_memory(length: int, setup: Setup, ids: torch.Tensor, load: Callable[[Setup], nn.Module] = load_smollm2
                    ) -> dict[str, dict[str, Any]]:
-    """Every variant's memory at one length, each in its own process. Forked children start from this
-    process's heap: fork them before it trains anything, since freed memory its allocator keeps would
-    serve a child's tensors without raising its resident set (measured: a 2k child's peak came out
-    below a 1k child's when forked after the 1k steps had run here)."""
+    """Every variant's memory at one length, each in its own process, all before this process trains:
+    a forked child would start from this process's heap, whose freed memory would serve its tensors
+    without raising its resident set (measured: a 2k child's peak came out below a 1k child's when
+    forked after the 1k steps had run here); spawned children (memory_in_child) start clean anyway."""
     return {v: memory_in_child(v, length, setup, ids, load) for v in VARIANTS}
 
 
