@@ -33,7 +33,7 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """nox -s bench -- SUITE.toml [...] [--force] [--dry-run] [--results DIR]"""
+    """nox -s bench -- SUITE.toml [...] [--force] [--dry-run] [--only SELECTOR] [--results DIR] (every flag of peftbench run)"""
     install(session)
     if not session.posargs:
         session.error("usage: nox -s bench -- suites/lora_sweep.toml [runner flags]")

@@ -32,11 +32,15 @@ def cmd_run(args) -> int:
         except runner.RunnerError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+    from bench.run import select
+
     suites = []
     for path in args.suites:  # validate everything before running anything
         try:
             suites.append(suite.load(path))
-        except suite.SuiteError as exc:
+            if args.only is not None:  # the trials it picks, into the same results folder as a full run
+                suites[-1] = select.only(suites[-1], args.only)
+        except (suite.SuiteError, select.SelectError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         if args.backend == "ray" and suites[-1].studies:  # a study's next trial waits on the last one's score
@@ -71,7 +75,10 @@ def cmd_run(args) -> int:
 
             rows = runner.estimate(s)
             df = pd.DataFrame(rows)
-            print(f"{s.path}: {len(rows)} trials, estimated {df['est_s'].sum() / 60:.1f} min of compute")
+            print(f"{s.path}: {len(rows)} trials{' (--only ' + args.only + ')' if args.only else ''}, "
+                  f"estimated {df['est_s'].sum() / 60:.1f} min of compute")
+            if args.backend == "local":
+                print(runner.lanes_text(s, args.parallel or runner.parallel_level(s)))
             gb = {c: "{:.3f}".format for c in df.columns if c.endswith("_gb")}  # the memory forecast (bench/trial/forecast.py)
             print(df.to_string(index=False, formatters={"est_s": "{:.0f}".format, **gb}))
             continue
@@ -268,7 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("suites", nargs="+")
     p.add_argument("--results", default="results", help="results root (default: results/)")
     p.add_argument("--force", action="store_true", help="rerun trials that already succeeded")
-    p.add_argument("--dry-run", action="store_true", help="list the trials with an estimated cost, run nothing")
+    p.add_argument("--dry-run", action="store_true", help="list the trials with an estimated cost and the parallel level, run nothing")
+    p.add_argument("--only", metavar="SELECTOR", help="run only these trials: comma-separated trial-id prefixes and/or key=value "
+                   "filters on the trial spec (method=lora, targets=qv, data.task=sst2, train.seed=0); the same key ORs, "
+                   "different keys AND (bench/run/select.py). Results go where a full run's go")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--backend", choices=["local", "ray"], default="local",
                    help="local: on this machine, one trial at a time or --parallel (default); ray: each trial a task on a Ray cluster")

@@ -97,6 +97,20 @@ def parallel_level(suite: Suite) -> int:
     return levels.pop() if levels else 1
 
 
+def lanes_text(suite: Suite, level: int) -> str:
+    """How the local runner would run the suite at `level` trials at once, for --dry-run: the lanes,
+    the torch threads a trial gets in one ([run] threads, else the lane's share, else torch's
+    default) and the cores each lane is pinned to."""
+    import torch
+
+    found = lanes(level)
+    trials = [*suite.trials, *(study.corners()[0] for study in suite.studies)]
+    threads = sorted({found[0].threads_for(t) or torch.get_num_threads() for t in trials})
+    each = f"{threads[0]}" if len(threads) == 1 else f"{threads[0]}-{threads[-1]}"
+    cores = " | ".join(",".join(map(str, lane.cpus)) for lane in found if lane.cpus) or "not pinned"
+    return f"parallel: {level} lane{'s' if level > 1 else ''} x {each} thread{'s' if threads[-1] > 1 else ''} per lane (cores: {cores})"
+
+
 def check_results_dir(directory: Path) -> None:
     """Refuse a results folder that a file stands in for (the folder itself or one above it),
     before any trial runs; creates nothing."""
