@@ -82,6 +82,12 @@ class Prefix(nn.Module):
             labels = kwargs.get("labels")
             if labels is not None and labels.dim() == 2 and labels.shape[1] == length:  # token labels; class labels stay as they are
                 kwargs["labels"] = torch.cat([labels.new_full((batch, n), -100), labels], dim=1)
+            keep = kwargs.get("logits_to_keep")
+            if isinstance(keep, Tensor) and keep.dtype == torch.bool and keep.shape[-1] == length:
+                # Positions chosen over the input (bench.trial.train.loss): the prompt's own rows are not kept.
+                kwargs["logits_to_keep"] = torch.cat([keep.new_zeros(*keep.shape[:-1], n), keep], dim=-1)
+            elif isinstance(keep, Tensor):
+                kwargs["logits_to_keep"] = keep + n
             if (types := kwargs.get("token_type_ids")) is not None:
                 kwargs["token_type_ids"] = torch.cat([types.new_zeros(batch, n), types], dim=1)
             if (positions := kwargs.get("position_ids")) is not None:

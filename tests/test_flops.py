@@ -21,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import methods
 from bench.trial import flops
+from bench.trial.train import loss as train_loss
 
 TOLERANCE = 0.01
 """Relative: what the count leaves out (norms, softmax, elementwise) is not in FlopCounterMode's
@@ -50,7 +51,7 @@ def _torch_count(model, trainable, batch, inputs_grad: bool = False) -> int:
             embeds = model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_(True)
             loss = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
         else:
-            loss = model(**batch).loss
+            loss = train_loss(model, batch)  # the loss training runs: the head over labelled positions only
         loss.backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
@@ -87,6 +88,23 @@ def test_count_matches_flop_counter(arch, method, config):
     counted = flops.training_flops(adapted.model, adapted.trainable, [flops.batch_shape(batch)], arch_batch(arch, batch=2, seq=8))
     assert counted.flops == pytest.approx(expected, rel=TOLERANCE)
     assert counted.check_error < 1e-6  # a transformer's count is the polynomial exactly
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_head_counted_over_labelled_positions_only(arch):
+    """Answer-only labels (instruction rows): the vocabulary head runs on the labelled positions alone,
+    and the count, fitted on fully labelled tiny batches, follows the trial's own label count."""
+    adapted = _adapt(_model(arch), "lora", {"r": 4, "targets": "qv"})
+    batch = arch_batch(arch, batch=3, seq=21)
+    batch["labels"][:, :-3] = -100  # the last three tokens of each row: the three positions before them are kept
+    expected = _torch_count(adapted.model, adapted.trainable, batch)
+    rows, width, kept = flops.batch_shape(batch)
+    assert (rows, width, kept) == (3, 21, 9)
+    counted = flops.training_flops(adapted.model, adapted.trainable, [(rows, width, kept)], arch_batch(arch, batch=2, seq=8))
+    assert counted.flops == pytest.approx(expected, rel=TOLERANCE)
+    every = flops.training_flops(adapted.model, adapted.trainable, [(rows, width, rows * (width - 1))], arch_batch(arch, batch=2, seq=8))
+    head = 2 * 2 * adapted.model.config.hidden_size * adapted.model.config.vocab_size  # forward + input gradient, per position
+    assert every.flops - counted.flops == pytest.approx(head * (rows * (width - 1) - kept), rel=TOLERANCE)
 
 
 def test_lora_counts_less_than_full_and_weight_gradients_only_where_trained():

@@ -120,3 +120,59 @@ def test_seed_fixes_adapter_init_and_data_order(tiny):
         curves.append(train(adapted, dataset, dict(T, seed=seed, max_steps=4), collate_for(loaded.tokenizer),
                             torch.device("cpu")).loss_curve)
     assert curves[0] == curves[1] and curves[0] != curves[2]
+
+
+# ---- the loss projects only the labelled positions onto the vocabulary -------------------------------
+
+
+def _answer_only(batch: dict[str, torch.Tensor], answer: int = 2) -> dict[str, torch.Tensor]:
+    """Labels on each row's last `answer` real tokens only, rows of different lengths (right padding):
+    how instruction and classification rows are labelled (bench.tasks.tokens)."""
+    out = {k: v.clone() for k, v in batch.items()}
+    out["labels"][:] = -100
+    for i in range(len(out["input_ids"])):
+        length = out["input_ids"].shape[1] - i  # row i has i padding positions
+        out["attention_mask"][i, length:] = 0
+        out["labels"][i, length - answer:length] = out["input_ids"][i, length - answer:length]
+    return out
+
+
+@pytest.mark.parametrize("method", [("lora", {"r": 4, "targets": "qv"}), ("prompt_tuning", {"n_tokens": 3})], ids=["lora", "prompt"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_loss_over_labelled_positions_equals_the_models_own(arch, method):
+    """Same loss and gradients as `model(**batch).loss`, which projects every position; the head sees
+    only the labelled ones (a prompt's virtual tokens in front shift them, methods/prompt_tuning.py)."""
+    from conftest import build_model, make_batch
+
+    from bench.trial.train import keeps_logits, loss
+
+    name, config = method
+    m = methods.get(name)
+    torch.manual_seed(0)
+    adapted = m.apply(build_model(arch), m.Config.from_dict(config))
+    model = adapted.model
+    batch = _answer_only(make_batch("llama", batch=3, seq=10))
+    assert keeps_logits(model, batch)
+    head_rows = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda mod, args, out: head_rows.append(args[0].shape[:-1].numel()))
+    ours = loss(model, batch)
+    ours.backward()
+    ours_grads = [p.grad.clone() for p in adapted.trainable]
+    model.zero_grad(set_to_none=True)
+    theirs = model(**batch).loss
+    theirs.backward()
+    hook.remove()
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    width = batch["input_ids"].shape[1] + (config.get("n_tokens", 0))
+    assert head_rows == [labelled, 3 * width]  # ours: the labelled positions; the model's own: every one
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
+    for mine, reference in zip(ours_grads, (p.grad for p in adapted.trainable), strict=True):
+        torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-6)
+
+
+def test_class_labels_and_images_keep_the_models_own_loss():
+    from conftest import build_model, make_batch
+
+    from bench.trial.train import keeps_logits
+
+    assert not keeps_logits(build_model("bert"), make_batch("bert"))  # one label a row, no next tokens

@@ -123,9 +123,11 @@ def forgetting_texts(n: int = 64) -> list[str]:
 
 def lm_loss(model: nn.Module, tokenizer: Any, texts: list[str], max_length: int = 256,
             batch_size: int = 8) -> float:
-    """Mean next-token negative log-likelihood per token over `texts` (each truncated to max_length)."""
+    """Mean next-token negative log-likelihood per token over `texts` (each truncated to max_length).
+    Texts are batched shortest first: the LAMBADA passages run 58-137 tokens, and batches of
+    neighbouring lengths pad about a fifth less than batches in passage order."""
     device = next(model.parameters()).device
-    ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    ids = sorted(tokenizer(texts, truncation=True, max_length=max_length)["input_ids"], key=len)
     total, count = 0.0, 0
     was_training = model.training
     model.eval()

@@ -24,11 +24,12 @@ How: which products run, their shapes and which operands need a gradient are rea
 of the trial's own adapted model (a TorchFunctionMode records each product; nothing is changed), run
 on a few tiny batches (at most a few dozen tokens, outside the timed window); the backward follows
 from the rules above. A forward's count is a polynomial in the batch's rows B and width T,
-c0 + B (c1 + c2 T + c3 T^2) (linear layers grow with the tokens, attention with T^2, a method's
-per-batch work such as DoRA's weight norm is c0), so four tiny forwards give the coefficients and a
-fifth checks them; each of the trial's micro-batches (padded as the model ran it) is then summed. A
-batch without a token width (images) is c0 + c1 B. Padding positions are counted: the machine
-computed them.
+c0 + B (c1 + c2 T + c3 T^2) + c4 K (linear layers grow with the tokens, attention with T^2, a method's
+per-batch work such as DoRA's weight norm is c0, and a causal LM's vocabulary head with the K positions
+whose next token is labelled, the only ones bench.trial.train.loss projects), so five tiny forwards
+give the coefficients and a sixth checks them; each of the trial's micro-batches (padded as the model
+ran it) is then summed. A batch without a token width (images) is c0 + c1 B. Padding positions are
+counted: the machine computed them.
 
 Peak (`peak_flops`): the best rate of square float32 matmuls of a few sizes at the trial's thread
 count, measured once per machine class (bench.regression.calibrate.machine_class) in about a second and
@@ -54,8 +55,10 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
+from bench.trial.train import keeps_logits, loss
+
 F = nn.functional
-VERSION = 1
+VERSION = 2
 """Bump when a count of the same model would change: part of the cached counts' key."""
 
 
@@ -202,7 +205,8 @@ def forward_products(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[P
     try:
         recorder = _Recorder()
         with torch.random.fork_rng(devices=[]), torch.enable_grad(), recorder.functions(), recorder:
-            model(**batch)
+            # The products training runs: bench.trial.train.loss's head over the labelled positions only.
+            loss(model, batch) if keeps_logits(model, batch) else model(**batch)
     finally:
         model.train(was_training)
     return recorder.products
@@ -213,9 +217,10 @@ def _text_width(batch: dict[str, torch.Tensor]) -> int | None:
     return int(ids.shape[1]) if ids is not None and ids.dim() == 2 else None
 
 
-def _shaped(batch: dict[str, torch.Tensor], rows: int, width: int | None) -> dict[str, torch.Tensor]:
+def _shaped(batch: dict[str, torch.Tensor], rows: int, width: int | None, labelled: str = "all") -> dict[str, torch.Tensor]:
     """A batch of `rows` rows (and `width` tokens) made of the given one's rows and tokens repeated,
-    unpadded (the mask does not change what is multiplied)."""
+    unpadded (the mask does not change what is multiplied); token labels on every position
+    (`labelled` "all") or on the last one of each row ("last")."""
     old_rows = next(iter(batch.values())).shape[0]
     old_width = _text_width(batch)
     out = {}
@@ -226,42 +231,53 @@ def _shaped(batch: dict[str, torch.Tensor], rows: int, width: int | None) -> dic
             if name == "attention_mask":
                 t = torch.ones_like(t)
         out[name] = t
+    if width is not None and "labels" in out and "input_ids" in out and out["labels"].shape == out["input_ids"].shape:
+        out["labels"] = out["input_ids"].clone()
+        if labelled == "last":
+            out["labels"][:, :-1] = -100
     return out
 
 
 @dataclass(frozen=True)
 class FlopModel:
-    """FLOPs of one training micro-batch of B rows and T tokens: c0 + B (c1 + c2 T + c3 T^2)."""
+    """FLOPs of one training micro-batch of B rows and T tokens of which K positions have a labelled
+    next token: c0 + B (c1 + c2 T + c3 T^2) + c4 K."""
 
-    coefficients: tuple[float, float, float, float]
+    coefficients: tuple[float, float, float, float, float]
     text: bool
     check_error: float
-    """Relative error of the polynomial on a fifth, traced shape (0 where exact)."""
+    """Relative error of the polynomial on a sixth, traced shape (0 where exact)."""
 
-    def __call__(self, rows: int, width: int = 1) -> float:
-        c0, c1, c2, c3 = self.coefficients
-        return c0 + rows * (c1 + c2 * width + c3 * width * width)
+    def __call__(self, rows: int, width: int = 1, kept: int | None = None) -> float:
+        """`kept` None: every next token labelled, B (T - 1)."""
+        c0, c1, c2, c3, c4 = self.coefficients
+        kept = rows * (width - 1) if kept is None else kept
+        return c0 + rows * (c1 + c2 * width + c3 * width * width) + c4 * kept
 
 
 FIT_WIDTHS = (8, 12, 16)
 CHECK = (3, 20)
-"""Shapes the polynomial is fitted on (rows 1 at three widths, rows 2 at the first) and checked on."""
+"""Shapes the polynomial is fitted on (rows 1 at three widths, rows 2 at the first, and rows 1 at the
+first with only the last token labelled) and checked on."""
 
 
 def flop_model(model: nn.Module, example: dict[str, torch.Tensor]) -> FlopModel:
     """The FLOP polynomial of `model`'s training step, from tiny forwards on batches built from `example`
     (a real micro-batch of the trial, only its rows and tokens are reused)."""
 
-    def traced(rows: int, width: int | None) -> float:
-        return float(step_flops(forward_products(model, _shaped(example, rows, width))))
+    def traced(rows: int, width: int | None, labelled: str = "all") -> float:
+        return float(step_flops(forward_products(model, _shaped(example, rows, width, labelled))))
 
     if _text_width(example) is None:
         one, two, three = traced(1, None), traced(2, None), traced(CHECK[0], None)
         c1 = two - one
-        fit = FlopModel((one - c1, c1, 0.0, 0.0), False, 0.0)
+        fit = FlopModel((one - c1, c1, 0.0, 0.0, 0.0), False, 0.0)
         return FlopModel(fit.coefficients, False, _relative(fit(CHECK[0]), three))
     w1, w2, w3 = FIT_WIDTHS
     y1, y2, y3, y4 = traced(1, w1), traced(1, w2), traced(1, w3), traced(2, w1)
+    # Per kept position (the vocabulary head): one row, w1 - 1 labelled next tokens against one.
+    # A model whose head projects every position anyway gives the same count twice: c4 = 0.
+    c4 = (y1 - traced(1, w1, "last")) / (w1 - 2) if "labels" in example else 0.0
     # Per-row part q(T) = c1 + c2 T + c3 T^2 through three widths; c0 = y(1, w1) - q(w1) from two row counts.
     per_row_w1 = y4 - y1
     c0 = y1 - per_row_w1
@@ -269,7 +285,8 @@ def flop_model(model: nn.Module, example: dict[str, torch.Tensor]) -> FlopModel:
     c3 = ((q[2] - q[1]) / (w3 - w2) - (q[1] - q[0]) / (w2 - w1)) / (w3 - w1)
     c2 = (q[1] - q[0]) / (w2 - w1) - c3 * (w1 + w2)
     c1 = q[0] - c2 * w1 - c3 * w1 * w1
-    fit = FlopModel((c0, c1, c2, c3), True, 0.0)
+    # The traces above labelled every next token (K = B (T - 1)): take the head's part out of c1 and c2.
+    fit = FlopModel((c0, c1 + c4, c2 - c4, c3, c4), True, 0.0)
     return FlopModel(fit.coefficients, True, _relative(fit(*CHECK), traced(*CHECK)))
 
 
@@ -277,9 +294,12 @@ def _relative(predicted: float, traced: float) -> float:
     return abs(predicted - traced) / traced if traced else abs(predicted)
 
 
-def batch_shape(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
-    """(rows, width) of a micro-batch as the model runs it (padding included; width 1 without tokens)."""
-    return int(next(iter(batch.values())).shape[0]), _text_width(batch) or 1
+def batch_shape(batch: dict[str, torch.Tensor]) -> tuple[int, int, int | None]:
+    """(rows, width, kept) of a micro-batch as the model runs it (padding included; width 1 without
+    tokens; kept: the positions whose next token is labelled, None without token labels)."""
+    labels, width = batch.get("labels"), _text_width(batch)
+    kept = int((labels[:, 1:] != -100).sum()) if width is not None and labels is not None and labels.dim() == 2 else None
+    return int(next(iter(batch.values())).shape[0]), width or 1, kept
 
 
 @dataclass(frozen=True)
@@ -293,7 +313,7 @@ class TrainingFlops:
     polynomial in the batch shape (e.g. attention in fixed-size groups) and the figure is approximate."""
 
 
-def training_flops(model: nn.Module, trainable: list[nn.Parameter], shapes: Iterable[tuple[int, int]],
+def training_flops(model: nn.Module, trainable: list[nn.Parameter], shapes: Iterable[tuple[int, ...]],
                    example: dict[str, torch.Tensor]) -> TrainingFlops:
     """FLOPs of training `model` (its `trainable` parameters) on micro-batches of these (rows, width)
     shapes; `example` is one of the trial's micro-batches. No trainable parameters: nothing trains, 0."""
@@ -301,7 +321,7 @@ def training_flops(model: nn.Module, trainable: list[nn.Parameter], shapes: Iter
     if not trainable or not shapes:
         return TrainingFlops(0.0, len(shapes), 0.0)
     fit = flop_model(model, example)
-    return TrainingFlops(sum(fit(rows, width) for rows, width in shapes), len(shapes), fit.check_error)
+    return TrainingFlops(sum(fit(*shape) for shape in shapes), len(shapes), fit.check_error)
 
 
 # ---------------------------------------------------------------- peak
@@ -459,6 +479,6 @@ def of_trial(adapted, dataset, spec: dict[str, Any], collate, device: torch.devi
         example = example or {k: v.to(device) for k, v in batch.items()}
         shapes.append(batch_shape(batch))
     fit, how = cached_flop_model(adapted.model, example, spec)
-    flops = sum(fit(rows, width) for rows, width in shapes)
+    flops = sum(fit(*shape) for shape in shapes)
     peak = peak_flops(device.type, torch.get_num_threads(), spec["model"].get("dtype", "float32"))
     return {**utilization(flops, train_s, peak), "micro_batches": len(shapes), "check_error": fit.check_error, "count": how}

@@ -36,7 +36,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.paths import REPO
 
-VERSION = 1
+VERSION = 2
 """Bump when a forecast of the same trial would change: stored beside every forecast."""
 
 GB = 1e9
@@ -52,6 +52,9 @@ class Batch:
     """Input name -> (shape, dtype), as the model's forward receives them."""
     padded: bool
     """Whether any row is padded (transformers then builds an explicit attention mask)."""
+    kept: int | None = None
+    """Positions whose next token is labelled, the logits a causal LM's loss projects
+    (bench.trial.train.loss); None: every next token, rows x (width - 1)."""
 
     @property
     def rows(self) -> int:
@@ -76,9 +79,16 @@ class Batch:
 
     @classmethod
     def of(cls, batch: dict[str, torch.Tensor]) -> "Batch":
+        from bench.trial.flops import batch_shape
+
         mask = batch.get("attention_mask")
         padded = bool(mask is not None and not bool(mask.bool().all()))
-        return cls({k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in batch.items()}, padded)
+        return cls({k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in batch.items()}, padded,
+                   batch_shape(batch)[2])
+
+    @property
+    def kept_positions(self) -> int:
+        return self.rows * (self.width - 1) if self.kept is None else self.kept
 
 
 @dataclass
@@ -193,14 +203,23 @@ def optimizer_blocks(params: list[torch.Tensor], t: dict[str, Any]) -> list[int]
 class _Answers(TorchDispatchMode):
     """Answers the forward's reads of a scalar from a meta tensor (`mask.all()` in transformers'
     mask code) with what the real batch gives: True when no row is padded. Only boolean reads are
-    answered; any other scalar read means the forward depends on values the forecast lacks."""
+    answered; any other scalar read means the forward depends on values the forecast lacks. Likewise
+    a selection by a boolean mask (the labelled positions bench.trial.train.loss keeps) selects the
+    real batch's `kept` count."""
 
-    def __init__(self, no_padding: bool):
+    def __init__(self, no_padding: bool, kept: int):
         super().__init__()
         self.no_padding = no_padding
+        self.kept = kept
         self.reads = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.index.Tensor and any(
+                i is not None and i.dtype == torch.bool and i.device.type == "meta" for i in args[1]):
+            # Autograd, above this mode, still saves the boolean mask itself, as on the real batch.
+            count = [torch.empty(self.kept, dtype=torch.long, device="meta")]
+            indices = [j for i in args[1] for j in (count * i.dim() if i is not None and i.dtype == torch.bool else [i])]
+            return func(args[0], indices)
         if func is torch.ops.aten._local_scalar_dense.default and args[0].device.type == "meta":
             if args[0].dtype != torch.bool:
                 raise NotImplementedError(f"the forward reads a {args[0].dtype} scalar from the data")
@@ -282,15 +301,16 @@ def adapted_skeleton(spec: dict[str, Any], context: Any = None):
         return method.apply(model, method.Config.from_dict(spec["method"]["config"]), **extra), freed
 
 
-def meta_step(adapted, batch: Batch, device: str = "cpu") -> dict[str, Any]:
+def meta_step(adapted, batch: Batch, device: str = "cpu", logits: str = "labelled") -> dict[str, Any]:
     """One forward and backward on the meta model: bytes saved for backward, the tensors that get a gradient."""
     from bench.trial.measure import grad_bytes, saved_for_backward
+    from bench.trial.train import loss as train_loss
 
     model = adapted.model
     model.train()
-    answers = _Answers(no_padding=not batch.padded)
+    answers = _Answers(no_padding=not batch.padded, kept=batch.kept_positions)
     with _Attention(device), answers, saved_for_backward(model) as saved:
-        loss = model(**batch.meta()).loss
+        loss = train_loss(model, batch.meta(), labelled_only=logits == "labelled")
     loss.backward()
     with_grad = [p for p in adapted.trainable if p.grad is not None]
     return {"activations": saved["bytes"], "sizes": saved["sizes"], "grads": grad_bytes(adapted.trainable), "with_grad": with_grad}
@@ -355,11 +375,13 @@ def context_for(spec: dict[str, Any]):
 
 
 def forecast(spec: dict[str, Any], device: str = "cpu", batch: Batch | None = None, runtime_bytes: int | None = None,
-             calibration: CpuCalibration | None = None) -> Forecast:
+             calibration: CpuCalibration | None = None, logits: str = "labelled") -> Forecast:
     """Forecast a trial's accounted memory and peak on `device` (cpu or cuda) from its spec alone.
     `batch`: the first micro-batch's shape (default: drawn from the trial's data). On the CPU,
     `calibration` (default: this machine class's, cpu_calibration()) with its runtime replaced by
-    `runtime_bytes` if given."""
+    `runtime_bytes` if given. `logits`: where the loss projects onto the vocabulary, "labelled" as
+    training does now or "all" as trials recorded before bench.trial.train.loss did (a result's
+    train.logits)."""
     import methods
     from bench.trial.measure import weight_bytes
 
@@ -377,7 +399,7 @@ def forecast(spec: dict[str, Any], device: str = "cpu", batch: Batch | None = No
     source, note = "meta-forward", None
     if adapted.trainable:  # the frozen baseline never steps: bench.trial.train returns before the first batch
         try:
-            step = meta_step(adapted, batch, device)
+            step = meta_step(adapted, batch, device, logits)
             activations, grads, with_grad = step["activations"], step["grads"], step["with_grad"]
             sizes.saved = step["sizes"]
         except (NotImplementedError, RuntimeError) as exc:
@@ -388,11 +410,11 @@ def forecast(spec: dict[str, Any], device: str = "cpu", batch: Batch | None = No
         with_grad = _unique_params(with_grad)
         if peak_batch is not None and source == "meta-forward" and (peak_batch.width, peak_batch.padded) != (batch.width, batch.padded):
             _clear_grads(adapted.trainable)
-            sizes.saved = meta_step(adapted, peak_batch, device)["sizes"]
+            sizes.saved = meta_step(adapted, peak_batch, device, logits)["sizes"]
         sizes.grads = [p.numel() * p.element_size() for p in with_grad]
         sizes.optimizer = optimizer_blocks(with_grad, spec["train"])
         optimizer = sum(sizes.optimizer)
-        sizes.loss_buffer, sizes.half_logits = loss_buffer(adapted.model, peak_batch or batch)
+        sizes.loss_buffer, sizes.half_logits = loss_buffer(adapted.model, peak_batch or batch, logits)
     result = Forecast(weights=weights, grads=grads, optimizer=optimizer, activations=activations, peak=0, device=device,
                       batch=[batch.rows, batch.width], peak_batch=[(peak_batch or batch).rows, (peak_batch or batch).width],
                       activations_from=source, note=note)
@@ -420,15 +442,20 @@ def _clear_grads(params: list[torch.Tensor]) -> None:
         p.grad = None
 
 
-def loss_buffer(model: nn.Module, batch: Batch) -> tuple[int, bool]:
-    """One full-vocabulary float32 buffer of the loss (rows x width x vocabulary x 4 bytes), and
-    whether the logits are 16-bit; (0, False) for a model without a language-model head (a
-    classifier's logits are a few numbers a row)."""
+def loss_buffer(model: nn.Module, batch: Batch, logits: str = "labelled") -> tuple[int, bool]:
+    """One full-vocabulary float32 buffer of the loss (positions x vocabulary x 4 bytes: every
+    position, or only the labelled ones where bench.trial.train.loss keeps those), and whether the
+    logits are 16-bit; (0, False) for a model without a language-model head (a classifier's logits
+    are a few numbers a row)."""
+    from bench.trial.train import keeps_logits
+
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     weight = getattr(head, "weight", None)
     if weight is None or "labels" not in batch.tensors or len(batch.tensors["labels"][0]) < 2:
         return 0, False
-    return batch.rows * batch.width * weight.shape[0] * 4, weight.element_size() == 2
+    kept = logits == "labelled" and keeps_logits(model, batch.meta())
+    positions = batch.kept_positions if kept else batch.rows * batch.width
+    return positions * weight.shape[0] * 4, weight.element_size() == 2
 
 
 def load_freed(skeleton: nn.Module, m: dict[str, Any]) -> int:
@@ -673,7 +700,9 @@ def compare(results: list[dict[str, Any]], calibration: CpuCalibration | None = 
                                "measured_peak": m.get("peak_bytes"), "peak_source": m.get("peak_source")}
         try:
             cuda = m.get("peak_source", "").startswith("cuda")
-            f = forecast(r["spec"], device="cuda" if cuda else "cpu", calibration=calibration)
+            # A result recorded before the loss kept only labelled positions has no train.logits.
+            f = forecast(r["spec"], device="cuda" if cuda else "cpu", calibration=calibration,
+                         logits=r.get("train", {}).get("logits") or "all")
         except Exception as exc:  # noqa: BLE001  (a row says why; the other trials still compare)
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
             rows.append(row)
