@@ -218,7 +218,7 @@ def run(trial, result: dict[str, Any], adapters_dir: Path | None, show_progress:
                                      "activations": trained.accounted.get("activations", 0)}
     result["train"] = {"steps": trained.steps, "loss_curve": trained.loss_curve, "lr_curve": trained.lr_curve, "tokens": trained.tokens,
                        "step_times": trained.step_times, "examples": len(dataset),
-                       "optimizer_class": trained.optimizer_class, "optimizer_note": trained.optimizer_note}
+                       "optimizer_class": trained.optimizer_class, "optimizer_note": trained.optimizer_note, "logits": trained.logits}
     if adapted.hooks.report:
         result["method_report"] = adapted.hooks.report()
     rt["step_s_median"] = trained.step_s_median
