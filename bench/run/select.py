@@ -30,12 +30,30 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from bench.run.suite import ID_SECTIONS, Suite, Trial, _suggest
 
 ID = "id"
 ABSENT = object()
+
+
+class Selectable(Protocol):
+    """What a selector reads: a suite's Trial, or a recorded result (Recorded)."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def spec(self) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """A result file as a selector sees it: its trial id and spec."""
+
+    id: str
+    spec: dict[str, Any]
 # Bare keys that name a section's own name rather than a method field.
 NAMES = {"method": ("method", "name"), "model": ("model", "name")}
 
@@ -56,7 +74,7 @@ class Term:
     """Where in the spec it looks (empty for `id`)."""
     value: str
 
-    def setting(self, trial: Trial) -> Any:
+    def setting(self, trial: Selectable) -> Any:
         """The trial's value at the key, or ABSENT."""
         node: Any = trial.spec
         for part in self.path:
@@ -65,7 +83,7 @@ class Term:
             node = node[part]
         return node
 
-    def matches(self, trial: Trial) -> bool:
+    def matches(self, trial: Selectable) -> bool:
         if self.key == ID:
             return trial.id.startswith(self.value.lower())
         setting = self.setting(trial)
@@ -99,7 +117,7 @@ class Selector:
     def terms(self) -> list[Term]:
         return [term for group in self.groups.values() for term in group]
 
-    def matches(self, trial: Trial) -> bool:
+    def matches(self, trial: Selectable) -> bool:
         return all(any(term.matches(trial) for term in group) for group in self.groups.values())
 
 
@@ -143,13 +161,8 @@ def _study_trials(study) -> list[Trial]:
     return [*study.corners(), *(study.final_trial(low, seed, {}) for seed in study.tune.seeds)]
 
 
-def only(suite: Suite, text: str) -> Suite:
-    """The suite cut to what the selector picks; SelectError (one line, naming the selector and the
-    suite) when a term or the whole picks nothing."""
-    selector = parse(text)
-    where = f"suite {suite.name!r} ({suite.path})"
-    studies = [(study, _study_trials(study)) for study in suite.studies]
-    candidates = [*suite.trials, *(t for _, made in studies for t in made)]
+def _check_terms(selector: Selector, candidates: list[Selectable], where: str) -> None:
+    """Every term must match one of the candidates: a typo is an error, not a smaller run."""
     for term in selector.terms:
         if term.key == ID:
             if not any(term.matches(t) for t in candidates):
@@ -162,9 +175,33 @@ def only(suite: Suite, text: str) -> Suite:
         if not any(_equal(s, term.value) for s in settings):
             why = f": no trial's spec has {'.'.join(term.path)}" if not settings else ""
             raise SelectError(f"--only {term.text!r}: matches no trial of {where}{why}")
+
+
+def _nothing(text: str, where: str) -> SelectError:
+    return SelectError(f"--only {text!r}: matches no trial of {where}: each term matches some trial, but none matches "
+                       f"them all (terms of different keys must all hold)")
+
+
+def only(suite: Suite, text: str) -> Suite:
+    """The suite cut to what the selector picks; SelectError (one line, naming the selector and the
+    suite) when a term or the whole picks nothing."""
+    selector = parse(text)
+    where = f"suite {suite.name!r} ({suite.path})"
+    studies = [(study, _study_trials(study)) for study in suite.studies]
+    _check_terms(selector, [*suite.trials, *(t for _, made in studies for t in made)], where)
     trials = [t for t in suite.trials if selector.matches(t)]
     chosen = [study for study, made in studies if ID not in selector.groups and all(selector.matches(t) for t in made)]
     if not trials and not chosen:
-        raise SelectError(f"--only {text!r}: matches no trial of {where}: each term matches some trial, but none matches "
-                          f"them all (terms of different keys must all hold)")
+        raise _nothing(text, where)
     return dataclasses.replace(suite, trials=trials, studies=chosen)
+
+
+def pick(recorded: list[Recorded], text: str, where: str) -> list[Recorded]:
+    """The recorded trials (result files, `where` names their folder) that the selector picks, by the
+    same rules and errors as `only`."""
+    selector = parse(text)
+    _check_terms(selector, list(recorded), where)
+    chosen = [r for r in recorded if selector.matches(r)]
+    if not chosen:
+        raise _nothing(text, where)
+    return chosen
