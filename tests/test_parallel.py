@@ -16,6 +16,7 @@ import pytest
 
 from bench.cli import main
 from bench.records import results
+from bench.regression import calibrate
 from bench.run import runner, suite, tune
 from tests import test_tune
 
@@ -103,6 +104,9 @@ def test_parallel_runs_the_same_trials_to_the_same_numbers_side_by_side(tmp_path
     assert all(r["env"]["parallel"] == 2 and r["run"]["parallel"] == 2 for r in par.values())
     lanes = {tuple(lane.cpus) for lane in runner.lanes(2)}
     assert {tuple(r["env"]["cpu_affinity"]) for r in par.values()} <= lanes
+    # The machine's class, not the lane's share of it: baselines, the forecast's calibration and the
+    # matmul peak cache are stored under it.
+    assert {r["env"]["machine_class"] for r in [*seq.values(), *par.values()]} == {calibrate.machine_class()}
 
     # Two trials ran at once (by the runner's clock), on disjoint cores where there are two.
     pairs = [(a, b) for a, b in itertools.combinations(par.values(), 2) if overlap(a, b)]

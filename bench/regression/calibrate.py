@@ -48,9 +48,13 @@ def _blocks() -> list[nn.Module]:
     return [m.eval().requires_grad_(False) for m in (llama, gpt2)]
 
 
+@functools.cache
 def machine_class() -> str:
     """The key baselines are stored under, e.g. x86_64-2cpu-cpu. A different class is refused
-    by `peftbench compare`: memory and time figures do not carry across machines."""
+    by `peftbench compare`: memory and time figures do not carry across machines. Read once per
+    process: a parallel sweep's trial reads it before its lane pins it to a share of the CPUs
+    (env.cpu_affinity records the share), so the class stays the machine's and the forecast's
+    calibration and the matmul peak cache are found under it."""
     try:
         cpus = len(os.sched_getaffinity(0))  # the CPUs this process may use (containers pin them)
     except AttributeError:

@@ -61,6 +61,7 @@ def _status_of(exc: BaseException) -> str:
 def main(trial, out_path: str, adapters_dir: str | None, show_progress: bool, runner_pid: int, lane=None) -> None:
     """`lane` (bench.run.runner.Lane): the cores and default threads a parallel sweep gives this trial."""
     if lane is not None and lane.cpus:  # before any thread starts: every thread of the trial inherits it
+        calibrate.machine_class()  # the machine's CPUs, read (and kept) before the lane pins this process to its share
         os.sched_setaffinity(0, lane.cpus)
     _die_with_runner(runner_pid)
     # Library progress bars (weights loading, lm-eval requests) drown the sweep's own two bars.
@@ -100,15 +101,16 @@ def _base_loss(model, tokenizer, spec: dict[str, Any]) -> float:
 
 def _store_forecast(spec: dict[str, Any], device: torch.device, result: dict[str, Any]) -> None:
     """memory.forecast beside the measurement, computed on the meta device before anything loads;
-    the CPU runtime floor is this very process before loading. A forecast that fails is noted, never
-    fatal to the trial."""
+    the CPU runtime floor is this very process before loading. Its components come from the forecast
+    cache when a trial of the same model, method, data and batches (any learning rate) was forecast
+    before (bench.trial.forecast memo_key). A forecast that fails is noted, never fatal to the trial."""
     from bench.trial import forecast
     from bench.trial.measure import _proc_status
 
     start = time.perf_counter()
     try:
         runtime = _proc_status("VmRSS") if device.type == "cpu" else None
-        result["memory"]["forecast"] = forecast.forecast(spec, device=device.type, runtime_bytes=runtime).to_dict()
+        result["memory"]["forecast"] = forecast.forecast(spec, device=device.type, runtime_bytes=runtime, cache=True).to_dict()
     except Exception as exc:  # noqa: BLE001  (the measurement matters more than its forecast)
         result["memory"]["forecast_error"] = f"{type(exc).__name__}: {exc}"[:500]
     finally:  # nothing of the forecast stays resident into the measured run
@@ -116,7 +118,8 @@ def _store_forecast(spec: dict[str, Any], device: torch.device, result: dict[str
     result["runtime"]["forecast_s"] = time.perf_counter() - start
 
 
-def _store_utilization(adapted, dataset, collate, device: torch.device, steps: int, spec: dict[str, Any], result: dict[str, Any]) -> None:
+def _store_utilization(adapted, dataset, collate, device: torch.device, shapes: list[tuple[int, int, int | None]], spec: dict[str, Any],
+                        result: dict[str, Any]) -> None:
     """runtime.utilization (bench/trial/flops.py): counted training FLOPs over train_s, against the
     machine's matmul peak, all after the timed window. A count that fails is noted, never fatal."""
     from bench.trial import flops
@@ -124,7 +127,7 @@ def _store_utilization(adapted, dataset, collate, device: torch.device, steps: i
     rt = result["runtime"]
     start = time.perf_counter()
     try:
-        rt["utilization"] = flops.of_trial(adapted, dataset, spec, collate, device, steps, rt["train_s"])
+        rt["utilization"] = flops.of_trial(adapted, dataset, spec, collate, device, shapes, rt["train_s"])
     except Exception as exc:  # noqa: BLE001  (the trial's measurements matter more than their utilization)
         rt["utilization_error"] = f"{type(exc).__name__}: {exc}"[:500]
     rt["utilization_s"] = time.perf_counter() - start
@@ -225,7 +228,7 @@ def run(trial, result: dict[str, Any], adapters_dir: Path | None, show_progress:
     rt["calibration_every"] = every
     rt["step_ratio"] = compare.step_ratio(trained.step_times, calibration.times, every)
     rt["tokens_per_s"] = trained.tokens / rt["train_s"] if trained.steps else None
-    _store_utilization(adapted, dataset, collate, device, trained.steps, spec, result)
+    _store_utilization(adapted, dataset, collate, device, trained.batch_shapes, spec, result)
 
     start = time.perf_counter()
     if adapters_dir is not None and adapted.trainable:
