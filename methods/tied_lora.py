@@ -62,6 +62,79 @@ WEIGHTS_FILE = "adapter.safetensors"
 FACTORS = ("v", "B", "u", "A")
 
 
+class ScaledLowRankLinear(torch.autograd.Function):
+    """h = W0 x + b + s * v ⊙ (B (u ⊙ (A x'))), the frozen base layer and the scaled branch in one
+    autograd node (x' is x or, with dropout, its dropped copy): the ScaledLoRALinear forward below,
+    computed as methods.lora.LowRankLinear computes LoRA's.
+
+    Why: autograd over the plain expression materialises v ⊙ (B m) and the sum W0 x + that as two
+    (tokens x out) tensors per layer in forward, and in backward multiplies the (tokens x out)
+    gradient by v and adds the branch's input gradient into the base's as two more. Here the branch
+    adds into the base output in place (addcmul), v folds into B (an out x r product) for the
+    backward, and the branch's input gradient adds into the base's inside one GEMM.
+
+    What backward needs, with g = dL/dh, d = A x' (tokens x r), m = u ⊙ d, p = B m (tokens x out):
+      dL/dm  = s (g ⊙ v) B = g (s v ⊙ B)      nothing kept (v, B are parameters)
+      dL/dd  = u ⊙ dL/dm;  dL/du = sum over tokens of d ⊙ dL/dm   d kept when u or B trains
+      dL/dv  = s sum over tokens of g ⊙ p                           p kept when v trains
+      dL/dx  = g W0 + dL/dd A;  dL/dA = dL/dd^T x'                 x' kept when A trains
+      dL/dB  = s v ⊙ (g^T m)                                        m = u ⊙ d, from the kept d
+    With A and B frozen (VeRA) it keeps d and p, what autograd keeps for the plain expression.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, x_branch: Tensor | None, weight: Tensor, bias: Tensor | None, lora_A: Tensor,
+                lora_B: Tensor, u: Tensor, v: Tensor, scaling: float, fan_in_fan_out: bool) -> Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        branch_in = x2 if x_branch is None else x_branch.reshape(-1, x_branch.shape[-1])
+        w = weight if fan_in_fan_out else weight.t()  # (in, out) either way: Conv1D stores W0 transposed
+        out = torch.mm(x2, w) if bias is None else torch.addmm(bias, x2, w)
+        down = torch.mm(branch_in, lora_A.t())
+        need_A, need_B, need_u, need_v = ctx.needs_input_grad[4:8]
+        if need_v:
+            up = torch.mm(down * u, lora_B.t())
+            out.addcmul_(up, v, value=scaling)
+        else:  # v folds into B: no (tokens x out) temporary at all
+            up = None
+            out.addmm_(down * u, (lora_B * v[:, None]).t(), alpha=scaling)
+        ctx.save_for_backward(branch_in if need_A else None, down if need_u or need_B else None, up,
+                              weight, lora_A, lora_B, u, v)
+        ctx.scaling, ctx.fan_in_fan_out, ctx.shared = scaling, fan_in_fan_out, x_branch is None
+        ctx.in_shape, ctx.branch_shape = x.shape, None if x_branch is None else x_branch.shape
+        return out.view(*lead, out.shape[-1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # its in-place accumulations have no derivative of their own
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        branch_in, down, up, weight, lora_A, lora_B, u, v = ctx.saved_tensors
+        need_x, need_branch, _, need_bias, need_A, need_B, need_u, need_v = ctx.needs_input_grad[:8]
+        s = ctx.scaling
+        g = grad.reshape(-1, grad.shape[-1])
+        dx = dx_branch = d_bias = dA = dB = du = dv = None
+        if need_x or need_branch or need_A or need_u:
+            d_mid = torch.mm(g, lora_B * (v * s)[:, None])  # (tokens x r)
+            if need_u:
+                du = (d_mid * down).sum(0)
+            d_down = d_mid.mul_(u)
+            if need_x:
+                dx = torch.mm(g, weight.t() if ctx.fan_in_fan_out else weight)
+                if ctx.shared:
+                    dx.addmm_(d_down, lora_A)
+                dx = dx.view(ctx.in_shape)
+            if need_branch:
+                dx_branch = torch.mm(d_down, lora_A).view(ctx.branch_shape)
+            if need_A:
+                dA = torch.mm(d_down.t(), branch_in)
+        if need_B:
+            dB = torch.mm((down * u).t(), g).t().mul_((v * s)[:, None])
+        if need_v:
+            dv = (g * up).sum(0).mul_(s)
+        if need_bias:
+            d_bias = g.sum(0)
+        return dx, dx_branch, None, d_bias, dA, dB, du, dv, None, None
+
+
 class ScaledLoRALinear(LoRALinear):
     """A frozen Linear / Conv1D plus scaling * v ⊙ (B (u ⊙ (A x))). A and B may be shared with other
     layers and be larger than this layer needs (VeRA's): it uses A[:, :in] and B[:out]."""
@@ -75,10 +148,15 @@ class ScaledLoRALinear(LoRALinear):
         self.lora_u, self.lora_v = u, v
 
     def forward(self, x: Tensor) -> Tensor:
+        a, b = self.lora_A[:, : self.in_features], self.lora_B[: self.out_features]
+        if not self.merged and self.fused(x):
+            base = self.base_layer
+            dropped = self.dropout(x) if isinstance(self.dropout, nn.Dropout) and self.training else None
+            return ScaledLowRankLinear.apply(x, dropped, base.weight, base.bias, a, b, self.lora_u, self.lora_v, self.scaling,
+                                             self.fan_in_fan_out)
         result = self.base_layer(x)
         if self.merged:
             return result
-        a, b = self.lora_A[:, : self.in_features], self.lora_B[: self.out_features]
         hidden = F.linear(self.dropout(x.to(a.dtype)), a) * self.lora_u
         return result + (F.linear(hidden, b) * (self.lora_v * self.scaling)).to(result.dtype)
 

@@ -15,7 +15,10 @@ seeded with `seed`, A first: the same draws as peft's VeRA with projection_prng_
 peft's save_projection = True does), so a reload does not depend on the generator.
 
 The layer is methods.tied_lora's ScaledLoRALinear (u = d, v = b, scaling 1, A and B frozen):
-VeRA is the frozen-matrix end of the Tied-LoRA family with one pair for all targets.
+VeRA is the frozen-matrix end of the Tied-LoRA family with one pair for all targets. In training
+it runs as one autograd node (methods.tied_lora.ScaledLowRankLinear): the same h as above, added
+into W x in place, keeping for backward A x and B Λ_d A x (what d's and b's gradients need, as
+autograd over the expression keeps), tested equal to the plain expression within float rounding.
 """
 
 from __future__ import annotations
