@@ -16,6 +16,12 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def cmd_run(args) -> int:
+    from bench.run import forkserver
+
+    if args.backend == "local" and not args.dry_run:
+        # The trials' fork server, first: its imports (seconds) then run beside this process's own and
+        # the loading and checking of the suites, not before the first trial. It exits with this process.
+        forkserver.start()
     from bench.run import runner, suite
 
     if args.address and args.backend != "ray":

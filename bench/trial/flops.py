@@ -39,7 +39,6 @@ cached in <cache>/machine/<class>.json keyed by device, dtype and threads.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -47,7 +46,6 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -55,6 +53,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
+from bench.trial import memo
 from bench.trial.train import keeps_logits, loss
 
 F = nn.functional
@@ -424,60 +423,42 @@ def utilization(train_flops: float, train_s: float | None, peak: Peak | None) ->
             "peak_source": peak.to_dict() if peak else None}
 
 
-def _code_digest() -> str:
-    """The code a count depends on besides the packages: the methods, model loading and this module."""
-    from bench.paths import REPO
-
-    digest = hashlib.sha256()
-    for path in sorted([*(REPO / "methods").glob("*.py"), *(REPO / "bench" / "models").glob("*.py"), Path(__file__)]):
-        digest.update(path.name.encode() + path.read_bytes())
-    return digest.hexdigest()
+MEMO = memo.Memo("flops")
+MEMO_CODE = ("methods/*.py", "bench/models/*.py", "bench/trial/flops.py", "bench/trial/train.py")
+"""The code a count depends on besides the packages: the methods, model loading, this module and the loss it traces."""
 
 
 def cached_flop_model(model: nn.Module, example: dict[str, torch.Tensor], spec: dict[str, Any]) -> tuple[FlopModel, str]:
-    """flop_model, cached on disk per model, method and code: trials that differ only in training settings
-    (optimizer, learning rate, epochs, seed) run the same products, so a sweep traces each adapted model
-    once. The key holds the model and method specs, the example's shapes beyond rows and width (image
-    sizes), torch's and transformers' versions and a digest of the code (_code_digest). Returns the
+    """flop_model, cached on disk per model, method and code (bench.trial.memo): trials that differ only in
+    training settings (optimizer, learning rate, epochs, seed) run the same products, so a sweep traces each
+    adapted model once. The key holds the model and method specs, the example's shapes beyond rows and width
+    (image sizes), torch's and transformers' versions and a digest of the code (MEMO_CODE). Returns the
     model and whether it was "cached" or "traced"."""
-    from importlib import metadata
-
-    from bench.paths import cache_dir
-
     width = _text_width(example)
     shapes = {k: [d for i, d in enumerate(v.shape) if i > 1 or (i == 1 and v.shape[1] != width)] for k, v in example.items()}
-    key = json.dumps([spec["model"], spec["method"], shapes, next(iter(example.values())).device.type, VERSION,
-                      metadata.version("torch"), metadata.version("transformers"), _code_digest()], sort_keys=True, default=str)
-    path = cache_dir() / "flops" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
-    try:
-        stored = json.loads(path.read_text())
-        return FlopModel(tuple(float(c) for c in stored["coefficients"]), bool(stored["text"]), float(stored["check_error"])), "cached"
-    except (OSError, ValueError, KeyError, TypeError):  # absent or unreadable: trace again
-        pass
+    key = [spec["model"], spec["method"], shapes, next(iter(example.values())).device.type, VERSION,
+           memo.versions("torch", "transformers"), memo.code_digest(memo.sources(*MEMO_CODE))]
+    if (stored := MEMO.get(key)) is not None:
+        try:
+            return FlopModel(tuple(float(c) for c in stored["coefficients"]), bool(stored["text"]), float(stored["check_error"])), "cached"
+        except (KeyError, TypeError, ValueError):  # not a stored fit: trace again
+            pass
     fit = flop_model(model, example)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({**asdict(fit), "key": json.loads(key)}, default=str))
-    tmp.replace(path)
+    MEMO.put(key, asdict(fit))
     return fit, "traced"
 
 
-def of_trial(adapted, dataset, spec: dict[str, Any], collate, device: torch.device, steps: int, train_s: float | None) -> dict[str, Any]:
-    """A trained trial's `runtime.utilization`: its micro-batches replayed (shapes only: the same seed and
-    collate as bench.trial.train draws them), their FLOPs counted on the adapted model (cached_flop_model),
-    and the machine's peak for this device, thread count and the model's dtype. Call it outside the timed window."""
+def of_trial(adapted, dataset, spec: dict[str, Any], collate, device: torch.device, shapes: list[tuple[int, int, int | None]],
+             train_s: float | None) -> dict[str, Any]:
+    """A trained trial's `runtime.utilization`: the FLOPs of its micro-batches (`shapes`, as training ran
+    them: bench.trial.train.TrainResult.batch_shapes) counted on the adapted model (cached_flop_model,
+    traced on the trial's first micro-batch, drawn again with the same seed and collate), and the
+    machine's peak for this device, thread count and the model's dtype. Call it outside the timed window."""
     from bench.trial.train import batches
 
-    t = spec["train"]
-    count = steps * t["grad_accum"]
-    if not adapted.trainable or not count:
+    if not adapted.trainable or not shapes:
         return {**utilization(0.0, train_s, None), "micro_batches": 0}
-    stream = batches(dataset, t, collate, torch.device("cpu"))
-    shapes, example = [], None
-    for _ in range(count):
-        batch = next(stream)
-        example = example or {k: v.to(device) for k, v in batch.items()}
-        shapes.append(batch_shape(batch))
+    example = {k: v.to(device) for k, v in next(batches(dataset, spec["train"], collate, torch.device("cpu"))).items()}
     fit, how = cached_flop_model(adapted.model, example, spec)
     flops = sum(fit(*shape) for shape in shapes)
     peak = peak_flops(device.type, torch.get_num_threads(), spec["model"].get("dtype", "float32"))

@@ -35,6 +35,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.paths import REPO
+from bench.trial import memo
 
 VERSION = 2
 """Bump when a forecast of the same trial would change: stored beside every forecast."""
@@ -375,18 +376,23 @@ def context_for(spec: dict[str, Any]):
 
 
 def forecast(spec: dict[str, Any], device: str = "cpu", batch: Batch | None = None, runtime_bytes: int | None = None,
-             calibration: CpuCalibration | None = None, logits: str = "labelled") -> Forecast:
+             calibration: CpuCalibration | None = None, logits: str = "labelled", cache: bool = False) -> Forecast:
     """Forecast a trial's accounted memory and peak on `device` (cpu or cuda) from its spec alone.
     `batch`: the first micro-batch's shape (default: drawn from the trial's data). On the CPU,
     `calibration` (default: this machine class's, cpu_calibration()) with its runtime replaced by
     `runtime_bytes` if given. `logits`: where the loss projects onto the vocabulary, "labelled" as
     training does now or "all" as trials recorded before bench.trial.train.loss did (a result's
-    train.logits)."""
+    train.logits). `cache`: the components (all but the peak, which depends on this process's
+    runtime and the calibration) are kept on disk (bench.trial.memo, memo_key), so trials that differ
+    only in the learning rate forecast once; a batch given by the caller is never cached."""
     import methods
     from bench.trial.measure import weight_bytes
 
     if device not in PEAK_DEVICES:
         raise ValueError(f"device: forecasts exist for {', '.join(PEAK_DEVICES)}, not {device!r}")
+    key = memo_key(spec, device, logits) if cache and batch is None else None
+    if key is not None and (stored := MEMO.get(key)) is not None:
+        return _with_peak(Forecast(**stored["forecast"]), StepSizes(**stored["sizes"]), spec, device, runtime_bytes, calibration)
     method = methods.get(spec["method"]["name"])
     context = context_for(spec) if getattr(method, "needs_context", False) else None
     adapted, freed = adapted_skeleton(spec, context)
@@ -418,6 +424,14 @@ def forecast(spec: dict[str, Any], device: str = "cpu", batch: Batch | None = No
     result = Forecast(weights=weights, grads=grads, optimizer=optimizer, activations=activations, peak=0, device=device,
                       batch=[batch.rows, batch.width], peak_batch=[(peak_batch or batch).rows, (peak_batch or batch).width],
                       activations_from=source, note=note)
+    if key is not None:
+        MEMO.put(key, {"forecast": result.to_dict(), "sizes": asdict(sizes)})
+    return _with_peak(result, sizes, spec, device, runtime_bytes, calibration)
+
+
+def _with_peak(result: Forecast, sizes: StepSizes, spec: dict[str, Any], device: str, runtime_bytes: int | None,
+               calibration: CpuCalibration | None) -> Forecast:
+    """The forecast's peak, from its components and step sizes, on `device` (forecast())."""
     if device == "cuda":
         CudaPeak().apply(result, sizes, paged=spec["train"]["optimizer"].startswith("paged"))
     else:
@@ -426,6 +440,20 @@ def forecast(spec: dict[str, Any], device: str = "cpu", batch: Batch | None = No
             calibration = dataclasses.replace(calibration, runtime_bytes=runtime_bytes)
         CpuPeak(calibration).apply(result, sizes)
     return result
+
+
+MEMO = memo.Memo("forecast")
+MEMO_CODE = ("methods/*.py", "bench/models/*.py", "bench/tasks/*.py", "bench/trial/*.py")
+"""The code a forecast's components depend on: the methods, model and data loading, batching and this module."""
+
+
+def memo_key(spec: dict[str, Any], device: str, logits: str) -> list[Any]:
+    """Everything a forecast's components depend on: the model, method, data and training sections
+    (all but the learning rate, which changes neither the batches nor the optimizer's state), the
+    device and logits, the CPU kernels torch picks from (attention's choice), package versions and the code."""
+    return [VERSION, device, logits, torch.backends.cpu.get_cpu_capability(), spec["model"], spec["method"], spec["data"],
+            {k: v for k, v in spec["train"].items() if k != "lr"}, memo.versions("torch", "transformers", "bitsandbytes"),
+            memo.code_digest(memo.sources(*MEMO_CODE))]
 
 
 def cpu_calibration() -> CpuCalibration:

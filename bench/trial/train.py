@@ -130,6 +130,9 @@ class TrainResult:
     logits: str | None = None
     """Where the loss projected onto the vocabulary: "labelled" (only positions whose next token is
     labelled, see `loss`) or "all" (the model's own loss); None when nothing trained."""
+    batch_shapes: list[tuple[int, int, int | None]] = field(default_factory=list)
+    """Each micro-batch as it ran, in order: bench.trial.flops.batch_shape (rows, width, kept), which
+    the trial's FLOP count sums over without drawing the batches a second time."""
 
 
 def total_steps(n_examples: int, t: dict[str, Any]) -> int:
@@ -208,6 +211,8 @@ class Lookahead:
 def train(adapted: Adapted, dataset, t: dict[str, Any], collate, device: torch.device,
           progress: Callable[[int, int, float], None] | None = None) -> TrainResult:
     """Train `adapted.trainable` on `dataset` with the settings of a suite's [train] table."""
+    from bench.trial.flops import batch_shape  # here: bench.trial.flops imports this module
+
     result = TrainResult()
     if not adapted.trainable:  # frozen baseline: nothing to train
         return result
@@ -238,6 +243,7 @@ def train(adapted: Adapted, dataset, t: dict[str, Any], collate, device: torch.d
             loss_sum = 0.0
             for micro in range(t["grad_accum"]):
                 batch = next(stream)
+                result.batch_shapes.append(batch_shape(batch))  # sizes and a count of labelled positions: microseconds
                 first = step == 0 and micro == 0
                 with saved_for_backward(model) if first else contextlib.nullcontext({"bytes": 0}) as saved:
                     value = loss(model, batch)
