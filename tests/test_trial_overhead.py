@@ -147,3 +147,31 @@ def test_training_records_each_micro_batch_shape_and_utilization_counts_them(tmp
     fit = flops.flop_model(adapted.model, next(batches(rows, spec["train"], collate, torch.device("cpu"))))
     assert counted["micro_batches"] == len(replayed)
     assert counted["train_flops"] == pytest.approx(sum(fit(*shape) for shape in replayed), rel=1e-12)
+
+
+def _pickled_modules(obj) -> set[str]:
+    """The modules a pickle of `obj` names (what unpickling it imports)."""
+    import pickle
+    import pickletools
+
+    found, strings = set(), []
+    for op, arg, _ in pickletools.genops(pickle.dumps(obj)):
+        if op.name in ("GLOBAL", "INST"):
+            found.add(arg.split(" ")[0])
+        elif op.name == "STACK_GLOBAL":
+            found.add(strings[-2])
+        elif isinstance(arg, str):
+            strings.append(arg)
+    return found
+
+
+def test_the_fork_server_preloads_every_module_a_trials_arguments_name(spec):
+    """Unpickling a trial's arguments in its process imports nothing of peftbench that the fork server
+    has not imported already (bench.run.forkserver.PRELOAD): each import would be paid by every trial."""
+    from bench.run import forkserver, runner, suite as suite_mod, worker
+
+    trial = suite_mod.Trial(suite="overhead", spec=spec, run={"timeout": 60, "threads": 1})
+    args = (worker.main, trial, "/tmp/draft.json", None, False, 1, runner.lanes(2, [0, 1])[0])
+    named = {m for m in _pickled_modules(args) if m.split(".")[0] in ("bench", "methods", "reports")}
+    assert {"bench.run.worker", "bench.run.suite", "bench.run.runner"} <= named
+    assert named <= set(forkserver.PRELOAD)

@@ -15,7 +15,7 @@ PRELOAD = ["bench.run.forkserver_guard", "torch", "transformers", "transformers.
            "bench.run.worker", "bench.tasks.data", "bench.trial.evaluate", "bench.models",
            # A trial's arguments are a bench.run.suite.Trial and a bench.run.runner.Lane: unpickling them
            # in each trial process would otherwise import these (~50-100 ms a trial).
-           "bench.run.runner",
+           "bench.run.suite", "bench.run.runner",
            "bench.run.forkserver_warm"]  # last: it freezes what the imports before it made (see there)
 
 
