@@ -407,7 +407,7 @@ def _over_budget(trial: Trial) -> dict[str, Any] | None:
 
     from bench.trial import forecast
 
-    f = forecast.forecast(trial.spec, device="cuda" if torch.cuda.is_available() else "cpu")
+    f = forecast.forecast(trial.spec, device="cuda" if torch.cuda.is_available() else "cpu", cache=True)
     reason = f.over(trial.run["memory_budget_gb"] * forecast.GB)
     if reason is None:
         return None
@@ -549,7 +549,7 @@ def estimate(suite: Suite) -> list[dict[str, Any]]:
             method = methods.get(s["method"]["name"])
             adapted = method.apply(model, method.Config.from_dict(s["method"]["config"]))
             known[key] = (param_counts(model, adapted.trainable), bool(adapted.trainable),
-                          forecast.columns(forecast.forecast(s, device=device)))
+                          forecast.columns(forecast.forecast(s, device=device, cache=True)))
         return known[key]
 
     rows = []
