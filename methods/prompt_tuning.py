@@ -44,6 +44,10 @@ INITS = ("random", "vocab", "text")
 class Prefix(nn.Module):
     """Embeddings put before every sequence the model reads, and taken off the logits it returns."""
 
+    prepends_positions = True
+    """The model's loss also scores the input's first token, from the prefix's last position, which
+    a choice of positions over the input cannot name: bench.trial.loss keeps every logit for it."""
+
     def __init__(self) -> None:
         super().__init__()
         self._length = 0  # input length of the forward in flight, between the two hooks

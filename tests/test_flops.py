@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import methods
 from bench.trial import flops
-from bench.trial.train import loss as train_loss
+from bench.trial.loss import loss as train_loss
 
 TOLERANCE = 0.01
 """Relative: what the count leaves out (norms, softmax, elementwise) is not in FlopCounterMode's

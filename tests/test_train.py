@@ -137,22 +137,25 @@ def _answer_only(batch: dict[str, torch.Tensor], answer: int = 2) -> dict[str, t
     return out
 
 
+@pytest.mark.parametrize("labels", ["answer", "every"])
 @pytest.mark.parametrize("method", [("lora", {"r": 4, "targets": "qv"}), ("prompt_tuning", {"n_tokens": 3})], ids=["lora", "prompt"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_loss_over_labelled_positions_equals_the_models_own(arch, method):
+def test_loss_over_labelled_positions_equals_the_models_own(arch, method, labels):
     """Same loss and gradients as `model(**batch).loss`, which projects every position; the head sees
-    only the labelled ones (a prompt's virtual tokens in front shift them, methods/prompt_tuning.py)."""
+    only the labelled ones, except behind a prompt put in front of the input (methods/prompt_tuning.py),
+    whose last position scores the input's first token: there every position is kept."""
     from conftest import build_model, make_batch
 
-    from bench.trial.train import keeps_logits, loss
+    from bench.trial.loss import keeps_logits, loss
 
     name, config = method
     m = methods.get(name)
     torch.manual_seed(0)
     adapted = m.apply(build_model(arch), m.Config.from_dict(config))
     model = adapted.model
-    batch = _answer_only(make_batch("llama", batch=3, seq=10))
-    assert keeps_logits(model, batch)
+    batch = make_batch("llama", batch=3, seq=10)
+    batch = _answer_only(batch) if labels == "answer" else batch
+    assert keeps_logits(model, batch) is (name == "lora")
     head_rows = []
     hook = model.get_output_embeddings().register_forward_hook(lambda mod, args, out: head_rows.append(args[0].shape[:-1].numel()))
     ours = loss(model, batch)
@@ -162,9 +165,9 @@ def test_loss_over_labelled_positions_equals_the_models_own(arch, method):
     theirs = model(**batch).loss
     theirs.backward()
     hook.remove()
-    labelled = int((batch["labels"][:, 1:] != -100).sum())
-    width = batch["input_ids"].shape[1] + (config.get("n_tokens", 0))
-    assert head_rows == [labelled, 3 * width]  # ours: the labelled positions; the model's own: every one
+    every = 3 * (batch["input_ids"].shape[1] + config.get("n_tokens", 0))
+    kept = int((batch["labels"][:, 1:] != -100).sum()) if name == "lora" else every
+    assert head_rows == [kept, every]  # ours: the labelled positions; the model's own: every one
     assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
     for mine, reference in zip(ours_grads, (p.grad for p in adapted.trainable), strict=True):
         torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-6)
@@ -173,6 +176,6 @@ def test_loss_over_labelled_positions_equals_the_models_own(arch, method):
 def test_class_labels_and_images_keep_the_models_own_loss():
     from conftest import build_model, make_batch
 
-    from bench.trial.train import keeps_logits
+    from bench.trial.loss import keeps_logits
 
     assert not keeps_logits(build_model("bert"), make_batch("bert"))  # one label a row, no next tokens

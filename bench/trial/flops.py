@@ -26,7 +26,7 @@ on a few tiny batches (at most a few dozen tokens, outside the timed window); th
 from the rules above. A forward's count is a polynomial in the batch's rows B and width T,
 c0 + B (c1 + c2 T + c3 T^2) + c4 K (linear layers grow with the tokens, attention with T^2, a method's
 per-batch work such as DoRA's weight norm is c0, and a causal LM's vocabulary head with the K positions
-whose next token is labelled, the only ones bench.trial.train.loss projects), so five tiny forwards
+whose next token is labelled, the only ones bench.trial.loss.loss projects), so five tiny forwards
 give the coefficients and a sixth checks them; each of the trial's micro-batches (padded as the model
 ran it) is then summed. A batch without a token width (images) is c0 + c1 B. Padding positions are
 counted: the machine computed them.
@@ -54,7 +54,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from bench.trial import memo
-from bench.trial.train import keeps_logits, loss
+from bench.trial.loss import _text_width, batch_shape, keeps_logits, loss  # noqa: F401  (batch_shape: part of this API)
 
 F = nn.functional
 VERSION = 2
@@ -204,16 +204,11 @@ def forward_products(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[P
     try:
         recorder = _Recorder()
         with torch.random.fork_rng(devices=[]), torch.enable_grad(), recorder.functions(), recorder:
-            # The products training runs: bench.trial.train.loss's head over the labelled positions only.
+            # The products training runs: bench.trial.loss.loss's head over the labelled positions only.
             loss(model, batch) if keeps_logits(model, batch) else model(**batch)
     finally:
         model.train(was_training)
     return recorder.products
-
-
-def _text_width(batch: dict[str, torch.Tensor]) -> int | None:
-    ids = batch.get("input_ids")
-    return int(ids.shape[1]) if ids is not None and ids.dim() == 2 else None
 
 
 def _shaped(batch: dict[str, torch.Tensor], rows: int, width: int | None, labelled: str = "all") -> dict[str, torch.Tensor]:
@@ -291,14 +286,6 @@ def flop_model(model: nn.Module, example: dict[str, torch.Tensor]) -> FlopModel:
 
 def _relative(predicted: float, traced: float) -> float:
     return abs(predicted - traced) / traced if traced else abs(predicted)
-
-
-def batch_shape(batch: dict[str, torch.Tensor]) -> tuple[int, int, int | None]:
-    """(rows, width, kept) of a micro-batch as the model runs it (padding included; width 1 without
-    tokens; kept: the positions whose next token is labelled, None without token labels)."""
-    labels, width = batch.get("labels"), _text_width(batch)
-    kept = int((labels[:, 1:] != -100).sum()) if width is not None and labels is not None and labels.dim() == 2 else None
-    return int(next(iter(batch.values())).shape[0]), width or 1, kept
 
 
 @dataclass(frozen=True)
@@ -424,7 +411,7 @@ def utilization(train_flops: float, train_s: float | None, peak: Peak | None) ->
 
 
 MEMO = memo.Memo("flops")
-MEMO_CODE = ("methods/*.py", "bench/models/*.py", "bench/trial/flops.py", "bench/trial/train.py")
+MEMO_CODE = ("methods/*.py", "bench/models/*.py", "bench/trial/flops.py", "bench/trial/loss.py")
 """The code a count depends on besides the packages: the methods, model loading, this module and the loss it traces."""
 
 

@@ -55,7 +55,7 @@ class Batch:
     """Whether any row is padded (transformers then builds an explicit attention mask)."""
     kept: int | None = None
     """Positions whose next token is labelled, the logits a causal LM's loss projects
-    (bench.trial.train.loss); None: every next token, rows x (width - 1)."""
+    (bench.trial.loss.loss); None: every next token, rows x (width - 1)."""
 
     @property
     def rows(self) -> int:
@@ -205,7 +205,7 @@ class _Answers(TorchDispatchMode):
     """Answers the forward's reads of a scalar from a meta tensor (`mask.all()` in transformers'
     mask code) with what the real batch gives: True when no row is padded. Only boolean reads are
     answered; any other scalar read means the forward depends on values the forecast lacks. Likewise
-    a selection by a boolean mask (the labelled positions bench.trial.train.loss keeps) selects the
+    a selection by a boolean mask (the labelled positions bench.trial.loss.loss keeps) selects the
     real batch's `kept` count."""
 
     def __init__(self, no_padding: bool, kept: int):
@@ -305,7 +305,7 @@ def adapted_skeleton(spec: dict[str, Any], context: Any = None):
 def meta_step(adapted, batch: Batch, device: str = "cpu", logits: str = "labelled") -> dict[str, Any]:
     """One forward and backward on the meta model: bytes saved for backward, the tensors that get a gradient."""
     from bench.trial.measure import grad_bytes, saved_for_backward
-    from bench.trial.train import loss as train_loss
+    from bench.trial.loss import loss as train_loss
 
     model = adapted.model
     model.train()
@@ -381,7 +381,7 @@ def forecast(spec: dict[str, Any], device: str = "cpu", batch: Batch | None = No
     `batch`: the first micro-batch's shape (default: drawn from the trial's data). On the CPU,
     `calibration` (default: this machine class's, cpu_calibration()) with its runtime replaced by
     `runtime_bytes` if given. `logits`: where the loss projects onto the vocabulary, "labelled" as
-    training does now or "all" as trials recorded before bench.trial.train.loss did (a result's
+    training does now or "all" as trials recorded before bench.trial.loss.loss did (a result's
     train.logits). `cache`: the components (all but the peak, which depends on this process's
     runtime and the calibration) are kept on disk (bench.trial.memo, memo_key), so trials that differ
     only in the learning rate forecast once; a batch given by the caller is never cached."""
@@ -472,10 +472,10 @@ def _clear_grads(params: list[torch.Tensor]) -> None:
 
 def loss_buffer(model: nn.Module, batch: Batch, logits: str = "labelled") -> tuple[int, bool]:
     """One full-vocabulary float32 buffer of the loss (positions x vocabulary x 4 bytes: every
-    position, or only the labelled ones where bench.trial.train.loss keeps those), and whether the
+    position, or only the labelled ones where bench.trial.loss.loss keeps those), and whether the
     logits are 16-bit; (0, False) for a model without a language-model head (a classifier's logits
     are a few numbers a row)."""
-    from bench.trial.train import keeps_logits
+    from bench.trial.loss import keeps_logits
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     weight = getattr(head, "weight", None)

@@ -6,16 +6,13 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import inspect
 import math
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
 
-from torch.nn import functional as F
-
+from bench.trial.loss import batch_shape, keeps_logits, loss
 from bench.trial.measure import StepTimer, grad_bytes, optimizer_bytes, saved_for_backward
 from methods.base import Adapted
 
@@ -129,9 +126,9 @@ class TrainResult:
     """Why the optimizer that ran differs from the one asked for, or what its numbers mean."""
     logits: str | None = None
     """Where the loss projected onto the vocabulary: "labelled" (only positions whose next token is
-    labelled, see `loss`) or "all" (the model's own loss); None when nothing trained."""
+    labelled, see bench.trial.loss) or "all" (the model's own loss); None when nothing trained."""
     batch_shapes: list[tuple[int, int, int | None]] = field(default_factory=list)
-    """Each micro-batch as it ran, in order: bench.trial.flops.batch_shape (rows, width, kept), which
+    """Each micro-batch as it ran, in order: bench.trial.loss.batch_shape (rows, width, kept), which
     the trial's FLOP count sums over without drawing the batches a second time."""
 
 
@@ -140,41 +137,6 @@ def total_steps(n_examples: int, t: dict[str, Any]) -> int:
         return t["max_steps"]
     per_epoch = math.ceil(math.ceil(n_examples / t["batch_size"]) / t["grad_accum"])
     return per_epoch * t["epochs"]
-
-
-def keeps_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> bool:
-    """Whether `loss` can project only the labelled positions onto the vocabulary: a causal LM batch
-    (token labels beside input_ids) and a transformers model whose forward slices its hidden states
-    with `slice_logits_to_keep` (which takes a boolean mask per row) before the head."""
-    ids, labels = batch.get("input_ids"), batch.get("labels")
-    if ids is None or labels is None or labels.shape != ids.shape or ids.dim() != 2:
-        return False
-    module = sys.modules.get(type(model).__module__)
-    return hasattr(module, "slice_logits_to_keep") and "logits_to_keep" in inspect.signature(model.forward).parameters
-
-
-def labelled_positions(labels: torch.Tensor) -> torch.Tensor:
-    """Rows x width booleans: the positions whose next token is labelled, the only logits a causal LM
-    loss reads."""
-    keep = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
-    keep[:, :-1] = labels[:, 1:] != -100
-    return keep
-
-
-def loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], labelled_only: bool = True) -> torch.Tensor:
-    """The training loss of `batch`: the model's own (`model(**batch).loss`), except that a causal LM
-    projects onto its vocabulary only the positions whose next token is labelled. Instruction and
-    classification rows label their answer alone (two of ~60 tokens a row in SST-2), so the head's
-    matrix product, its full-vocabulary log-softmax and their backward (a fifth of SmolLM2-135M's
-    step) were spent on logits the loss ignores. Same value: the mean next-token cross-entropy over
-    labelled tokens, computed in float32 as transformers' ForCausalLMLoss does. `labelled_only` False:
-    the model's own loss always (how trials ran before; bench.trial.forecast.compare replays them)."""
-    if not labelled_only or not keeps_logits(model, batch):
-        return model(**batch).loss
-    labels = batch["labels"]
-    keep = labelled_positions(labels)
-    logits = model(**{k: v for k, v in batch.items() if k != "labels"}, logits_to_keep=keep).logits
-    return F.cross_entropy(logits.float(), labels[:, 1:][keep[:, :-1]])
 
 
 def batches(dataset, t: dict[str, Any], collate, device: torch.device):
@@ -211,8 +173,6 @@ class Lookahead:
 def train(adapted: Adapted, dataset, t: dict[str, Any], collate, device: torch.device,
           progress: Callable[[int, int, float], None] | None = None) -> TrainResult:
     """Train `adapted.trainable` on `dataset` with the settings of a suite's [train] table."""
-    from bench.trial.flops import batch_shape  # here: bench.trial.flops imports this module
-
     result = TrainResult()
     if not adapted.trainable:  # frozen baseline: nothing to train
         return result
