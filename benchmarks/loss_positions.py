@@ -1,0 +1,74 @@
+"""The training step with the loss over labelled positions only (bench/trial/loss.py) against the
+model's own loss over every position, side by side in one run.
+
+    python benchmarks/loss_positions.py [--reps 8] [--threads 1] [--json out.json]
+
+SmolLM2-135M with LoRA r=8 on q and v, lora_sweep's data (SST-2, batch 8, answer-only labels):
+forward, backward and the AdamW step, the two losses interleaved rep by rep so that machine noise
+hits both alike. Prints the median step times, their ratio and both losses of the first batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+import methods  # noqa: E402
+from bench import models  # noqa: E402
+from bench.tasks import data  # noqa: E402
+from bench.trial.loss import batch_shape, loss  # noqa: E402
+from bench.trial.train import OPTIMIZERS, batches  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (lora_sweep's lanes run one)")
+    ap.add_argument("--json", help="write the figures here too")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    tokenizer = models.load_tokenizer({"name": "smollm2-135m"})
+    prepared = data.prepare({"task": "sst2", "train_examples": 256, "max_length": 128}, tokenizer, seed=0)
+    stream = batches(prepared.train, {"batch_size": 8, "seed": 0}, prepared.collate, torch.device("cpu"))
+    batch_list = [next(stream) for _ in range(args.reps + 1)]
+    lora = methods.get("lora")
+    adapted = lora.apply(models.load({"name": "smollm2-135m"}).model, lora.Config(r=8, alpha=16, targets="qv"))
+    model = adapted.model
+    model.train()
+    optimizer = OPTIMIZERS["adamw"]([{"params": adapted.trainable}], {"lr": 0.0, "weight_decay": 0.0})  # lr 0: same weights every rep
+    variants = {"labelled": lambda b: loss(model, b), "every position": lambda b: model(**b).loss}
+    first = {name: f(batch_list[0]).item() for name, f in variants.items()}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for b in batch_list[1:]:
+        for name, f in variants.items():
+            t0 = time.perf_counter()
+            f(b).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            times[name].append(time.perf_counter() - t0)
+    med = {name: statistics.median(t) for name, t in times.items()}
+    shapes = [batch_shape(b) for b in batch_list[1:]]
+    out = {"benchmark": "loss_positions", "threads": args.threads, "reps": args.reps, "step_s_median": med,
+           "ratio_labelled_over_every": med["labelled"] / med["every position"], "first_batch_loss": first,
+           "positions": {"labelled": sum(s[2] for s in shapes), "every": sum(s[0] * s[1] for s in shapes)}}
+    print(f"LoRA r=8 qv on SmolLM2-135M, SST-2 batches of 8, {args.threads} thread(s), {args.reps} interleaved reps")
+    for name in variants:
+        print(f"  {name:15s} step median {med[name]:.3f} s  first-batch loss {first[name]:.6f}")
+    print(f"  head rows: {out['positions']['labelled']} labelled of {out['positions']['every']} positions")
+    print(f"  labelled / every position: {out['ratio_labelled_over_every']:.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
