@@ -211,7 +211,7 @@ def cmd_compare(args) -> int:
 def cmd_report(args) -> int:
     from reports import render
 
-    return render.run(args.results_dirs, args.output)
+    return render.run(args.results_dirs, args.output, args.reference, args.floor)
 
 
 def cmd_serve_bench(args) -> int:
@@ -317,6 +317,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("report", help="render result folders into one self-contained HTML file")
     p.add_argument("results_dirs", nargs="+", metavar="RESULTS_DIR")
     p.add_argument("-o", "--output", help="output file (default: reports/<folder name>.html)")
+    # The same options as reports.render's (not imported here: the report's packages load only when it runs).
+    p.add_argument("--reference", metavar="REF_DIR", help="an earlier run of the same trials: its scores against these")
+    p.add_argument("--floor", nargs="+", default=[], metavar="PATH",
+                   help="benchmarks/lora_step.py outputs (files or folders): the frozen floor's utilization beside the trials'")
     p.set_defaults(fn=cmd_report)
     p = sub.add_parser("serve-bench", help="many LoRA adapters in one batch against merge-and-switch, peft and a merged model")
     p.add_argument("suite", help="a serving suite, e.g. suites/serving.toml")

@@ -16,151 +16,21 @@ spread:
 
 The last line: "N trials, M scores, K outside spread, identical: J" (and how many scores had no
 spread, if any). --json OUT writes every row and that summary. Exit 0; bad input (a missing or
-unreadable folder or result, no trial in both) is one line and exit 2.
+unreadable folder or result, no trial in both) is one line and exit 2. The comparison itself is
+reports/reference.py's, which the HTML report shows too (`python -m reports.render RUN_DIR --reference REF_DIR`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 from reports import results as rr
-
-RULES = ("seeds", "suite", "none")
-
-
-@dataclass(frozen=True)
-class Row:
-    """One score of one trial, ours against the reference's."""
-
-    trial_id: str
-    label: str
-    metric: str
-    """The key under `eval`, dotted: lm_eval.sst2.acc, forgetting, accuracy.test."""
-    reference: float
-    ours: float
-    difference: float
-    """ours - reference."""
-    spread: float | None
-    """The reference's seed spread of this metric (max - min), by `rule`; None: unknown."""
-    rule: str
-    """seeds, suite or none (the module's docstring)."""
-    seeds: int
-    """Seeds the spread comes from: the configuration's own (rule seeds), the largest-spread one's (suite)."""
-
-    @property
-    def identical(self) -> bool:
-        return self.ours == self.reference
-
-    @property
-    def within(self) -> bool | None:
-        return None if self.spread is None else abs(self.difference) <= self.spread
-
-
-def scores(result: dict[str, Any]) -> dict[str, float]:
-    """The numbers under a result's `eval`, by dotted key; standard errors left out."""
-    out: dict[str, float] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(value, f"{prefix}.{key}" if prefix else str(key))
-        elif isinstance(node, (int, float)) and not isinstance(node, bool) and math.isfinite(node):
-            if not prefix.endswith("_stderr"):
-                out[prefix] = float(node)
-
-    walk(result.get("eval") or {}, "")
-    return out
-
-
-def load(directory: str) -> dict[str, dict[str, Any]]:
-    """The folder's successful results by trial id; rr.ResultFileError names a bad folder or file."""
-    found = rr.files(directory)
-    if not found:
-        raise rr.ResultFileError(f"{directory}: no result files")
-    results = (rr.load_file(path) for path in found)
-    return {r["trial_id"]: r for r in results if r.get("status") == "success"}
-
-
-@dataclass(frozen=True)
-class Spread:
-    value: float
-    seeds: int
-
-
-def seed_spreads(reference: dict[str, dict[str, Any]]) -> tuple[dict[str, dict[str, Spread]], dict[str, dict[str, Spread]]]:
-    """Per configuration (rr.spec_key: the spec but train.seed) and per suite, each metric's seed
-    spread: a configuration's own where it ran at two seeds or more; a suite's is the largest of its
-    replicated configurations'."""
-    by_config: dict[str, dict[int, dict[str, float]]] = {}
-    suite_of: dict[str, str] = {}
-    for result in reference.values():
-        key = rr.spec_key(result["spec"])
-        seed = (result["spec"].get("train") or {}).get("seed")
-        by_config.setdefault(key, {})[seed] = scores(result)  # a repeated seed is one sample
-        suite_of[key] = result.get("suite", "")
-    own: dict[str, dict[str, Spread]] = {}
-    suite: dict[str, dict[str, Spread]] = {}
-    for key, per_seed in by_config.items():
-        if len(per_seed) < 2:
-            continue
-        metrics = set().union(*per_seed.values())
-        for metric in sorted(metrics):
-            values = [s[metric] for s in per_seed.values() if metric in s]
-            if len(values) < 2:
-                continue
-            spread = Spread(max(values) - min(values), len(values))
-            own.setdefault(key, {})[metric] = spread
-            best = suite.setdefault(suite_of[key], {}).get(metric)
-            if best is None or spread.value > best.value:
-                suite[suite_of[key]][metric] = spread
-    return own, suite
-
-
-def compare(run: dict[str, dict[str, Any]], reference: dict[str, dict[str, Any]]) -> list[Row]:
-    own, suite = seed_spreads(reference)
-    rows = []
-    for trial_id in sorted(set(run) & set(reference), key=lambda i: (reference[i].get("label", ""), i)):
-        ref, ours = reference[trial_id], run[trial_id]
-        ref_scores, our_scores = scores(ref), scores(ours)
-        key = rr.spec_key(ref["spec"])
-        for metric in sorted(set(ref_scores) & set(our_scores)):
-            spread, rule = own.get(key, {}).get(metric), "seeds"
-            if spread is None:
-                spread, rule = suite.get(ref.get("suite", ""), {}).get(metric), "suite"
-            if spread is None:
-                rule = "none"
-            rows.append(Row(trial_id, ref.get("label", ""), metric, ref_scores[metric], our_scores[metric],
-                            our_scores[metric] - ref_scores[metric], spread.value if spread else None, rule,
-                            spread.seeds if spread else 0))
-    return rows
-
-
-@dataclass(frozen=True)
-class Summary:
-    trials: int
-    scores: int
-    outside: int
-    identical: int
-    no_spread: int
-    only_run: int
-    """Successful trials in RUN_DIR without a successful reference (not compared)."""
-    only_reference: int
-
-    def line(self) -> str:
-        extra = f", no spread known: {self.no_spread}" if self.no_spread else ""
-        return f"{self.trials} trials, {self.scores} scores, {self.outside} outside spread, identical: {self.identical}{extra}"
-
-
-def summarize(rows: list[Row], run: dict[str, Any], reference: dict[str, Any]) -> Summary:
-    return Summary(trials=len({r.trial_id for r in rows}), scores=len(rows), outside=sum(r.within is False for r in rows),
-                   identical=sum(r.identical for r in rows), no_spread=sum(r.within is None for r in rows),
-                   only_run=len(set(run) - set(reference)), only_reference=len(set(reference) - set(run)))
+# The comparison lives in reports (the report's section "Scores against a reference run" shows it too).
+from reports.reference import RULE_TEXT, RULES, Row, compare, load, summarize
 
 
 def table(rows: list[Row]) -> str:
@@ -194,10 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(rows))
     print()
     used = {r.rule for r in rows}
-    print("spread: " + "; ".join(text for rule, text in (
-        ("seeds", "seeds = max - min of the metric over the trial configuration's own seeds in the reference"),
-        ("suite", "suite = no seeds of its own: the largest such spread among the suite's replicated configurations"),
-        ("none", "none = the suite has no replicated configuration: no verdict")) if rule in used))
+    print("spread: " + "; ".join(RULE_TEXT[rule] for rule in RULES if rule in used))
     if summary.only_run or summary.only_reference:
         print(f"not compared: {summary.only_run} successful trial(s) only in {args.run_dir}, "
               f"{summary.only_reference} only in {args.ref_dir}")

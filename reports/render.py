@@ -1,7 +1,7 @@
 """Render result folders into one self-contained HTML file (inline SVG, CSS and script; no network).
 
-    python -m reports.render RESULTS_DIR... [-o FILE.html]
-    peftbench report RESULTS_DIR... [-o FILE.html]
+    python -m reports.render RESULTS_DIR... [--reference REF_DIR] [--floor PATH...] [-o FILE.html]
+    peftbench report RESULTS_DIR... [--reference REF_DIR] [--floor PATH...] [-o FILE.html]
     python -m reports.render --index [DIR]     # DIR/index.html linking every report in DIR (default reports)
 """
 
@@ -17,7 +17,8 @@ from pathlib import Path
 
 import jinja2
 
-from reports import results, sections
+from reports import reference as reference_run
+from reports import results, sections, utilization
 
 HERE = Path(__file__).resolve().parent
 PUBLISHED = HERE / "published.toml"
@@ -34,22 +35,32 @@ def default_output(folders: Sequence[str | Path]) -> Path:
     return Path("reports") / ("+".join(Path(f).resolve().name for f in folders) + ".html")
 
 
-def html(folders: Sequence[str | Path]) -> str:
-    """Raises results.ResultFileError for a missing folder or an unreadable result file."""
+def html(folders: Sequence[str | Path], reference: str | Path | None = None, floor: Sequence[str | Path] = ()) -> str:
+    """reference: an earlier run of the same trials, whose scores the report compares with these; floor:
+    benchmarks/lora_step.py outputs (files or folders), whose frozen floor's utilization it shows beside the trials'.
+    Raises results.ResultFileError for a missing folder or an unreadable result or record file."""
     trials = results.tidy(results.frame(*folders, curves=True))
+    records = results.benchmark_records(*folders)
+    if floor:  # the floor's records only: a folder such as results/reference/perf holds other benchmarks' too
+        records[utilization.FLOOR] = [*records.get(utilization.FLOOR, []), *utilization.floor_records(list(floor))]
+    ref = reference_run.Reference.read(reference, list(folders)) if reference is not None else None
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     names = ", ".join(Path(f).name for f in folders)
+    also = ([f"scores compared with {reference}"] if reference is not None else []) + (
+        [f"the frozen floor from {', '.join(sorted({Path(r['path']).name for r in records[utilization.FLOOR]}))} "
+         f"in {', '.join(dict.fromkeys(str(Path(r['path']).parent) for r in records[utilization.FLOOR]))}"] if floor else [])
     return env.get_template(TEMPLATE).render(
         title=f"peftbench report: {names}", folders=[str(f) for f in folders], n_files=len(trials), published="reports/published.toml",
-        sections=sections.build(trials, published(), results.benchmark_records(*folders)))
+        also="; ".join(also), sections=sections.build(trials, published(), records, ref))
 
 
-def write(folders: Sequence[str | Path], output: str | Path | None = None) -> Path:
+def write(folders: Sequence[str | Path], output: str | Path | None = None, reference: str | Path | None = None,
+          floor: Sequence[str | Path] = ()) -> Path:
     out = Path(output) if output else default_output(folders)
     if out.is_dir():
         raise results.ResultFileError(f"{out}: is a folder; -o names the HTML file to write")
-    text = html(folders)
+    text = html(folders, reference, floor)
     tmp = out.with_name(f".{out.name}.tmp")
     try:  # written aside and renamed: a failed write leaves no partial report
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -99,16 +110,26 @@ def write_index(folder: str | Path = "reports") -> Path:
     return out
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The report's options beside the folders (bench/cli.py repeats them, so that its parser loads no report package)."""
+    parser.add_argument("-o", "--output", help="output file (default: reports/<folder name>.html)")
+    parser.add_argument("--reference", metavar="REF_DIR",
+                        help="an earlier run of the same trials: its scores against these, within its seed spread")
+    parser.add_argument("--floor", nargs="+", default=[], metavar="PATH",
+                        help="benchmarks/lora_step.py outputs (JSON files, or folders holding them): the frozen floor's "
+                             "utilization beside the trials'")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="peftbench report", description="Render result folders into one HTML file.")
     parser.add_argument("results_dirs", nargs="*", metavar="RESULTS_DIR")
-    parser.add_argument("-o", "--output", help="output file (default: reports/<folder name>.html)")
+    add_arguments(parser)
     parser.add_argument("--index", nargs="?", const="reports", metavar="DIR",
                         help="write DIR/index.html linking every report in DIR (default: reports)")
     args = parser.parse_args(argv)
     if args.index is None and not args.results_dirs:
         parser.error("give RESULTS_DIR... or --index")
-    status = run(args.results_dirs, args.output) if args.results_dirs else 0
+    status = run(args.results_dirs, args.output, args.reference, args.floor) if args.results_dirs else 0
     if args.index is not None and status == 0:
         try:
             print(write_index(args.index))
@@ -118,9 +139,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return status
 
 
-def run(folders: Sequence[str], output: str | None) -> int:
+def run(folders: Sequence[str], output: str | None, reference: str | None = None, floor: Sequence[str] = ()) -> int:
     try:
-        out = write(folders, output)
+        out = write(folders, output, reference, floor)
     except results.ResultFileError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -17,7 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-from reports import answer, figures, forecast, longlora_context, matched, ranking, stats
+from reports import answer, figures, forecast, longlora_context, matched, ranking, reference, stats, utilization
 from reports import trials as trial_table
 from reports.blocks import (Cell, Section, Table, c_bytes, c_change, c_config, c_int, c_mem, c_num, c_score, c_signed,
                             c_text, cite, missing, natural_key, published_table)
@@ -108,7 +108,7 @@ def pairs_frame(ps: list[Pair], column: str, cols: tuple[str, ...]) -> pd.DataFr
 
 # ---- Sections ----------------------------------------------------------------------------------
 
-def overview(trials: pd.DataFrame, groups: pd.DataFrame) -> Section:
+def overview(trials: pd.DataFrame, groups: pd.DataFrame, records: dict[str, list[dict]] | None = None) -> Section:
     s = Section("overview", "Overview")
     if trials.empty:
         s.p("No results: the folders hold no result files.")
@@ -119,12 +119,12 @@ def overview(trials: pd.DataFrame, groups: pd.DataFrame) -> Section:
         + f"{len(groups)} distinct successful configurations (trials that differ only in train.seed are one "
           "configuration; their scores are averaged with a 95% t-distribution confidence interval). "
           "Every trial, with filters, a CSV download and its details, is in the last section.")
+    if line := utilization.headline(trials, records or {}):  # results older than the fields have none
+        s.p(line)
     names = trials["score_name"].dropna().unique()
     s.p("Score: " + (", ".join(names) if len(names) else "none (no lm-eval results in these files)")
         + " (lm-eval; the mean over tasks when there are several). Peak memory is memory.peak_bytes "
         + f"(source: {', '.join(sorted(map(str, trials.get('memory.peak_source', pd.Series()).dropna().unique()))) or 'unknown'}).")
-    if line := trial_table.utilization_summary(trials):  # results older than the field have none
-        s.p(line)
     scored = groups.dropna(subset=["score", "peak"]) if not groups.empty else groups
     if scored.empty:
         s.p("Pareto front: no results with both a score and a peak memory (synthetic models never report scores).")
@@ -760,12 +760,15 @@ def leads(trials: pd.DataFrame, candidates: Sequence[Section]) -> list[Section]:
             if sec.has_data and not trials.empty and LEAD_SUBJECTS[sec.id](trials).mean() >= 0.5]
 
 
-def build(trials: pd.DataFrame, pub: dict, records: dict[str, list[dict]] | None = None) -> list[Section]:
+def build(trials: pd.DataFrame, pub: dict, records: dict[str, list[dict]] | None = None,
+          ref: reference.Reference | None = None) -> list[Section]:
     groups = pd.DataFrame() if trials.empty else seed_groups(trials)
     # A suite's own subject leads, right after the answer: the shift x block table, the LoRA-vs-QLoRA comparison.
     surg, qlora = surgical(trials, groups, pub), lora_vs_qlora(groups, pub)
     lead = leads(trials, (surg, qlora))
-    rest = [overview(trials, groups), matched.section(trials, groups),
+    # How close the run came to the machine and whether its scores repeat a reference run's: right after the overview.
+    rest = [overview(trials, groups, records), utilization.section(trials, records or {}), reference.section(ref),
+            matched.section(trials, groups),
             rank_sweep(groups, pub), targets(groups, pub), optimizer(groups, pub),
             epochs(groups, pub), methods_section(groups, pub), ranking.section(trials, pub), qlora, gpu(records or {}, pub, groups),
             longlora_context.section(records or {}),

@@ -486,7 +486,7 @@ def test_each_serving_report_names_its_device_in_the_title():
 
 
 def test_utilization_column_and_sweep_line(tmp_path):
-    """runtime.utilization.fraction as a trial-table column and one overview line (median, min, max over the
+    """runtime.utilization.fraction as a trial-table column and one line in the report (median, min, max over the
     trials that trained, and the peak); results without the field (older ones) show neither, and do not fail."""
     import html as html_lib
 
@@ -514,3 +514,152 @@ def test_utilization_column_and_sweep_line(tmp_path):
     assert sorted(column) == sorted(["20.0%", "5.0%", "40.0%", "—"])
     new = render.html([folder])
     assert line in html_lib.unescape(new) and "<th>utilization</th>" in new
+
+
+# ---- Wall time, utilization and the frozen floor; scores against a reference run -------------------------
+
+PEAK_1T = {"flops_per_s": 6.4e10, "source": "cached", "machine_class": "x86_64-2cpu-cpu", "device": "cpu", "threads": 1,
+           "dtype": "float32", "measured_at": "2026-11-29T00:00:00Z"}
+
+
+def timed_sweep(folder: Path) -> list[Path]:
+    """Four trained LoRA trials and a frozen one in two one-thread lanes, each with its process dates and utilization."""
+    plan = [(4, "qv", 0.0, 100.0, 0.212), (8, "qv", 3.5, 120.0, 0.461), (16, "all-linear", 100.25, 61.0, 0.347),
+            (64, "all-linear", 123.5, 50.0, 0.391)]
+    paths = []
+    for r, targets, start, process, fraction in plan:
+        path = write_result(folder, r=r, targets=targets, train_s=0.7 * process)
+        result = json.loads(path.read_text())
+        result["runtime"].update(process_started_at=1.8e9 + start, process_ended_at=1.8e9 + start + process, process_s=process,
+                                 utilization={"train_flops": fraction * 6.4e10 * 0.7 * process, "fraction": fraction,
+                                              "achieved_flops_per_s": fraction * 6.4e10, "peak_flops_per_s": 6.4e10,
+                                              "peak_source": PEAK_1T})
+        result["env"].update(parallel=2, torch_threads=1)
+        path.write_text(json.dumps(result))
+        paths.append(path)
+    frozen = write_result(folder, method="frozen", r=None, trainable=0, train_s=0.0, curve=[])
+    result = json.loads(frozen.read_text())
+    result["runtime"].update(process_started_at=1.8e9 + 180.0, process_ended_at=1.8e9 + 203.0, process_s=23.0)
+    result["env"].update(parallel=2, torch_threads=1)
+    frozen.write_text(json.dumps(result))
+    return [*paths, frozen]
+
+
+def floor_record(floor: float, ours: float, step: float) -> dict:
+    """benchmarks/lora_step.py's JSON, with the keys the report reads."""
+    peak = {**PEAK_1T, "flops_per_s": 1.2e11, "threads": 2}
+    return {"benchmark": "lora_step", "config": {"reps": 8, "rank": 8, "batch": 4, "seq": 128, "threads": 2},
+            "step_s_median": {"floor": step, "ours": 1.1 * step},
+            "utilization": {"floor": {"step_flops": 2.9e11, "fraction": floor}, "ours": {"step_flops": 3e11, "fraction": ours},
+                            "peak": peak}}
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def test_wall_time_utilization_and_floor(tmp_path):
+    """The overview's Run line and the section "Wall time and utilization": the runner's span from the trials' process
+    dates and its lanes, the trials' utilization (median, min, max) and the frozen floor's over the lora_step.py runs
+    given with --floor (a folder gives its lora_step records only), each figure recomputed here from the fixture files."""
+    import html as html_lib
+    import statistics
+
+    from reports import utilization
+
+    folder = tmp_path / "sweep"
+    written = [json.loads(p.read_text()) for p in timed_sweep(folder)]
+    perf = tmp_path / "perf"
+    perf.mkdir()
+    (perf / "lora_step_a.json").write_text(json.dumps(floor_record(0.553, 0.501, 1.9)))
+    (perf / "lora_step_b.json").write_text(json.dumps(floor_record(0.471, 0.442, 2.2)))
+    (perf / "lora_step_c.json").write_text(json.dumps(floor_record(0.618, 0.557, 1.7)))
+    (perf / "other.json").write_text(json.dumps({"benchmark": "longlora_context", "rows": []}))  # not a floor record
+
+    starts = [r["runtime"]["process_started_at"] for r in written]
+    ends = [r["runtime"]["process_ended_at"] for r in written]
+    wall = max(ends) - min(starts)
+    busy = sum(r["runtime"]["process_s"] for r in written) / (wall * 2)
+    fractions = [r["runtime"]["utilization"]["fraction"] for r in written if "utilization" in r["runtime"]]
+    floors = [json.loads(p.read_text())["utilization"]["floor"]["fraction"] for p in sorted(perf.glob("lora_step_*.json"))]
+    assert len(utilization.floor_records([perf])) == len(floors)  # the longlora record is left out
+
+    page = html_lib.unescape(render.html([folder], floor=[perf]))
+    run_line = (f"Run: {wall:,.0f} s of runner wall time ({wall / 60:.1f} min) in 2 lanes of 1 thread(s); the {len(fractions)} "
+                f"trained trials at a median {pct(statistics.median(fractions))} of the matmul peak (min {pct(min(fractions))}, "
+                f"max {pct(max(fractions))}); the frozen floor at a median {pct(statistics.median(floors))} "
+                f"(min {pct(min(floors))}, max {pct(max(floors))}) over {len(floors)} benchmarks/lora_step.py runs")
+    assert run_line in page
+    overview = page[page.index('<section id="overview">'):page.index('<section id="utilization">')]
+    assert "Run: " in overview  # the headline is in the overview, before the Pareto plot
+    assert f"Runner wall time: {wall:,.0f} s" in page and f"{len(written)} trials" in page and f"{100 * busy:.1f}% of span x lanes" in page
+    assert f"lora_step_a.json, lora_step_b.json, lora_step_c.json in {perf}" in page  # the provenance line names the floor's files
+    built = {s.id: s for s in sections.build(results.tidy(results.frame(folder)), render.published(),
+                                             {"lora_step": utilization.floor_records([perf])})}
+    section = built["utilization"]
+    assert section.has_data
+    by_method, floor_table = [b.table for b in section.blocks if b.kind == "table"]
+    all_row = by_method.rows[0]
+    assert [c.text for c in all_row[:5]] == ["all trained trials", str(len(fractions)), pct(statistics.median(fractions)),
+                                             pct(min(fractions)), pct(max(fractions))]
+    assert [row[by_method.columns.index("trials")].text for row in by_method.rows[1:]] == ["2", "2"]  # qv, all-linear
+    assert [row[floor_table.columns.index("floor utilization")].text for row in floor_table.rows] == [pct(f) for f in floors]
+
+    # Without --floor: the section says how to give one; results without process dates: no wall time, no failure.
+    bare = {s.id: s for s in sections.build(results.tidy(results.frame(folder)), render.published(), {})}["utilization"]
+    assert "no benchmarks/lora_step.py record given" in " ".join(b.text for b in bare.blocks)
+    old = tmp_path / "old"
+    write_result(old)
+    assert "not recorded" in html_lib.unescape(render.html([old])) and "Run: " not in html_lib.unescape(render.html([old]))
+
+
+def test_floor_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+    from bench import cli
+
+    folder = tmp_path / "sweep"
+    timed_sweep(folder)
+    good, bad = tmp_path / "lora_step.json", tmp_path / "lora_step_old.json"
+    good.write_text(json.dumps(floor_record(0.5, 0.45, 2.0)))
+    record = floor_record(0.5, 0.45, 2.0)
+    del record["utilization"]["floor"]
+    bad.write_text(json.dumps(record))
+    out = tmp_path / "r.html"
+    for args, named in [([str(bad)], "utilization.floor"), ([str(tmp_path / "missing.json")], "missing.json"),
+                        ([str(tmp_path / "sweep")], "no benchmarks/lora_step.py output")]:
+        assert render.main([str(folder), "-o", str(out), "--floor", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and named in err, err
+        assert not out.exists()
+    assert render.main([str(folder), "--reference", str(tmp_path / "nowhere"), "-o", str(out)]) == 2
+    assert "nowhere" in capsys.readouterr().err and not out.exists()
+    # peftbench report takes the same options.
+    assert cli.main(["report", str(folder), "--floor", str(good), "-o", str(out)]) == 0
+    assert "the frozen floor from lora_step.json" in out.read_text()
+
+
+def test_scores_against_a_reference_run(tmp_path):
+    """--reference: every score of each trial in both runs against the reference's seed spread, counted here from the
+    fixture files (own seeds' spread where the configuration was replicated, else the suite's largest)."""
+    import html as html_lib
+
+    ref, run = tmp_path / "lora_sweep", tmp_path / "lora_sweep_parallel"
+    ref_paths = [write_result(ref, seed=0, score=0.80), write_result(ref, seed=1, score=0.84), write_result(ref, r=16, score=0.70)]
+    run_paths = [write_result(run, seed=0, score=0.80), write_result(run, seed=1, score=0.91), write_result(run, r=16, score=0.73)]
+    refs = {r["trial_id"]: r for r in (json.loads(p.read_text()) for p in ref_paths)}
+    ours = {r["trial_id"]: r for r in (json.loads(p.read_text()) for p in run_paths)}
+    assert set(refs) == set(ours)
+    acc = {i: r["eval"]["lm_eval"]["sst2"]["acc"] for i, r in refs.items()}
+    seeds = [acc[i] for i, r in refs.items() if r["spec"]["method"]["config"]["r"] == 8]
+    spread = max(seeds) - min(seeds)  # r=8's own seeds; r=16 has one seed, so it gets the suite's largest: the same
+    outside = [i for i in ours if abs(ours[i]["eval"]["lm_eval"]["sst2"]["acc"] - acc[i]) > spread]
+    identical_acc = [i for i in ours if ours[i]["eval"]["lm_eval"]["sst2"]["acc"] == acc[i]]
+    n_scores = 2 * len(ours)  # acc and forgetting each; forgetting is the same everywhere
+    page = html_lib.unescape(render.html([run], reference=ref))
+    summary = f"{len(ours)} trials, {n_scores} scores, {len(outside)} outside spread, identical: {len(identical_acc) + len(ours)}"
+    assert summary in page
+    assert f"lm-eval scores identical to the reference's in {len(identical_acc)} of {len(ours)} trials" in page
+    assert "Outside the spread: " + " ".join([outside[0][:8], ours[outside[0]]["label"]]) in page
+    assert f"scores compared with {ref}" in page  # the provenance line
+    # Without --reference the section has no data and says how to get it.
+    built = {s.id: s for s in sections.build(results.tidy(results.frame(run)), render.published(), {})}
+    assert not built["reference"].has_data and "--reference REF_DIR" in built["reference"].blocks[0].text
