@@ -187,7 +187,8 @@ class Method(Protocol):
     Config: ClassVar[type[MethodConfig]]
 
     def apply(self, model: nn.Module, cfg: MethodConfig) -> Adapted:
-        """A class with `needs_context: ClassVar[bool] = True` takes `context: MethodContext | None` too."""
+        """A class with `needs_context: ClassVar[bool] = True` takes `context: MethodContext | None` too.
+        One with `packs: ClassVar[bool] = False` trains on padded rows only (bench.trial.loss.packs)."""
         ...
 
 

@@ -76,6 +76,7 @@ class HardPrompt:
     name = "hard_prompt"
     version = "1"
     init_atol: ClassVar[float | None] = None  # the prompt changes every output
+    packs: ClassVar[bool] = False  # its prompt goes in front of every row (bench.trial.loss.packs)
     needs_context: ClassVar[bool] = True
     Config = HardPromptConfig
     battery_configs: ClassVar[list[dict[str, Any]]] = [{"prompt_ids": [5, 6, 7]}]

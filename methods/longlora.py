@@ -189,6 +189,7 @@ class LongLoRA:
     name = "longlora"
     version = "1"
     init_atol: ClassVar[float] = 0.0
+    packs: ClassVar[bool] = False  # S2-Attn groups positions by their index in the row: rows end to end would share groups
     battery_kinds: ClassVar[tuple[str, ...]] = ("llama",)  # GPT-2 (absolute positions) and BERT (an encoder) are refused
     Config = LongLoRAConfig
     battery_configs: ClassVar[list[dict[str, Any]]] = [

@@ -184,6 +184,7 @@ class PrefixTuning:
     version = "1"
     Config = PrefixTuningConfig
     init_atol: ClassVar[float | None] = None  # the prefix changes every layer's attention from the start
+    packs: ClassVar[bool] = False  # a cache holds its prefix, and transformers finds row boundaries only without one
     battery_configs: ClassVar[list[dict[str, Any]]] = [
         {"n": 4},
         {"n": 3, "projection": True, "projection_dim": 16},

@@ -200,6 +200,7 @@ class PromptTuning:
     name = "prompt_tuning"
     version = "1"
     init_atol: ClassVar[float | None] = None  # the prompt changes every output
+    packs: ClassVar[bool] = False  # its prompt goes in front of every row (bench.trial.loss.packs)
     needs_context: ClassVar[bool] = True  # for init = "text" with init_text
     # The paper's 0.3 is for Adafactor, whose steps scale with the weights; AdamW's do not, and
     # embeddings are small: 0.3 overshoots on the tiny models, 3e-2 (peft's examples) does not.

@@ -14,6 +14,7 @@ import torch
 
 import methods
 from bench.tasks import data
+from bench.tasks.tokens import collate_packed
 from bench.trial import forecast
 from bench import models
 from bench.run import suite
@@ -30,7 +31,7 @@ TRAIN = {"optimizer": "adamw", "lr": 1e-3, "batch_size": 4, "grad_accum": 1, "ep
 
 def _rows(padded: bool) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
-    lengths = [24, 24, 24, 17 if padded else 24]
+    lengths = [24, 24, 24, 17 if padded else 24]  # packed: rows end to end, whatever their lengths
     out = []
     for n in lengths:
         ids = torch.randint(3, 500, (n,), generator=gen).tolist()
@@ -38,7 +39,7 @@ def _rows(padded: bool) -> list[dict]:
     return out
 
 
-def _real_step(spec: dict, rows: list[dict]) -> tuple[dict, dict]:
+def _real_step(spec: dict, rows: list[dict], packed: bool = False) -> tuple[dict, dict]:
     """memory.accounted of one real training step, as bench.run.worker records it, and the first batch."""
     loaded = models.load(spec["model"])
     method = methods.get(spec["method"]["name"])
@@ -47,13 +48,13 @@ def _real_step(spec: dict, rows: list[dict]) -> tuple[dict, dict]:
     weights = sum(weight_bytes(adapted.model).values())
 
     def collate(batch):
-        return data.collate(batch, pad_id=1)
+        return collate_packed(batch) if packed else data.collate(batch, pad_id=1)
 
     result = train(adapted, rows, spec["train"], collate, torch.device("cpu"))
     return {"weights": weights, **{k: result.accounted.get(k, 0) for k in ("grads", "optimizer", "activations")}}, collate(rows)
 
 
-CASES = [  # (model, dtype, quant, method config, optimizer, padded)
+CASES = [  # (model, dtype, quant, method config, optimizer, padded: True, False or "packed")
     ("synthetic:llama-tiny", "float32", "none", ("lora", {"targets": "qv"}), "adamw", False),
     ("synthetic:llama-tiny", "float32", "none", ("lora", {"targets": "all-linear"}), "adamw", True),
     ("synthetic:llama-tiny", "float32", "none", ("full", {}), "sgd", True),
@@ -61,10 +62,12 @@ CASES = [  # (model, dtype, quant, method config, optimizer, padded)
     ("synthetic:gpt2-tiny", "float32", "none", ("top_k", {"k": 1}), "adamw-8bit", False),
     ("synthetic:llama-tiny", "bfloat16", "nf4", ("lora", {"targets": "all-linear"}), "adamw", True),
     ("synthetic:llama-tiny", "bfloat16", "nf4-dq", ("lora", {"targets": "qv"}), "paged-adamw", False),
+    ("synthetic:llama-tiny", "float32", "none", ("lora", {"targets": "all-linear"}), "adamw", "packed"),
+    ("synthetic:gpt2-tiny", "float32", "none", ("full", {}), "adamw", "packed"),
 ]
 
 
-IDS = [f"{c[0][10:]}-{c[2]}-{c[3][0]}-{c[4]}-pad{int(c[5])}" for c in CASES]
+IDS = [f"{c[0][10:]}-{c[2]}-{c[3][0]}-{c[4]}-" + (c[5] if isinstance(c[5], str) else f"pad{int(c[5])}") for c in CASES]
 
 
 @pytest.mark.parametrize("model,dtype,quant,method,optimizer,padded", CASES, ids=IDS)
@@ -75,11 +78,11 @@ def test_meta_step_forecasts_every_accounted_component_of_a_real_step(model, dty
     if quant != "none":
         m.update(quant="nf4", double_quant=quant.endswith("-dq"), compute_dtype=dtype)
     spec = {"model": m, "method": {"name": method[0], "config": method[1]}, "train": {**TRAIN, "optimizer": optimizer, "momentum": 0.0}}
-    rows = _rows(padded)
-    measured, batch = _real_step(spec, rows)
+    rows = _rows(padded is True)
+    measured, batch = _real_step(spec, rows, packed=padded == "packed")
     f = forecast.forecast(spec, batch=forecast.Batch.of(batch), runtime_bytes=0)
     assert f.activations_from == "meta-forward"
-    assert forecast.Batch.of(batch).padded is padded
+    assert forecast.Batch.of(batch).padded is bool(padded)  # packed rows need a mask at their boundaries
     # The same bytes, not nearly: the meta step runs the very code of the real one.
     assert {k: getattr(f, k) for k in measured} == measured
 

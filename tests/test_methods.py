@@ -18,11 +18,14 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import MODEL_KINDS, build_model, logits, make_batch
+from conftest import MODEL_KINDS, VOCAB, build_model, logits, make_batch
 from torch import Tensor
 
 import methods
 from bench.run.suite import TrainSpec
+from bench.tasks.tokens import collate, collate_packed
+from bench.trial.loss import loss as train_loss
+from bench.trial.loss import packs
 from bench.trial.train import train
 from methods.base import Adapted, AdapterFileError, ConfigError, MethodConfig
 from methods.layers import inert_parameters, resolve_targets
@@ -226,6 +229,61 @@ def test_method_reduces_training_loss(name: str, values: dict[str, Any], kind: s
     else:
         assert result.steps == TRAIN_STEPS and result.loss_curve[0] == pytest.approx(first, rel=1e-5)
         assert final < 0.9 * first, f"{name}: loss {first:.4f} -> {final:.4f} in {TRAIN_STEPS} steps"
+
+
+def _rows_of_unequal_length(seed: int = 0) -> list[dict[str, list[int]]]:
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for length in (16, 9, 13, 5):
+        ids = torch.randint(1, VOCAB, (length,), generator=gen).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * (length // 2) + ids[length // 2:]})
+    return rows
+
+
+PACKING = [c for c in CASES if c.values[2] != "bert" and getattr(methods.get(c.values[0]), "packs", True)]
+
+
+@pytest.mark.parametrize(("name", "values", "kind"), PACKING)
+def test_packed_rows_train_as_padded_rows(name: str, values: dict[str, Any], kind: str) -> None:
+    """Every method that does not say `packs = False` computes each token from its own row, so rows
+    laid end to end (bench.tasks.tokens.collate_packed, what the worker trains on when
+    bench.trial.loss.packs allows) give the padded batch's loss and gradients. Trainables are moved
+    off their init first (LoRA's B = 0 would hide its A's gradients); eval mode, because dropout
+    draws its masks over the batch's shape."""
+    torch.manual_seed(0)
+    method = methods.get(name)
+    adapted = method.apply(build_model(kind), method.Config.from_dict(values))
+    assert packs(method, adapted.model)
+    with torch.no_grad():
+        for p in adapted.trainable:
+            p.add_(torch.randn_like(p) * 0.05)
+    adapted.model.eval()
+    rows = _rows_of_unequal_length()
+    results = []
+    for batch in (collate(rows, pad_id=0), collate_packed(rows)):
+        for p in adapted.trainable:
+            p.grad = None
+        value = train_loss(adapted.model, batch)
+        if adapted.trainable:
+            value.backward()
+        grads = [p.grad.flatten() for p in adapted.trainable if p.grad is not None]
+        results.append((value.item(), torch.cat(grads) if grads else torch.zeros(1)))
+    (padded, padded_grads), (packed, packed_grads) = results
+    assert packed == pytest.approx(padded, rel=1e-5)
+    assert padded_grads.shape == packed_grads.shape
+    assert (packed_grads - padded_grads).norm() <= 1e-4 * padded_grads.norm() + 1e-12
+
+
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+def test_packing_is_refused_where_rows_would_leak_into_each_other(kind: str) -> None:
+    """An encoder (bidirectional attention) and methods that put positions in front of rows train padded."""
+    lora = methods.get("lora")
+    assert packs(lora, lora.apply(build_model(kind), lora.Config()).model) is (kind != "bert")
+    for name in ("prompt_tuning", "prefix_tuning", "longlora"):
+        method = methods.get(name)
+        if kind in _kinds(name):
+            values = getattr(method, "battery_configs", [{}])[0]
+            assert not packs(method, method.apply(build_model(kind), method.Config.from_dict(values)).model)
 
 
 @pytest.mark.parametrize(("name", "values", "kind"), [c for c in CASES if c.values[2] == "llama"])

@@ -25,6 +25,7 @@ import methods
 from bench.regression import calibrate, compare
 from bench.trial import inject
 from bench.records import results
+from bench.trial.loss import packs
 from bench.trial.measure import PeakMemory, dir_bytes, param_counts, weight_bytes
 from bench.trial.train import Diverged, train
 from methods.base import MethodContext
@@ -159,7 +160,7 @@ def run(trial, result: dict[str, Any], adapters_dir: Path | None, show_progress:
 
     start = time.perf_counter()
     prepared = data.prepare(spec["data"], tokenizer, seed=t["seed"])
-    dataset, collate = prepared.train, prepared.collate
+    dataset = prepared.train
     if prepared.info:
         result["data"] = prepared.info
     if loaded.info:
@@ -183,6 +184,8 @@ def run(trial, result: dict[str, Any], adapters_dir: Path | None, show_progress:
     if injected := inject.apply(adapted):  # test-only, off by default: see bench/trial/inject.py
         result["test_injected"] = injected
     result["params"].update(param_counts(adapted.model, adapted.trainable))
+    packed = prepared.packed is not None and packs(method, adapted.model)
+    collate = prepared.packed if packed else prepared.collate
     if inert := inert_parameters(adapted.model, adapted.trainable, adapted.inert):
         result["params"]["inert"] = inert  # trainable, but the architecture gives them no gradient
     weights = weight_bytes(adapted.model)
@@ -221,7 +224,8 @@ def run(trial, result: dict[str, Any], adapters_dir: Path | None, show_progress:
                                      "activations": trained.accounted.get("activations", 0)}
     result["train"] = {"steps": trained.steps, "loss_curve": trained.loss_curve, "lr_curve": trained.lr_curve, "tokens": trained.tokens,
                        "step_times": trained.step_times, "examples": len(dataset),
-                       "optimizer_class": trained.optimizer_class, "optimizer_note": trained.optimizer_note, "logits": trained.logits}
+                       "optimizer_class": trained.optimizer_class, "optimizer_note": trained.optimizer_note, "logits": trained.logits,
+                       "batches": "packed" if packed else "padded"}
     if adapted.hooks.report:
         result["method_report"] = adapted.hooks.report()
     rt["step_s_median"] = trained.step_s_median
@@ -255,5 +259,5 @@ def run(trial, result: dict[str, Any], adapters_dir: Path | None, show_progress:
         if prepared.scored:
             from bench.tasks.vision import accuracy
 
-            result["eval"]["accuracy"] = {name: accuracy(adapted.model, rows, collate) for name, rows in prepared.scored.items()}
+            result["eval"]["accuracy"] = {name: accuracy(adapted.model, rows, prepared.collate) for name, rows in prepared.scored.items()}
     rt["eval_s"] = time.perf_counter() - start

@@ -1,4 +1,5 @@
-"""Text rows into training tensors: tokenization (cached on disk) and right-padding collation."""
+"""Text rows into training tensors: tokenization (cached on disk), and collation: right-padded rows,
+or rows laid end to end without padding."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 
 import datasets
 import torch
+from transformers import DataCollatorWithFlattening
 
 from bench.paths import cache_dir
 from bench.tasks.registry import Example
@@ -71,3 +73,17 @@ def collate(batch: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]
         attention_mask[i, :length] = 1
         labels[i, :length] = torch.as_tensor(row["labels"])
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+# Each row's first label becomes -100 (separator_id), so no row is scored on the row before it.
+_FLATTEN = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100, return_tensors="pt")
+
+
+def collate_packed(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """A batch's rows laid end to end in one row, without padding: transformers' packed-sequence
+    format, position_ids restarting at 0 on each row and no attention_mask, from which the model
+    builds a causal mask that stops at row boundaries (masking_utils.find_packed_sequence_indices).
+    SST-2 rows of 8 padded to their longest are a third padding, which the padded batch computes
+    through every layer; the packed one computes real tokens only."""
+    return _FLATTEN([{"input_ids": row["input_ids"], "labels": row["labels"]} for row in batch])
+

@@ -52,7 +52,8 @@ class Batch:
     tensors: dict[str, tuple[tuple[int, ...], str]]
     """Input name -> (shape, dtype), as the model's forward receives them."""
     padded: bool
-    """Whether any row is padded (transformers then builds an explicit attention mask)."""
+    """Whether the model builds an explicit attention mask: a row is padded, or the rows are packed
+    end to end (their position_ids restart at row boundaries)."""
     kept: int | None = None
     """Positions whose next token is labelled, the logits a causal LM's loss projects
     (bench.trial.loss.loss); None: every next token, rows x (width - 1)."""
@@ -83,7 +84,8 @@ class Batch:
         from bench.trial.flops import batch_shape
 
         mask = batch.get("attention_mask")
-        padded = bool(mask is not None and not bool(mask.bool().all()))
+        # A packed batch (position_ids, no mask) makes the model build a mask at row boundaries.
+        padded = bool(mask is not None and not bool(mask.bool().all())) or (mask is None and "position_ids" in batch)
         return cls({k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in batch.items()}, padded,
                    batch_shape(batch)[2])
 
@@ -317,20 +319,22 @@ def meta_step(adapted, batch: Batch, device: str = "cpu", logits: str = "labelle
     return {"activations": saved["bytes"], "sizes": saved["sizes"], "grads": grad_bytes(adapted.trainable), "with_grad": with_grad}
 
 
-def first_batch(spec: dict[str, Any]) -> Batch:
+def first_batch(spec: dict[str, Any], packed: bool = False) -> Batch:
     """The shape of the trial's first micro-batch, drawn exactly as bench.trial.train draws it: what
-    memory.accounted.activations measures."""
-    return _batches(_batch_key(spec))[0]
+    memory.accounted.activations measures. `packed`: rows laid end to end, as bench.run.worker
+    batches them when bench.trial.loss.packs says the model and method can."""
+    return _batches(_batch_key(spec, packed))[0]
 
 
-def widest_batch(spec: dict[str, Any]) -> Batch:
-    """The widest micro-batch of the whole run (batches are padded to their longest row, so widths
-    vary): the peak is reached on it, not necessarily on the first."""
-    return _batches(_batch_key(spec))[1]
+def widest_batch(spec: dict[str, Any], packed: bool = False) -> Batch:
+    """The widest micro-batch of the whole run (padded batches are as wide as their longest row,
+    packed ones as their rows together, so widths vary): the peak is reached on it, not necessarily
+    on the first."""
+    return _batches(_batch_key(spec, packed))[1]
 
 
-def _batch_key(spec: dict[str, Any]) -> str:
-    return json.dumps([spec["model"]["name"], spec["data"], spec["train"]], sort_keys=True)
+def _batch_key(spec: dict[str, Any], packed: bool) -> str:
+    return json.dumps([spec["model"]["name"], spec["data"], spec["train"], packed], sort_keys=True)
 
 
 @functools.lru_cache(maxsize=64)
@@ -338,10 +342,11 @@ def _batches(key: str) -> tuple[Batch, Batch]:
     from bench.tasks import data
     from bench.trial.train import batches, total_steps
 
-    name, data_spec, t = json.loads(key)
+    name, data_spec, t, packed = json.loads(key)
     tokenizer = _tokenizer(name) if data.get_task(data_spec["task"], data_spec).needs_tokenizer else None
     prepared = data.prepare(data_spec, tokenizer, seed=t["seed"])
-    stream = batches(prepared.train, t, prepared.collate, torch.device("cpu"))
+    collate = prepared.packed if packed and prepared.packed is not None else prepared.collate
+    stream = batches(prepared.train, t, collate, torch.device("cpu"))
     # One epoch at most: every epoch holds every row, so its widest batch is as wide as any later
     # one, and a suite asking for 10^18 steps is forecast in the time of one pass.
     per_epoch = total_steps(len(prepared.train), {**t, "max_steps": None, "epochs": 1})
@@ -376,21 +381,23 @@ def context_for(spec: dict[str, Any]):
 
 
 def forecast(spec: dict[str, Any], device: str = "cpu", batch: Batch | None = None, runtime_bytes: int | None = None,
-             calibration: CpuCalibration | None = None, logits: str = "labelled", cache: bool = False) -> Forecast:
+             calibration: CpuCalibration | None = None, logits: str = "labelled", cache: bool = False, packing: bool = True) -> Forecast:
     """Forecast a trial's accounted memory and peak on `device` (cpu or cuda) from its spec alone.
     `batch`: the first micro-batch's shape (default: drawn from the trial's data). On the CPU,
     `calibration` (default: this machine class's, cpu_calibration()) with its runtime replaced by
     `runtime_bytes` if given. `logits`: where the loss projects onto the vocabulary, "labelled" as
     training does now or "all" as trials recorded before bench.trial.loss.loss did (a result's
-    train.logits). `cache`: the components (all but the peak, which depends on this process's
-    runtime and the calibration) are kept on disk (bench.trial.memo, memo_key), so trials that differ
+    train.logits). `packing`: rows laid end to end where bench.trial.loss.packs allows, as training
+    batches them now; False: padded always, as trials ran before (a result's train.batches).
+    `cache`: the components (all but the peak, which depends on this process's runtime and the
+    calibration) are kept on disk (bench.trial.memo, memo_key), so trials that differ
     only in the learning rate forecast once; a batch given by the caller is never cached."""
     import methods
     from bench.trial.measure import weight_bytes
 
     if device not in PEAK_DEVICES:
         raise ValueError(f"device: forecasts exist for {', '.join(PEAK_DEVICES)}, not {device!r}")
-    key = memo_key(spec, device, logits) if cache and batch is None else None
+    key = memo_key(spec, device, logits, packing) if cache and batch is None else None
     if key is not None and (stored := MEMO.get(key)) is not None:
         return _with_peak(Forecast(**stored["forecast"]), StepSizes(**stored["sizes"]), spec, device, runtime_bytes, calibration)
     method = methods.get(spec["method"]["name"])
@@ -400,7 +407,10 @@ def forecast(spec: dict[str, Any], device: str = "cpu", batch: Batch | None = No
     weights = sum(weight_bytes(adapted.model).values())
     peak_batch = None
     if batch is None:  # from the trial's data: the first micro-batch for the accounted step, the widest for the peak
-        batch, peak_batch = first_batch(spec), widest_batch(spec)
+        from bench.trial.loss import packs
+
+        packed = packing and packs(method, adapted.model)
+        batch, peak_batch = first_batch(spec, packed), widest_batch(spec, packed)
     grads = optimizer = activations = 0
     source, note = "meta-forward", None
     if adapted.trainable:  # the frozen baseline never steps: bench.trial.train returns before the first batch
@@ -447,11 +457,11 @@ MEMO_CODE = ("methods/*.py", "bench/models/*.py", "bench/tasks/*.py", "bench/tri
 """The code a forecast's components depend on: the methods, model and data loading, batching and this module."""
 
 
-def memo_key(spec: dict[str, Any], device: str, logits: str) -> list[Any]:
+def memo_key(spec: dict[str, Any], device: str, logits: str, packing: bool = True) -> list[Any]:
     """Everything a forecast's components depend on: the model, method, data and training sections
     (all but the learning rate, which changes neither the batches nor the optimizer's state), the
     device and logits, the CPU kernels torch picks from (attention's choice), package versions and the code."""
-    return [VERSION, device, logits, torch.backends.cpu.get_cpu_capability(), spec["model"], spec["method"], spec["data"],
+    return [VERSION, device, logits, packing, torch.backends.cpu.get_cpu_capability(), spec["model"], spec["method"], spec["data"],
             {k: v for k, v in spec["train"].items() if k != "lr"}, memo.versions("torch", "transformers", "bitsandbytes"),
             memo.code_digest(memo.sources(*MEMO_CODE))]
 
@@ -730,7 +740,8 @@ def compare(results: list[dict[str, Any]], calibration: CpuCalibration | None = 
             cuda = m.get("peak_source", "").startswith("cuda")
             # A result recorded before the loss kept only labelled positions has no train.logits.
             f = forecast(r["spec"], device="cuda" if cuda else "cpu", calibration=calibration,
-                         logits=r.get("train", {}).get("logits") or "all")
+                         logits=r.get("train", {}).get("logits") or "all",
+                         packing=r.get("train", {}).get("batches") == "packed")  # absent: padded, as before packing
         except Exception as exc:  # noqa: BLE001  (a row says why; the other trials still compare)
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
             rows.append(row)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 import sys
+from typing import Any
 
 import torch
 from torch.nn import functional as F
@@ -25,6 +26,26 @@ def keeps_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> bool
     return hasattr(module, "slice_logits_to_keep") and "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
+def packs(method: Any, model: torch.nn.Module) -> bool:
+    """Whether the rows of a micro-batch can train laid end to end in one row without padding
+    (bench.tasks.tokens.collate_packed): same loss and gradients as the padded batch, fewer tokens
+    through every layer. It takes a causal LM whose transformers code builds its attention mask with
+    masking_utils.create_causal_mask, which turns restarting position_ids into a mask that stops at
+    row boundaries, and a method that computes each token from its own row only: methods that put
+    positions in front of a row (prompt, prefix tuning) or group positions (LongLoRA's shifted
+    attention) say `packs = False` (tests/test_methods.py checks every method that packs)."""
+    if not getattr(method, "packs", True) or any(getattr(child, "prepends_positions", False) for child in model.children()):
+        return False
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    module = sys.modules.get(type(model).__module__)
+    can_generate = getattr(model, "can_generate", None)
+    attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    return (hasattr(module, "create_causal_mask") and callable(can_generate) and can_generate()
+            and attention in ALL_MASK_ATTENTION_FUNCTIONS  # its mask is built by masking_utils (LLaMA-Adapter registers one)
+            and {"position_ids", "use_cache"} <= inspect.signature(model.forward).parameters.keys())
+
+
 def labelled_positions(labels: torch.Tensor) -> torch.Tensor:
     """Rows x width booleans: the positions whose next token is labelled, the only logits a causal LM
     loss reads."""
@@ -41,11 +62,14 @@ def loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], labelled_only: 
     step) were spent on logits the loss ignores. Same value: the mean next-token cross-entropy over
     labelled tokens, computed in float32 as transformers' ForCausalLMLoss does. `labelled_only` False:
     the model's own loss always (how trials ran before; bench.trial.forecast.compare replays them)."""
+    # A packed batch (position_ids, no attention_mask): transformers looks for row boundaries only
+    # without a cache, and builds one unless told not to; training reads none.
+    extra = {"use_cache": False} if "position_ids" in batch and "attention_mask" not in batch else {}
     if not labelled_only or not keeps_logits(model, batch):
-        return model(**batch).loss
+        return model(**batch, **extra).loss
     labels = batch["labels"]
     keep = labelled_positions(labels)
-    logits = model(**{k: v for k, v in batch.items() if k != "labels"}, logits_to_keep=keep).logits
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}, logits_to_keep=keep, **extra).logits
     return F.cross_entropy(logits.float(), labels[:, 1:][keep[:, :-1]])
 
 

@@ -132,6 +132,13 @@ class TrainResult:
     the trial's FLOP count sums over without drawing the batches a second time."""
 
 
+def _tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens a micro-batch holds, padding excluded; rows for images (no tokens)."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return batch["input_ids"].numel() if "input_ids" in batch else len(batch["labels"])  # packed rows have no padding
+
+
 def total_steps(n_examples: int, t: dict[str, Any]) -> int:
     if t["max_steps"]:
         return t["max_steps"]
@@ -211,8 +218,7 @@ def train(adapted: Adapted, dataset, t: dict[str, Any], collate, device: torch.d
                     raise Diverged(f"loss is {value.item()} at step {step}")
                 (value / t["grad_accum"]).backward()
                 loss_sum += value.item()
-                # Tokens for text; rows (images) for a batch without an attention mask.
-                result.tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else len(batch["labels"])
+                result.tokens += _tokens(batch)
                 if first:
                     result.accounted["activations"] = saved["bytes"]
                     result.logits = "labelled" if keeps_logits(model, batch) else "all"
