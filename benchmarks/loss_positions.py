@@ -1,11 +1,13 @@
 """The training step with the loss over labelled positions only (bench/trial/loss.py) against the
-model's own loss over every position, side by side in one run.
+model's own loss over every position, and with the batch's rows packed end to end without padding
+(bench/tasks/tokens.py collate_packed) against padded rows, side by side in one run.
 
     python benchmarks/loss_positions.py [--reps 8] [--threads 1] [--json out.json]
 
 SmolLM2-135M with LoRA r=8 on q and v, lora_sweep's data (SST-2, batch 8, answer-only labels):
-forward, backward and the AdamW step, the two losses interleaved rep by rep so that machine noise
-hits both alike. Prints the median step times, their ratio and both losses of the first batch.
+forward, backward and the AdamW step, the three variants (every position padded, labelled padded,
+labelled packed: what training runs now) interleaved rep by rep so that machine noise hits all
+alike. Prints the median step times, their ratios and the losses of the first batch.
 """
 
 from __future__ import annotations
@@ -38,33 +40,41 @@ def main() -> None:
 
     tokenizer = models.load_tokenizer({"name": "smollm2-135m"})
     prepared = data.prepare({"task": "sst2", "train_examples": 256, "max_length": 128}, tokenizer, seed=0)
-    stream = batches(prepared.train, {"batch_size": 8, "seed": 0}, prepared.collate, torch.device("cpu"))
-    batch_list = [next(stream) for _ in range(args.reps + 1)]
+    def draw(collate) -> list[dict[str, torch.Tensor]]:  # the same rows in the same order for every variant
+        stream = batches(prepared.train, {"batch_size": 8, "seed": 0}, collate, torch.device("cpu"))
+        return [next(stream) for _ in range(args.reps + 1)]
+
+    padded, packed = draw(prepared.collate), draw(prepared.packed)
     lora = methods.get("lora")
     adapted = lora.apply(models.load({"name": "smollm2-135m"}).model, lora.Config(r=8, alpha=16, targets="qv"))
     model = adapted.model
     model.train()
     optimizer = OPTIMIZERS["adamw"]([{"params": adapted.trainable}], {"lr": 0.0, "weight_decay": 0.0})  # lr 0: same weights every rep
-    variants = {"labelled": lambda b: loss(model, b), "every position": lambda b: model(**b).loss}
-    first = {name: f(batch_list[0]).item() for name, f in variants.items()}
+    variants = {"labelled": (padded, lambda b: loss(model, b)), "every position": (padded, lambda b: model(**b).loss),
+                "labelled, packed": (packed, lambda b: loss(model, b))}
+    first = {name: f(batch_list[0]).item() for name, (batch_list, f) in variants.items()}
     times: dict[str, list[float]] = {name: [] for name in variants}
-    for b in batch_list[1:]:
-        for name, f in variants.items():
+    for rep in range(1, args.reps + 1):
+        for name, (batch_list, f) in variants.items():
             t0 = time.perf_counter()
-            f(b).backward()
+            f(batch_list[rep]).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             times[name].append(time.perf_counter() - t0)
     med = {name: statistics.median(t) for name, t in times.items()}
-    shapes = [batch_shape(b) for b in batch_list[1:]]
+    shapes = [batch_shape(b) for b in padded[1:]]
     out = {"benchmark": "loss_positions", "threads": args.threads, "reps": args.reps, "step_s_median": med,
-           "ratio_labelled_over_every": med["labelled"] / med["every position"], "first_batch_loss": first,
-           "positions": {"labelled": sum(s[2] for s in shapes), "every": sum(s[0] * s[1] for s in shapes)}}
+           "ratio_labelled_over_every": med["labelled"] / med["every position"],
+           "ratio_packed_over_padded": med["labelled, packed"] / med["labelled"], "first_batch_loss": first,
+           "positions": {"labelled": sum(s[2] for s in shapes), "every": sum(s[0] * s[1] for s in shapes),
+                         "packed": sum(batch_shape(b)[1] for b in packed[1:])}}
     print(f"LoRA r=8 qv on SmolLM2-135M, SST-2 batches of 8, {args.threads} thread(s), {args.reps} interleaved reps")
     for name in variants:
-        print(f"  {name:15s} step median {med[name]:.3f} s  first-batch loss {first[name]:.6f}")
-    print(f"  head rows: {out['positions']['labelled']} labelled of {out['positions']['every']} positions")
+        print(f"  {name:17s} step median {med[name]:.3f} s  first-batch loss {first[name]:.6f}")
+    print(f"  head rows: {out['positions']['labelled']} labelled of {out['positions']['every']} positions; "
+          f"packed rows: {out['positions']['packed']} tokens")
     print(f"  labelled / every position: {out['ratio_labelled_over_every']:.3f}")
+    print(f"  packed / padded (both labelled): {out['ratio_packed_over_padded']:.3f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
