@@ -58,7 +58,7 @@ REPORT_DEPS = ["pandas==3.1.*", "seaborn==0.13.2", "jinja2", "scipy"]
 
 @nox.session
 def report(session: nox.Session) -> None:
-    """nox -s report -- RESULTS_DIR... [-o FILE.html]   (default: reports/<folder name>.html)"""
+    """nox -s report -- RESULTS_DIR... [--reference REF_DIR] [--floor PATH...] [-o FILE.html]   (default: reports/<folder name>.html)"""
     if not session.posargs:
         session.error("usage: nox -s report -- results/reference/lora_sweep [-o FILE.html]")
     session.install(*REPORT_DEPS)

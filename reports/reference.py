@@ -189,7 +189,7 @@ def section(reference: Reference | None) -> Section:
     """Our scores against the reference run's, trial by trial: a summary line and every score that differs."""
     s = Section("reference", "Scores against a reference run")
     if reference is None:
-        s.p("No reference run given: `python -m reports.render RESULTS_DIR --reference REF_DIR` compares every score "
+        s.p("No reference run given: python -m reports.render RESULTS_DIR --reference REF_DIR compares every score "
             "with an earlier run of the same trials, within the reference's seed spread (benchmarks/scores_vs_reference.py).")
         return s
     run = reference.run

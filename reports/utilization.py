@@ -211,7 +211,7 @@ def floor_text(floors: list[Floor], trials: pd.DataFrame) -> str:
 
 def headline(trials: pd.DataFrame, records: dict[str, list[dict[str, Any]]]) -> str | None:
     """One line for the overview: the runner's wall time, the trials' median utilization and the floor's;
-    None where the results record none of them."""
+    None where the results record neither process dates nor utilization."""
     parts = []
     if sp := span(trials):
         parts.append(f"{sp.seconds:,.0f} s of runner wall time ({sp.seconds / 60:.1f} min)"
@@ -220,10 +220,12 @@ def headline(trials: pd.DataFrame, records: dict[str, list[dict[str, Any]]]) -> 
     if len(done := trained(trials)):
         parts.append(f"the {len(done)} trained trials at a median {100 * done.median():.1f}% of the matmul peak "
                      f"(min {100 * done.min():.1f}%, max {100 * done.max():.1f}%)")
+    if not parts:  # the floor alone says nothing about this run: its section shows it
+        return None
     if floors := [check_floor(r, r["path"]) for r in records.get(FLOOR, [])]:
         parts.append(f"the frozen floor at {_spread([f.fraction['floor'] for f in floors])} over {len(floors)} "
                      f"benchmarks/lora_step.py run{'s' if len(floors) > 1 else ''}")
-    return f"Run: {'; '.join(parts)} (section Wall time and utilization)." if parts else None
+    return f"Run: {'; '.join(parts)} (section Wall time and utilization)."
 
 
 def section(trials: pd.DataFrame, records: dict[str, list[dict[str, Any]]]) -> Section:
@@ -239,6 +241,6 @@ def section(trials: pd.DataFrame, records: dict[str, list[dict[str, Any]]]) -> S
         s.p(floor_text(floors, trials))
         s.table(floor_table(floors))
     else:
-        s.p("The frozen floor: no benchmarks/lora_step.py record given (`python -m reports.render RESULTS_DIR --floor "
-            "results/reference/perf`).")
+        s.p("The frozen floor: no benchmarks/lora_step.py record given (python -m reports.render RESULTS_DIR --floor PATH, "
+            "PATH being its JSON files or a folder holding them, such as results/reference/perf).")
     return s

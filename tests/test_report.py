@@ -611,6 +611,7 @@ def test_wall_time_utilization_and_floor(tmp_path):
     old = tmp_path / "old"
     write_result(old)
     assert "not recorded" in html_lib.unescape(render.html([old])) and "Run: " not in html_lib.unescape(render.html([old]))
+    assert utilization.headline(results.tidy(results.frame(old)), {"lora_step": utilization.floor_records([perf])}) is None
 
 
 def test_floor_bad_input_is_one_line_and_exit_2(tmp_path, capsys):

@@ -265,3 +265,47 @@ def test_filter_csv_and_drill_down(report):
 
 def methods_index(page, table) -> int:
     return table.evaluate("t => Array.from(t.tHead.rows[0].cells).findIndex(c => c.textContent === 'method')")
+
+
+def test_lora_sweep_shows_its_run_against_its_files(browser):
+    """The committed lora_sweep report: the overview's Run line (runner wall time and lanes, the trials' utilization,
+    the frozen floor's) is shown and says what the result files and lora_step.py records its provenance line names
+    say, recomputed here with json and statistics alone; the wall-time and utilization section is in the contents."""
+    import json
+    import statistics
+
+    r = Page(browser, ROOT / "reports" / "lora_sweep.html")
+    try:
+        page = r.page
+        meta = page.locator("p.meta").first.text_content()
+        folder = ROOT / re.search(r"result file\(s\) from (\S+?)[;.]\s", meta).group(1)
+        floor = re.search(r"the frozen floor from (.+?) in (\S+?)\.\s", meta)
+        assert floor, f"lora_sweep.html names no lora_step.py records: {meta}"
+        trials = [json.loads(p.read_text()) for p in sorted(folder.rglob("*.json"))
+                  if not {"adapters", "tracking"} & set(p.relative_to(folder).parts)]
+        trials = [t for t in trials if "benchmark" not in t]
+        runtimes = [t["runtime"] for t in trials]
+        wall = max(rt["process_ended_at"] for rt in runtimes) - min(rt["process_started_at"] for rt in runtimes)
+        (lanes,) = {t["env"]["parallel"] for t in trials}
+        threads = "/".join(map(str, sorted({t["env"]["torch_threads"] for t in trials})))
+        fractions = [rt["utilization"]["fraction"] for t, rt in zip(trials, runtimes, strict=True)
+                     if t["status"] == "success" and (rt.get("utilization") or {}).get("fraction") is not None]
+        floors = [json.loads((ROOT / floor.group(2) / name).read_text())["utilization"]["floor"]["fraction"]
+                  for name in floor.group(1).split(", ")]
+
+        def pct(x: float) -> str:
+            return f"{100 * x:.1f}%"
+
+        expected = (f"Run: {wall:,.0f} s of runner wall time ({wall / 60:.1f} min) in {lanes} lanes of {threads} thread(s); "
+                    f"the {len(fractions)} trained trials at a median {pct(statistics.median(fractions))} of the matmul peak "
+                    f"(min {pct(min(fractions))}, max {pct(max(fractions))}); the frozen floor at a median "
+                    f"{pct(statistics.median(floors))} (min {pct(min(floors))}, max {pct(max(floors))}) over {len(floors)} "
+                    "benchmarks/lora_step.py runs (section Wall time and utilization).")
+        line = page.locator("section#overview p", has_text="Run: ")
+        assert line.count() == 1 and line.is_visible()
+        assert line.text_content() == expected
+        assert page.locator("nav a[href='#utilization']").is_visible()
+        assert page.locator("section#utilization table").count() == 2  # by method; the floor's runs
+    finally:
+        r.context.close()
+    assert r.errors == []
