@@ -6,9 +6,9 @@ For DoRA, LoRA-FA, VeRA, IA3, prompt tuning, prefix tuning and LLaMA-Adapter (pe
 prompt), ours (methods.get(name).apply) and peft's (get_peft_model) are built from the same
 settings (rank, alpha, targets, virtual tokens, adapter layers and length, init) on the same
 frozen float32 SmolLM2-135M, and run the same loop on the same batch of real text (lora_step.py's):
-forward with labels, backward, a step of the training loop's AdamW (lora_step.py's `adamw`). Every
-variant is timed rep by rep in turn, so that machine noise hits all of them alike; peak memory is
-measured per variant in its own forked process (resident-set high-water mark over two steps, after
+forward with labels through the training loop's loss (bench/trial/loss.py), backward, a step of
+the training loop's AdamW (lora_step.py's `adamw`). Every variant is timed rep by rep in turn,
+so that machine noise hits all of them alike; peak memory is measured per variant in its own forked process (resident-set high-water mark over two steps, after
 building), with the bytes autograd saves for backward in one step, as lora_step.py does. Prints per method the median step times,
 the ratios ours/peft (time, peak memory; the targets are <= 1.0) and both trainable counts, which
 must be equal (a warning line says so when they are not).
@@ -45,6 +45,7 @@ from torch import nn  # noqa: E402
 
 import methods  # noqa: E402
 from bench import models  # noqa: E402
+from bench.trial.loss import loss as train_loss  # noqa: E402
 from bench.trial.measure import PeakMemory, saved_for_backward  # noqa: E402
 from benchmarks.lora_step import adamw, make_batch  # noqa: E402
 
@@ -196,7 +197,10 @@ def optimizer(built: Built) -> torch.optim.Optimizer:
 
 
 def step(built: Built, opt: torch.optim.Optimizer, ids: torch.Tensor) -> None:
-    built.model(input_ids=ids, labels=ids).loss.backward()
+    # The training loop's loss for both sides: it projects onto the vocabulary only the positions
+    # whose next token is labelled where the model supports it (ours: all but each row's last, and
+    # not a prompt's own positions); peft's wrapper models take their own loss over every position.
+    train_loss(built.model, {"input_ids": ids, "labels": ids}).backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
 

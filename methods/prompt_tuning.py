@@ -46,7 +46,8 @@ class Prefix(nn.Module):
 
     prepends_positions = True
     """The model's loss also scores the input's first token, from the prefix's last position, which
-    a choice of positions over the input cannot name: bench.trial.loss keeps every logit for it."""
+    a choice of positions over the input cannot name: bench.trial.loss chooses positions over the
+    prefix and the input together (`n` + the input's length), and rows are never packed."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -87,9 +88,10 @@ class Prefix(nn.Module):
             if labels is not None and labels.dim() == 2 and labels.shape[1] == length:  # token labels; class labels stay as they are
                 kwargs["labels"] = torch.cat([labels.new_full((batch, n), -100), labels], dim=1)
             keep = kwargs.get("logits_to_keep")
-            if isinstance(keep, Tensor) and keep.dtype == torch.bool and keep.shape[-1] == length:
-                # Positions chosen over the input (bench.trial.train.loss): the prompt's own rows are not kept.
-                kwargs["logits_to_keep"] = torch.cat([keep.new_zeros(*keep.shape[:-1], n), keep], dim=-1)
+            if isinstance(keep, Tensor) and keep.dtype == torch.bool:
+                if keep.shape[-1] == length:  # positions chosen over the input: the prompt's own rows are not kept
+                    kwargs["logits_to_keep"] = torch.cat([keep.new_zeros(*keep.shape[:-1], n), keep], dim=-1)
+                # n + length: chosen over the prompt and the input already (bench.trial.loss.loss)
             elif isinstance(keep, Tensor):
                 kwargs["logits_to_keep"] = keep + n
             if (types := kwargs.get("token_type_ids")) is not None:

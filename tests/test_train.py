@@ -142,8 +142,8 @@ def _answer_only(batch: dict[str, torch.Tensor], answer: int = 2) -> dict[str, t
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_loss_over_labelled_positions_equals_the_models_own(arch, method, labels):
     """Same loss and gradients as `model(**batch).loss`, which projects every position; the head sees
-    only the labelled ones, except behind a prompt put in front of the input (methods/prompt_tuning.py),
-    whose last position scores the input's first token: there every position is kept."""
+    only the labelled ones. Behind a prompt put in front of the input (methods/prompt_tuning.py) the
+    prompt's last position scores the input's first token: kept when that token is labelled."""
     from conftest import build_model, make_batch
 
     from bench.trial.loss import keeps_logits, loss
@@ -155,7 +155,7 @@ def test_loss_over_labelled_positions_equals_the_models_own(arch, method, labels
     model = adapted.model
     batch = make_batch("llama", batch=3, seq=10)
     batch = _answer_only(batch) if labels == "answer" else batch
-    assert keeps_logits(model, batch) is (name == "lora")
+    assert keeps_logits(model, batch)
     head_rows = []
     hook = model.get_output_embeddings().register_forward_hook(lambda mod, args, out: head_rows.append(args[0].shape[:-1].numel()))
     ours = loss(model, batch)
@@ -166,7 +166,7 @@ def test_loss_over_labelled_positions_equals_the_models_own(arch, method, labels
     theirs.backward()
     hook.remove()
     every = 3 * (batch["input_ids"].shape[1] + config.get("n_tokens", 0))
-    kept = int((batch["labels"][:, 1:] != -100).sum()) if name == "lora" else every
+    kept = int((batch["labels"][:, 1:] != -100).sum()) + (int((batch["labels"][:, 0] != -100).sum()) if name == "prompt_tuning" else 0)
     assert head_rows == [kept, every]  # ours: the labelled positions; the model's own: every one
     assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
     for mine, reference in zip(ours_grads, (p.grad for p in adapted.trainable), strict=True):

@@ -20,8 +20,6 @@ def keeps_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> bool
     ids, labels = batch.get("input_ids"), batch.get("labels")
     if ids is None or labels is None or labels.shape != ids.shape or ids.dim() != 2:
         return False
-    if any(getattr(child, "prepends_positions", False) for child in model.children()):  # methods/prompt_tuning.py
-        return False
     module = sys.modules.get(type(model).__module__)
     return hasattr(module, "slice_logits_to_keep") and "logits_to_keep" in inspect.signature(model.forward).parameters
 
@@ -46,6 +44,11 @@ def packs(method: Any, model: torch.nn.Module) -> bool:
             and {"position_ids", "use_cache"} <= inspect.signature(model.forward).parameters.keys())
 
 
+def prepended(model: torch.nn.Module) -> int:
+    """Positions a method puts in front of every input (methods/prompt_tuning.py Prefix.n); 0 for none."""
+    return sum(child.n for child in model.children() if getattr(child, "prepends_positions", False))
+
+
 def labelled_positions(labels: torch.Tensor) -> torch.Tensor:
     """Rows x width booleans: the positions whose next token is labelled, the only logits a causal LM
     loss reads."""
@@ -68,6 +71,10 @@ def loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], labelled_only: 
     if not labelled_only or not keeps_logits(model, batch):
         return model(**batch, **extra).loss
     labels = batch["labels"]
+    if n := prepended(model):
+        # The prompt's positions score nothing, except its last, which scores the input's first token
+        # (as the model's own loss counts it): the labels of the whole sequence the model runs.
+        labels = torch.cat([labels.new_full((labels.shape[0], n), -100), labels], dim=1)
     keep = labelled_positions(labels)
     logits = model(**{k: v for k, v in batch.items() if k != "labels"}, logits_to_keep=keep, **extra).logits
     return F.cross_entropy(logits.float(), labels[:, 1:][keep[:, :-1]])
