@@ -341,7 +341,7 @@ def html(folder: str | Path) -> str:
                 sec.id, sec.title = f"{Path(result['path']).stem}-{sec.id}", f"{Path(result['path']).stem}: {sec.title}"
             parts.append(sec)
     return env.get_template("report.html.j2").render(
-        title=title(found), folders=[str(folder)], n_files=len(found), published=None, sections=parts
+        title=title(found), folders=[str(folder)], n_files=len(found), published=None, also=None, sections=parts
     )
 
 
