@@ -8,9 +8,10 @@ settings (rank, alpha, targets, virtual tokens, adapter layers and length, init)
 frozen float32 SmolLM2-135M, and run the same loop on the same batch of real text (lora_step.py's):
 forward with labels through the training loop's loss (bench/trial/loss.py), backward, a step of
 the training loop's AdamW (lora_step.py's `adamw`). Every variant is timed rep by rep in turn,
-so that machine noise hits all of them alike; peak memory is measured per variant in its own forked process (resident-set high-water mark over two steps, after
-building), with the bytes autograd saves for backward in one step, as lora_step.py does. Prints per method the median step times,
-the ratios ours/peft (time, peak memory; the targets are <= 1.0) and both trainable counts, which
+so that machine noise hits all of them alike; peak memory is measured per variant in its own
+forked process (resident-set high-water mark over two steps, after building), with the bytes
+autograd saves for backward in one step, as lora_step.py does. Prints per method the median step
+times, the ratios ours/peft (time, peak memory; the targets are <= 1.0) and both trainable counts, which
 must be equal (a warning line says so when they are not).
 
 LoRA-FA in peft 0.21 is `create_lorafa_optimizer`: it freezes every lora_A of a LoRA model and

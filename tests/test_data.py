@@ -93,3 +93,29 @@ def test_collate_right_pads() -> None:
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
     assert all(t.dtype == torch.long for t in batch.values())
+
+
+def test_packed_batch_holds_every_row_in_fewer_rows_no_wider_than_the_longest():
+    """collate_packed: rows end to end in bins as wide as the longest row, positions restarting at
+    each row, each row's first label dropped (nothing scores it from the row before), tails unlabelled."""
+    from bench.tasks.tokens import collate_packed, packed_tokens
+
+    lengths = [7, 3, 4, 2, 5]
+    rows = [{"input_ids": [10 * r + i for i in range(n)], "labels": [10 * r + i for i in range(n)]} for r, n in enumerate(lengths)]
+    batch = collate_packed(rows, pad_id=0)
+    assert set(batch) == {"input_ids", "labels", "position_ids"}  # no attention_mask: the model masks at row boundaries
+    assert batch["input_ids"].shape == (3, 7)  # 7 | 5 + 2 | 4 + 3
+    assert packed_tokens(batch) == sum(lengths)
+    found = {}
+    for b in range(3):
+        ids, labels, positions = (batch[k][b].tolist() for k in ("input_ids", "labels", "position_ids"))
+        starts = [i for i, p in enumerate(positions) if p == 0] + [len(positions)]
+        for start, end in zip(starts, starts[1:]):
+            assert positions[start:end] == list(range(end - start))
+            if any(label != -100 for label in labels[start:end]):
+                found[ids[start] // 10] = (ids[start:end], labels[start:end])
+    for r, n in enumerate(lengths):
+        assert found[r] == (rows[r]["input_ids"], [-100] + rows[r]["labels"][1:])
+    # Rows that bins cannot save: the padded batch.
+    same = collate_packed([{"input_ids": [1, 2], "labels": [1, 2]}] * 3, pad_id=0)
+    assert "attention_mask" in same and same["input_ids"].shape == (3, 2)

@@ -29,9 +29,10 @@ TRAIN = {"optimizer": "adamw", "lr": 1e-3, "batch_size": 4, "grad_accum": 1, "ep
          "warmup_steps": 0, "weight_decay": 0.0, "momentum": 0.9, "clip": 1.0, "seed": 0}
 
 
-def _rows(padded: bool) -> list[dict]:
+def _rows(padded: bool | str) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
-    lengths = [24, 24, 24, 17 if padded else 24]  # packed: rows end to end, whatever their lengths
+    # packed: four rows in three bins as wide as the longest (24 | 13 + 10 | 9)
+    lengths = [24, 10, 13, 9] if padded == "packed" else [24, 24, 24, 17 if padded else 24]
     out = []
     for n in lengths:
         ids = torch.randint(3, 500, (n,), generator=gen).tolist()
@@ -48,7 +49,7 @@ def _real_step(spec: dict, rows: list[dict], packed: bool = False) -> tuple[dict
     weights = sum(weight_bytes(adapted.model).values())
 
     def collate(batch):
-        return collate_packed(batch) if packed else data.collate(batch, pad_id=1)
+        return collate_packed(batch, pad_id=1) if packed else data.collate(batch, pad_id=1)
 
     result = train(adapted, rows, spec["train"], collate, torch.device("cpu"))
     return {"weights": weights, **{k: result.accounted.get(k, 0) for k in ("grads", "optimizer", "activations")}}, collate(rows)
@@ -78,7 +79,7 @@ def test_meta_step_forecasts_every_accounted_component_of_a_real_step(model, dty
     if quant != "none":
         m.update(quant="nf4", double_quant=quant.endswith("-dq"), compute_dtype=dtype)
     spec = {"model": m, "method": {"name": method[0], "config": method[1]}, "train": {**TRAIN, "optimizer": optimizer, "momentum": 0.0}}
-    rows = _rows(padded is True)
+    rows = _rows(padded)
     measured, batch = _real_step(spec, rows, packed=padded == "packed")
     f = forecast.forecast(spec, batch=forecast.Batch.of(batch), runtime_bytes=0)
     assert f.activations_from == "meta-forward"

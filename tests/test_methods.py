@@ -260,7 +260,7 @@ def test_packed_rows_train_as_padded_rows(name: str, values: dict[str, Any], kin
     adapted.model.eval()
     rows = _rows_of_unequal_length()
     results = []
-    for batch in (collate(rows, pad_id=0), collate_packed(rows)):
+    for batch in (collate(rows, pad_id=0), collate_packed(rows, pad_id=0)):
         for p in adapted.trainable:
             p.grad = None
         value = train_loss(adapted.model, batch)

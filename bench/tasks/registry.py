@@ -42,7 +42,7 @@ class Prepared:
     """Where the rows came from, for the result (vision: the image source that ran; a user file:
     its path, digest and split sizes)."""
     packed: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]] | None = None
-    """The same rows laid end to end in one row without padding (text: tokens.collate_packed), for
+    """The same rows laid end to end in as few rows as hold them (text: tokens.collate_packed), for
     models that can train that way (bench.trial.loss.packs); None: `collate` always."""
 
 

@@ -121,7 +121,8 @@ class TextTask(Task):
         info = dict(self.info)
         if validation:  # how many rows each split holds, recorded in the result
             info["splits"] = {"train": self.size("train", validation), VALIDATION: validation, "eval": self.size("eval")}
-        return Prepared(dataset, functools.partial(tokens.collate, pad_id=tokenizer.pad_token_id), {}, info, tokens.collate_packed)
+        return Prepared(dataset, functools.partial(tokens.collate, pad_id=tokenizer.pad_token_id), {}, info,
+                        functools.partial(tokens.collate_packed, pad_id=tokenizer.pad_token_id))
 
     def check(self, spec: dict[str, Any]) -> tuple[str, str] | None:
         # A text task asked for more rows than its train split has would fail inside the trial.

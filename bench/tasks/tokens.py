@@ -12,7 +12,6 @@ from typing import Any
 
 import datasets
 import torch
-from transformers import DataCollatorWithFlattening
 
 from bench.paths import cache_dir
 from bench.tasks.registry import Example
@@ -75,15 +74,49 @@ def collate(batch: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-# Each row's first label becomes -100 (separator_id), so no row is scored on the row before it.
-_FLATTEN = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100, return_tensors="pt")
+def collate_packed(batch: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """A batch's rows laid end to end in as few rows ("bins") as hold them, each as wide as the
+    longest row (first fit, longest rows first), in transformers' packed-sequence format:
+    position_ids restart at 0 on each row and there is no attention_mask, from which the model builds
+    a causal mask that stops at row boundaries (masking_utils.find_packed_sequence_indices). Each
+    row's first label is -100, so no row is scored from the row before it; a bin's unused tail is a
+    segment of its own, padding, unlabelled. SST-2 rows of 8 padded to their longest are a third
+    padding, which every layer computes; bins leave far less. A bin never outgrows the longest row,
+    so attention, quadratic in a row's width, costs no more than padded (one row of everything
+    would cost more: it did, 4x the activations of the CI suite's GPT-2). When bins save no row,
+    the padded batch (collate)."""
+    lengths = [len(row["input_ids"]) for row in batch]
+    width = max(lengths)
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(batch)), key=lambda i: -lengths[i]):  # stable: ties keep the batch's order
+        fit = next((b for b, free in enumerate(room) if lengths[i] <= free), None)
+        if fit is None:
+            bins.append([i])
+            room.append(width - lengths[i])
+        else:
+            bins[fit].append(i)
+            room[fit] -= lengths[i]
+    if len(bins) == len(batch):
+        return collate(batch, pad_id)
+    input_ids = torch.full((len(bins), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(bins), width), -100, dtype=torch.long)
+    position_ids = torch.zeros((len(bins), width), dtype=torch.long)
+    for b, rows in enumerate(bins):
+        start = 0
+        for i in rows:
+            end = start + lengths[i]
+            input_ids[b, start:end] = torch.as_tensor(batch[i]["input_ids"])
+            labels[b, start + 1:end] = torch.as_tensor(batch[i]["labels"][1:], dtype=torch.long)
+            position_ids[b, start:end] = torch.arange(lengths[i])
+            start = end
+        position_ids[b, start:] = torch.arange(width - start)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
 
 
-def collate_packed(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """A batch's rows laid end to end in one row, without padding: transformers' packed-sequence
-    format, position_ids restarting at 0 on each row and no attention_mask, from which the model
-    builds a causal mask that stops at row boundaries (masking_utils.find_packed_sequence_indices).
-    SST-2 rows of 8 padded to their longest are a third padding, which the padded batch computes
-    through every layer; the packed one computes real tokens only."""
-    return _FLATTEN([{"input_ids": row["input_ids"], "labels": row["labels"]} for row in batch])
-
+def packed_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens of the rows in a collate_packed batch, its bins' tails excluded: a tail is what follows
+    a bin's last labelled position (every tokenized row ends with its labelled end-of-sequence)."""
+    labelled = (batch["labels"] != -100).int()
+    last = labelled.shape[1] - 1 - labelled.flip(-1).argmax(-1)
+    return int((last + 1).sum())

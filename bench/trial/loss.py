@@ -25,7 +25,7 @@ def keeps_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> bool
 
 
 def packs(method: Any, model: torch.nn.Module) -> bool:
-    """Whether the rows of a micro-batch can train laid end to end in one row without padding
+    """Whether the rows of a micro-batch can train laid end to end in shared rows
     (bench.tasks.tokens.collate_packed): same loss and gradients as the padded batch, fewer tokens
     through every layer. It takes a causal LM whose transformers code builds its attention mask with
     masking_utils.create_causal_mask, which turns restarting position_ids into a mask that stops at

@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from bench.trial.loss import batch_shape, keeps_logits, loss
+from bench.tasks.tokens import packed_tokens
 from bench.trial.measure import StepTimer, grad_bytes, optimizer_bytes, saved_for_backward
 from methods.base import Adapted
 
@@ -136,7 +137,9 @@ def _tokens(batch: dict[str, torch.Tensor]) -> int:
     """Tokens a micro-batch holds, padding excluded; rows for images (no tokens)."""
     if "attention_mask" in batch:
         return int(batch["attention_mask"].sum())
-    return batch["input_ids"].numel() if "input_ids" in batch else len(batch["labels"])  # packed rows have no padding
+    if "position_ids" in batch:
+        return packed_tokens(batch)
+    return batch["input_ids"].numel() if "input_ids" in batch else len(batch["labels"])
 
 
 def total_steps(n_examples: int, t: dict[str, Any]) -> int:
