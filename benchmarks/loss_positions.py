@@ -67,12 +67,12 @@ def main() -> None:
            "ratio_labelled_over_every": med["labelled"] / med["every position"],
            "ratio_packed_over_padded": med["labelled, packed"] / med["labelled"], "first_batch_loss": first,
            "positions": {"labelled": sum(s[2] for s in shapes), "every": sum(s[0] * s[1] for s in shapes),
-                         "packed": sum(batch_shape(b)[1] for b in packed[1:])}}
+                         "packed": sum(batch_shape(b)[0] * batch_shape(b)[1] for b in packed[1:])}}
     print(f"LoRA r=8 qv on SmolLM2-135M, SST-2 batches of 8, {args.threads} thread(s), {args.reps} interleaved reps")
     for name in variants:
         print(f"  {name:17s} step median {med[name]:.3f} s  first-batch loss {first[name]:.6f}")
     print(f"  head rows: {out['positions']['labelled']} labelled of {out['positions']['every']} positions; "
-          f"packed rows: {out['positions']['packed']} tokens")
+          f"packed: {out['positions']['packed']} positions")
     print(f"  labelled / every position: {out['ratio_labelled_over_every']:.3f}")
     print(f"  packed / padded (both labelled): {out['ratio_packed_over_padded']:.3f}")
     if args.json:
