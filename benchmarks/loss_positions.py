@@ -5,14 +5,15 @@ model's own loss over every position, and with the batch's rows packed end to en
     python benchmarks/loss_positions.py [--reps 8] [--threads 1] [--json out.json]
 
 SmolLM2-135M with LoRA r=8 on q and v, lora_sweep's data (SST-2, batch 8, answer-only labels):
-forward, backward and the AdamW step, the three variants (every position padded, labelled padded,
-labelled packed: what training runs now) interleaved rep by rep so that machine noise hits all
-alike. Prints the median step times, their ratios and the losses of the first batch.
+forward, backward and the AdamW step, the four variants (every position padded, labelled padded,
+labelled packed: what training runs now, and packed in bins no wider than the longest row)
+interleaved rep by rep so that machine noise hits all alike. Prints the median step times, their ratios and the losses of the first batch.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -26,7 +27,7 @@ import torch  # noqa: E402
 import methods  # noqa: E402
 from bench import models  # noqa: E402
 from bench.tasks import data  # noqa: E402
-from bench.trial.loss import batch_shape, loss  # noqa: E402
+from bench.trial.loss import batch_shape, loss, width_cost  # noqa: E402
 from bench.trial.train import OPTIMIZERS, batches  # noqa: E402
 
 
@@ -44,14 +45,15 @@ def main() -> None:
         stream = batches(prepared.train, {"batch_size": 8, "seed": 0}, collate, torch.device("cpu"))
         return [next(stream) for _ in range(args.reps + 1)]
 
-    padded, packed = draw(prepared.collate), draw(prepared.packed)
     lora = methods.get("lora")
     adapted = lora.apply(models.load({"name": "smollm2-135m"}).model, lora.Config(r=8, alpha=16, targets="qv"))
     model = adapted.model
+    padded, packed = draw(prepared.collate), draw(functools.partial(prepared.packed, width_cost=width_cost(model)))
+    narrow = draw(functools.partial(prepared.packed, width_cost=1.0))  # attention priced high: bins as wide as the longest row
     model.train()
     optimizer = OPTIMIZERS["adamw"]([{"params": adapted.trainable}], {"lr": 0.0, "weight_decay": 0.0})  # lr 0: same weights every rep
     variants = {"labelled": (padded, lambda b: loss(model, b)), "every position": (padded, lambda b: model(**b).loss),
-                "labelled, packed": (packed, lambda b: loss(model, b))}
+                "labelled, packed": (packed, lambda b: loss(model, b)), "labelled, narrow bins": (narrow, lambda b: loss(model, b))}
     first = {name: f(batch_list[0]).item() for name, (batch_list, f) in variants.items()}
     times: dict[str, list[float]] = {name: [] for name in variants}
     for rep in range(1, args.reps + 1):
@@ -65,16 +67,19 @@ def main() -> None:
     shapes = [batch_shape(b) for b in padded[1:]]
     out = {"benchmark": "loss_positions", "threads": args.threads, "reps": args.reps, "step_s_median": med,
            "ratio_labelled_over_every": med["labelled"] / med["every position"],
-           "ratio_packed_over_padded": med["labelled, packed"] / med["labelled"], "first_batch_loss": first,
+           "ratio_packed_over_padded": med["labelled, packed"] / med["labelled"],
+           "ratio_narrow_bins_over_padded": med["labelled, narrow bins"] / med["labelled"], "first_batch_loss": first,
            "positions": {"labelled": sum(s[2] for s in shapes), "every": sum(s[0] * s[1] for s in shapes),
-                         "packed": sum(batch_shape(b)[0] * batch_shape(b)[1] for b in packed[1:])}}
+                         "packed": sum(batch_shape(b)[0] * batch_shape(b)[1] for b in packed[1:]),
+                         "narrow bins": sum(batch_shape(b)[0] * batch_shape(b)[1] for b in narrow[1:])}}
     print(f"LoRA r=8 qv on SmolLM2-135M, SST-2 batches of 8, {args.threads} thread(s), {args.reps} interleaved reps")
     for name in variants:
-        print(f"  {name:17s} step median {med[name]:.3f} s  first-batch loss {first[name]:.6f}")
+        print(f"  {name:21s} step median {med[name]:.3f} s  first-batch loss {first[name]:.6f}")
     print(f"  head rows: {out['positions']['labelled']} labelled of {out['positions']['every']} positions; "
-          f"packed: {out['positions']['packed']} positions")
+          f"packed: {out['positions']['packed']} positions; narrow bins: {out['positions']['narrow bins']}")
     print(f"  labelled / every position: {out['ratio_labelled_over_every']:.3f}")
     print(f"  packed / padded (both labelled): {out['ratio_packed_over_padded']:.3f}")
+    print(f"  narrow bins / padded (both labelled): {out['ratio_narrow_bins_over_padded']:.3f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

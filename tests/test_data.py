@@ -102,7 +102,7 @@ def test_packed_batch_holds_every_row_in_fewer_rows_no_wider_than_the_longest():
 
     lengths = [7, 3, 4, 2, 5]
     rows = [{"input_ids": [10 * r + i for i in range(n)], "labels": [10 * r + i for i in range(n)]} for r, n in enumerate(lengths)]
-    batch = collate_packed(rows, pad_id=0)
+    batch = collate_packed(rows, pad_id=0, width_cost=1.0)  # attention dear: bins no wider than the longest row
     assert set(batch) == {"input_ids", "labels", "position_ids"}  # no attention_mask: the model masks at row boundaries
     assert batch["input_ids"].shape == (3, 7)  # 7 | 5 + 2 | 4 + 3
     assert packed_tokens(batch) == sum(lengths)
@@ -117,5 +117,25 @@ def test_packed_batch_holds_every_row_in_fewer_rows_no_wider_than_the_longest():
     for r, n in enumerate(lengths):
         assert found[r] == (rows[r]["input_ids"], [-100] + rows[r]["labels"][1:])
     # Rows that bins cannot save: the padded batch.
-    same = collate_packed([{"input_ids": [1, 2], "labels": [1, 2]}] * 3, pad_id=0)
+    same = collate_packed([{"input_ids": [1, 2], "labels": [1, 2]}] * 3, pad_id=0, width_cost=1.0)
     assert "attention_mask" in same and same["input_ids"].shape == (3, 2)
+    # Attention cheap beside the linear layers (a wide model): one row of everything.
+    loose = [{"input_ids": [1] * n, "labels": [1] * n} for n in (7, 6, 5, 2)]  # bins of 7 would leave tails: 7 | 6 | 5 + 2
+    one = collate_packed(loose, pad_id=0, width_cost=1e-4)
+    assert one["input_ids"].shape == (1, 20) and packed_tokens(one) == 20
+
+
+def test_width_cost_keeps_narrow_models_in_narrow_bins_and_lets_wide_ones_share_a_row():
+    """bench.trial.loss.width_cost from the model's sizes: SmolLM2-135M (576 wide, 30 layers) packs
+    SST-2-like rows into one row; the 32-wide test Llama keeps bins as wide as its longest row."""
+    from conftest import build_model
+
+    from bench import models
+    from bench.tasks.tokens import collate_packed
+    from bench.trial.loss import width_cost
+
+    wide = models.skeleton({"name": "smollm2-135m"})  # on the meta device: sizes without weights
+    rows = [{"input_ids": list(range(1, n + 1)), "labels": list(range(1, n + 1))} for n in (64, 50, 45, 40, 35, 30, 20, 10)]
+    # Bins of 64 hold these in 6 rows (384 positions); one row holds their 294.
+    assert collate_packed(rows, pad_id=0, width_cost=width_cost(wide))["input_ids"].shape == (1, 294)
+    assert collate_packed(rows, pad_id=0, width_cost=width_cost(build_model("llama")))["input_ids"].shape[1] == 64

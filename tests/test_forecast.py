@@ -49,7 +49,7 @@ def _real_step(spec: dict, rows: list[dict], packed: bool = False) -> tuple[dict
     weights = sum(weight_bytes(adapted.model).values())
 
     def collate(batch):
-        return collate_packed(batch, pad_id=1) if packed else data.collate(batch, pad_id=1)
+        return collate_packed(batch, pad_id=1, width_cost=1.0) if packed else data.collate(batch, pad_id=1)
 
     result = train(adapted, rows, spec["train"], collate, torch.device("cpu"))
     return {"weights": weights, **{k: result.accounted.get(k, 0) for k in ("grads", "optimizer", "activations")}}, collate(rows)

@@ -25,7 +25,7 @@ import methods
 from bench.run.suite import TrainSpec
 from bench.tasks.tokens import collate, collate_packed
 from bench.trial.loss import loss as train_loss
-from bench.trial.loss import packs
+from bench.trial.loss import packs, width_cost
 from bench.trial.train import train
 from methods.base import Adapted, AdapterFileError, ConfigError, MethodConfig
 from methods.layers import inert_parameters, resolve_targets
@@ -260,7 +260,7 @@ def test_packed_rows_train_as_padded_rows(name: str, values: dict[str, Any], kin
     adapted.model.eval()
     rows = _rows_of_unequal_length()
     results = []
-    for batch in (collate(rows, pad_id=0), collate_packed(rows, pad_id=0)):
+    for batch in (collate(rows, pad_id=0), collate_packed(rows, pad_id=0, width_cost=width_cost(adapted.model))):
         for p in adapted.trainable:
             p.grad = None
         value = train_loss(adapted.model, batch)

@@ -74,22 +74,11 @@ def collate(batch: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def collate_packed(batch: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """A batch's rows laid end to end in as few rows ("bins") as hold them, each as wide as the
-    longest row (first fit, longest rows first), in transformers' packed-sequence format:
-    position_ids restart at 0 on each row and there is no attention_mask, from which the model builds
-    a causal mask that stops at row boundaries (masking_utils.find_packed_sequence_indices). Each
-    row's first label is -100, so no row is scored from the row before it; a bin's unused tail is a
-    segment of its own, padding, unlabelled. SST-2 rows of 8 padded to their longest are a third
-    padding, which every layer computes; bins leave far less. A bin never outgrows the longest row,
-    so attention, quadratic in a row's width, costs no more than padded (one row of everything
-    would cost more: it did, 4x the activations of the CI suite's GPT-2). When bins save no row,
-    the padded batch (collate)."""
-    lengths = [len(row["input_ids"]) for row in batch]
-    width = max(lengths)
+def _bins(lengths: list[int], width: int) -> list[list[int]]:
+    """Row indices per bin of `width` positions: first fit, longest rows first (ties keep the order)."""
     bins: list[list[int]] = []
     room: list[int] = []
-    for i in sorted(range(len(batch)), key=lambda i: -lengths[i]):  # stable: ties keep the batch's order
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
         fit = next((b for b, free in enumerate(room) if lengths[i] <= free), None)
         if fit is None:
             bins.append([i])
@@ -97,6 +86,26 @@ def collate_packed(batch: list[dict[str, Any]], pad_id: int) -> dict[str, torch.
         else:
             bins[fit].append(i)
             room[fit] -= lengths[i]
+    return bins
+
+
+def collate_packed(batch: list[dict[str, Any]], pad_id: int, width_cost: float) -> dict[str, torch.Tensor]:
+    """A batch's rows laid end to end in as few rows ("bins") as hold them (first fit, longest rows
+    first), in transformers' packed-sequence format:
+    position_ids restart at 0 on each row and there is no attention_mask, from which the model builds
+    a causal mask that stops at row boundaries (masking_utils.find_packed_sequence_indices). Each
+    row's first label is -100, so no row is scored from the row before it; a bin's unused tail is a
+    segment of its own, padding, unlabelled. SST-2 rows of 8 padded to their longest are a third
+    padding, which every layer computes. The bins' width is the longest row times 1, 2, 4, ... or
+    all rows together, whichever costs least as positions x (1 + width_cost x width): the linear
+    layers' work grows with the positions, attention's with positions x width (bench.trial.loss.
+    width_cost, from the model's sizes). A wide model (SmolLM2, 576) takes one row of everything;
+    the CI suite's 32-wide ones keep bins as wide as their longest row (one row cost them 4x the
+    activations). When bins save no row, the padded batch (collate)."""
+    lengths = [len(row["input_ids"]) for row in batch]
+    widths = [max(lengths) << k for k in range(16) if max(lengths) << k < sum(lengths)] + [sum(lengths)]
+    options = [(len(b) * w * (1 + width_cost * w), w, b) for w in widths for b in [_bins(lengths, w)]]
+    _, width, bins = min(options, key=lambda o: o[0])  # ties: the narrower (listed first)
     if len(bins) == len(batch):
         return collate(batch, pad_id)
     input_ids = torch.full((len(bins), width), pad_id, dtype=torch.long)

@@ -319,21 +319,22 @@ def meta_step(adapted, batch: Batch, device: str = "cpu", logits: str = "labelle
     return {"activations": saved["bytes"], "sizes": saved["sizes"], "grads": grad_bytes(adapted.trainable), "with_grad": with_grad}
 
 
-def first_batch(spec: dict[str, Any], packed: bool = False) -> Batch:
+def first_batch(spec: dict[str, Any], packed: float | None = None) -> Batch:
     """The shape of the trial's first micro-batch, drawn exactly as bench.trial.train draws it: what
-    memory.accounted.activations measures. `packed`: rows laid end to end, as bench.run.worker
-    batches them when bench.trial.loss.packs says the model and method can."""
+    memory.accounted.activations measures. `packed`: the model's bench.trial.loss.width_cost when
+    rows are laid end to end, as bench.run.worker batches them when bench.trial.loss.packs says the
+    model and method can; None: padded."""
     return _batches(_batch_key(spec, packed))[0]
 
 
-def widest_batch(spec: dict[str, Any], packed: bool = False) -> Batch:
+def widest_batch(spec: dict[str, Any], packed: float | None = None) -> Batch:
     """The widest micro-batch of the whole run (padded batches are as wide as their longest row,
     packed ones as their rows together, so widths vary): the peak is reached on it, not necessarily
     on the first."""
     return _batches(_batch_key(spec, packed))[1]
 
 
-def _batch_key(spec: dict[str, Any], packed: bool) -> str:
+def _batch_key(spec: dict[str, Any], packed: float | None) -> str:
     return json.dumps([spec["model"]["name"], spec["data"], spec["train"], packed], sort_keys=True)
 
 
@@ -345,7 +346,9 @@ def _batches(key: str) -> tuple[Batch, Batch]:
     name, data_spec, t, packed = json.loads(key)
     tokenizer = _tokenizer(name) if data.get_task(data_spec["task"], data_spec).needs_tokenizer else None
     prepared = data.prepare(data_spec, tokenizer, seed=t["seed"])
-    collate = prepared.packed if packed and prepared.packed is not None else prepared.collate
+    collate = prepared.collate
+    if packed is not None and prepared.packed is not None:
+        collate = functools.partial(prepared.packed, width_cost=packed)
     stream = batches(prepared.train, t, collate, torch.device("cpu"))
     # One epoch at most: every epoch holds every row, so its widest batch is as wide as any later
     # one, and a suite asking for 10^18 steps is forecast in the time of one pass.
@@ -407,9 +410,9 @@ def forecast(spec: dict[str, Any], device: str = "cpu", batch: Batch | None = No
     weights = sum(weight_bytes(adapted.model).values())
     peak_batch = None
     if batch is None:  # from the trial's data: the first micro-batch for the accounted step, the widest for the peak
-        from bench.trial.loss import packs
+        from bench.trial.loss import packs, width_cost
 
-        packed = packing and packs(method, adapted.model)
+        packed = width_cost(adapted.model) if packing and packs(method, adapted.model) else None
         batch, peak_batch = first_batch(spec, packed), widest_batch(spec, packed)
     grads = optimizer = activations = 0
     source, note = "meta-forward", None

@@ -44,6 +44,19 @@ def packs(method: Any, model: torch.nn.Module) -> bool:
             and {"position_ids", "use_cache"} <= inspect.signature(model.forward).parameters.keys())
 
 
+def width_cost(model: torch.nn.Module) -> float:
+    """Attention's work per position per unit of row width over the linear layers' work per
+    position (bench.tasks.tokens.collate_packed weighs bin widths with it): per layer, scores and
+    their weighted sum take ~4 x hidden multiply-adds per position per position attended, the
+    linear layers ~2 x their parameters per position."""
+    config = model.config
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 1)
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    per_layer = sum(p.numel() for p in model.parameters() if id(p) not in embeddings) / layers
+    return 4 * hidden / (2 * per_layer)
+
+
 def prepended(model: torch.nn.Module) -> int:
     """Positions a method puts in front of every input (methods/prompt_tuning.py Prefix.n); 0 for none."""
     return sum(child.n for child in model.children() if getattr(child, "prepends_positions", False))
