@@ -223,6 +223,57 @@ def test_corrupt_peak_cache_is_remeasured_with_a_warning(cache, content):
         assert flops.peak_flops("cpu", 1, measure=measure).source == "cached"
 
 
+def test_callers_that_miss_the_cache_together_measure_once(cache):
+    """Trials side by side miss the cache at once: one times the peak, the others wait and read it."""
+    import threading
+    import time
+
+    calls, measure = cache
+
+    def slow(device, threads, dtype):
+        time.sleep(0.3)
+        return measure(device, threads, dtype)
+
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(flops.peak_flops("cpu", 1, measure=slow))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1
+    assert sorted(p.source for p in got) == ["cached", "cached", "measured"]
+    assert {p.flops_per_s for p in got} == {1.25e9}
+
+
+def test_the_runner_times_the_peak_first_alone_on_one_lane(cache, monkeypatch, tmp_path):
+    """A parallel sweep times each (dtype, threads) peak its trials need before any lane starts,
+    pinned to the first lane's cores, and leaves this process's cores as they were."""
+    import os
+
+    from bench.run import runner, suite
+
+    seen = []
+
+    def measure(device, threads, dtype):
+        seen.append((sorted(os.sched_getaffinity(0)), threads, dtype))
+        return 1e9
+
+    monkeypatch.setattr(flops, "_measure", measure)
+    path = tmp_path / "s.toml"
+    path.write_text('name = "s"\n[model]\nname = "synthetic:llama-tiny"\n[data]\ntask = "sst2"\n[train]\nmax_steps = 1\n'
+                    '[run]\nparallel = 2\n'
+                    '[[sweep]]\nmethod = "lora"\n[[sweep]]\nmethod = "ia3"\nrun = { threads = 2, parallel = 2 }\n')
+    trials = suite.load(path).trials
+    before = os.sched_getaffinity(0)
+    lane = runner.lanes(2)[0]
+    runner.peaks_first(trials, lane)
+    assert os.sched_getaffinity(0) == before
+    assert sorted((threads, dtype) for _, threads, dtype in seen) == [(1, "float32"), (2, "float32")]
+    assert all(cores == sorted(lane.cpus) for cores, _, _ in seen)
+    runner.peaks_first(trials, lane)  # cached now: nothing timed again
+    assert len(seen) == 2
+
+
 def test_measured_peak_is_a_rate(tmp_path, monkeypatch):
     monkeypatch.setenv("PEFTBENCH_CACHE", str(tmp_path))
     monkeypatch.setattr(flops, "MATMUL_SIZES", (64, 128))

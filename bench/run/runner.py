@@ -400,6 +400,28 @@ def _kill(pid: int) -> None:
         pass
 
 
+def peaks_first(trials: list[Trial], lane: Lane) -> None:
+    """Time the machine's matmul peak (bench.trial.flops.peak_flops) for the trials' dtypes and thread
+    counts here, alone on one lane's cores, before the lanes start. Left to the trials, the first to
+    finish training times it while the other lanes train, which slows it: one sweep stored 133 and 154
+    GFLOP/s for one key. Cached peaks are read, not timed again."""
+    import torch
+
+    from bench.trial import flops
+
+    if not trials or torch.cuda.is_available():
+        return
+    keys = sorted({(t.spec["model"].get("dtype", "float32"), lane.threads_for(t) or torch.get_num_threads()) for t in trials})
+    before = os.sched_getaffinity(0)
+    if lane.cpus:
+        os.sched_setaffinity(0, lane.cpus)
+    try:
+        for dtype, threads in keys:
+            flops.peak_flops("cpu", threads, dtype)
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 def _over_budget(trial: Trial) -> dict[str, Any] | None:
     """The result of a trial whose memory forecast breaks its [run] memory_budget_gb (status
     skipped_memory, the error naming the component), or None if it fits."""
@@ -440,9 +462,11 @@ def run(suite: Suite, results_root: Path, force: bool = False, progress: bool = 
             sweep.grow(sum(study.tune.trials + len(study.tune.seeds) for study in suite.studies))
             jobs += [(functools.partial(study_cost, study),
                       lambda lane, s=study: run_study(s, sweep, functools.partial(one, lane=lane), force)) for study in suite.studies]
+        found = lanes(level)
         if level > 1:  # the longest first, so that the last to finish is a short one
             jobs.sort(key=lambda job: -job[0]())
-        sweep.side_by_side([job for _, job in jobs], lanes(level))
+            peaks_first([*sweep.todo, *(study.corners()[0] for study in suite.studies)], found[0])
+        sweep.side_by_side([job for _, job in jobs], found)
     return sweep.report
 
 

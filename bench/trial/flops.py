@@ -372,31 +372,38 @@ def peak_flops(device: str = "cpu", threads: int | None = None, dtype: str = "fl
     """The machine's matmul peak for (device, threads, dtype): read from the machine class's cache
     file, or measured (about a second) and stored there. An unreadable cache file is remeasured with a
     warning. `measure` replaces the timing (tests)."""
+    import fcntl
+
     from bench.regression.calibrate import machine_class
 
     threads = threads or torch.get_num_threads()
     machine = machine_class()
     path = cache_path(machine)
     key = f"{device}/{dtype}/threads={threads}"
-    entries: dict[str, Any] = {}
-    if path.exists():
-        try:
-            entries = json.loads(path.read_text())
-            entry = entries.get(key) if isinstance(entries, dict) else None
-            if not isinstance(entries, dict) or (entry is not None and not (isinstance(entry, dict) and entry.get("flops_per_s", 0) > 0)):
-                raise ValueError(f"entry {key!r} is not an object with a positive flops_per_s")
-        except (OSError, ValueError) as exc:
-            warnings.warn(f"{path}: unreadable machine peak cache ({type(exc).__name__}: {exc}); measuring again", stacklevel=2)
-            entries, entry = {}, None
-        if entry is not None:
-            return Peak(float(entry["flops_per_s"]), "cached", machine, device, threads, dtype, str(entry.get("measured_at", "")))
-    rate = (measure or _measure)(device, threads, dtype)
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    entries[key] = {"flops_per_s": rate, "measured_at": stamp, "sizes": list(MATMUL_SIZES)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(entries, indent=1, sort_keys=True))
-    tmp.replace(path)
+    # Processes that miss the cache together (trials side by side) would each time the peak while the
+    # others do, slowing each other: one lane stored 133, the other 154 GFLOP/s for one key. One measures.
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        entries: dict[str, Any] = {}
+        if path.exists():
+            try:
+                entries = json.loads(path.read_text())
+                entry = entries.get(key) if isinstance(entries, dict) else None
+                if not isinstance(entries, dict) or (
+                        entry is not None and not (isinstance(entry, dict) and entry.get("flops_per_s", 0) > 0)):
+                    raise ValueError(f"entry {key!r} is not an object with a positive flops_per_s")
+            except (OSError, ValueError) as exc:
+                warnings.warn(f"{path}: unreadable machine peak cache ({type(exc).__name__}: {exc}); measuring again", stacklevel=2)
+                entries, entry = {}, None
+            if entry is not None:
+                return Peak(float(entry["flops_per_s"]), "cached", machine, device, threads, dtype, str(entry.get("measured_at", "")))
+        rate = (measure or _measure)(device, threads, dtype)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        entries[key] = {"flops_per_s": rate, "measured_at": stamp, "sizes": list(MATMUL_SIZES)}
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(entries, indent=1, sort_keys=True))
+        tmp.replace(path)
     return Peak(rate, "measured", machine, device, threads, dtype, stamp)
 
 
