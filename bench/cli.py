@@ -96,6 +96,13 @@ def cmd_run(args) -> int:
         except runner.RunnerError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:  # the running trials were killed unpublished; every published one stays
+            from reports import results as rr
+
+            kept = len(rr.files(Path(args.results) / s.name))
+            print(f"\ninterrupted: {kept} trial result(s) kept in {Path(args.results) / s.name}; "
+                  f"the same command resumes from them", file=sys.stderr)
+            return 130
         _print_summary(Path(args.results) / s.name, list(report.statuses))  # a tuned study's trials included
         lanes_s = report.wall_s * report.parallel  # N trials at once: N lanes' worth of time to fill
         overhead = lanes_s - report.inside_s

@@ -5,8 +5,11 @@ A leaf module: every part of bench/ may import it, it imports nothing of bench/.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib.util
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -30,3 +33,14 @@ def package_dir(package: str) -> Path:
     if spec is None or spec.origin is None:
         raise MissingPackage(f"package {package!r} is not installed; run `peftbench assets`")
     return Path(spec.origin).parent
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `path`'s sibling `<name>.lock` for the block: processes that build or
+    measure a cached thing together (trials side by side on a fresh machine) take turns, so the one that
+    waited checks the cache again inside the block and finds it filled instead of building it twice."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield

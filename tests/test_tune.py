@@ -30,6 +30,7 @@ space = {{ "train.lr" = {{ log = [1e-5, 1e-1] }} }}
 trials = 6
 seeds = [0, 1, 2]
 validation = 40
+sampler = "{sampler}"
 [[sweep]]
 method = "lora"
 grid.rank = [{{ r = 4, alpha = 8 }}, {{ r = 8, alpha = 16 }}]
@@ -39,9 +40,9 @@ tune = {{ trials = {ia3_trials} }}
 """
 
 
-def write(tmp_path: Path, ia3_trials: int = 6) -> Path:
+def write(tmp_path: Path, ia3_trials: int = 6, sampler: str = "tpe") -> Path:
     path = tmp_path / "tuned.toml"
-    path.write_text(textwrap.dedent(SUITE.format(ia3_trials=ia3_trials)))
+    path.write_text(textwrap.dedent(SUITE.format(ia3_trials=ia3_trials, sampler=sampler)))
     return path
 
 
@@ -80,10 +81,11 @@ def run(path: Path, root: Path, execute) -> list[tune.Outcome]:
     return outcomes
 
 
-def test_choice_reads_validation_rows_only(tmp_path):
+@pytest.mark.parametrize("sampler", sorted(tune.SAMPLERS))
+def test_choice_reads_validation_rows_only(tmp_path, sampler):
     """Poisoning the eval rows' scores (either sign) changes no choice; every search trial is scored
     on validation rows carved from train, disjoint from the eval rows and from the rows it trains on."""
-    path = write(tmp_path)
+    path = write(tmp_path, sampler=sampler)
     ran_a: list[str] = []
     ran_b: list[str] = []
     a = run(path, tmp_path / "a", fake(+1.0, ran_a))
@@ -99,7 +101,7 @@ def test_choice_reads_validation_rows_only(tmp_path):
         for trial_id, _, _ in o.search:
             r = results.read(results.path_for(tmp_path / "a" / "tuned", trial_id))
             assert r["spec"]["eval"]["split"] == "validation" and r["tune"]["role"] == "search"
-            assert r["tune"]["budget"] == 6 and r["tune"]["sampler"] == tune.SAMPLER
+            assert r["tune"]["budget"] == 6 and r["tune"]["sampler"] == tune.SAMPLERS[sampler]
         for trial_id in o.finals:
             r = results.read(results.path_for(tmp_path / "a" / "tuned", trial_id))
             assert "split" not in r["spec"]["eval"] and r["tune"]["role"] == "final"
@@ -117,8 +119,9 @@ def test_choice_reads_validation_rows_only(tmp_path):
     assert len(train) + len(validation) == task.size("train")
 
 
-def test_resumed_study_makes_the_same_choices(tmp_path):
-    path = write(tmp_path)
+@pytest.mark.parametrize("sampler", sorted(tune.SAMPLERS))
+def test_resumed_study_makes_the_same_choices(tmp_path, sampler):
+    path = write(tmp_path, sampler=sampler)
     whole: list[str] = []
     reference = run(path, tmp_path / "whole", fake(1.0, whole))
     first: list[str] = []
@@ -129,6 +132,22 @@ def test_resumed_study_makes_the_same_choices(tmp_path):
     resumed = run(path, tmp_path / "resumed", fake(1.0, rest))
     assert first + rest == whole  # nothing ran twice, nothing was skipped
     assert [(o.search, o.chosen, o.finals) for o in resumed] == [(o.search, o.chosen, o.finals) for o in reference]
+
+
+def test_latin_hypercube_puts_one_trial_at_the_centre_of_each_stratum(tmp_path):
+    """lhs on a log range: the 6 search learning rates of every study are the centres of 6 equal
+    log strata of [1e-5, 1e-1] (4 significant digits, as trial ids keep them), one each, the same
+    points for every method; lora's rank choices are paired with them."""
+    outcomes = run(write(tmp_path, sampler="lhs"), tmp_path / "r", fake(1.0, []))
+    centres = sorted(float(f"{10 ** (-5 + 4 * (i + 0.5) / 6):.4g}") for i in range(6))
+    for o in outcomes:
+        assert sorted(setting["train.lr"] for _, setting, _ in o.search) == centres
+    records = [results.read(p) for p in (tmp_path / "r" / "tuned").glob("*.json")]
+    assert {r["tune"]["startup_trials"] for r in records} == {None}
+    with pytest.raises(tune.TuneError, match="applies to the tpe sampler only"):
+        tune.parse({"space": {"train.lr": {"log": [1e-5, 1e-1]}}, "trials": 4, "seeds": [0, 1, 2], "sampler": "lhs", "startup": 2})
+    with pytest.raises(tune.TuneError, match="unknown sampler 'grid' \\(known: tpe, lhs\\)"):
+        tune.parse({"space": {"train.lr": {"log": [1e-5, 1e-1]}}, "trials": 4, "seeds": [0, 1, 2], "sampler": "grid"})
 
 
 def test_unequal_budgets_are_refused(tmp_path, capsys):

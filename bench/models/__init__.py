@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from bench.tasks import vision
-from bench.paths import MissingPackage, cache_dir, package_dir
+from bench.paths import MissingPackage, cache_dir, locked, package_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -62,8 +62,6 @@ class Loaded:
 
 def smollm2_dir() -> Path:
     """The packaged SmolLM2-135M-Instruct GGUF, converted once to a safetensors folder."""
-    import fcntl
-
     out = cache_dir() / "models" / "smollm2-135m"
 
     def ready() -> bool:
@@ -71,11 +69,9 @@ def smollm2_dir() -> Path:
 
     if ready():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
     # Trials side by side ([run] parallel) on a fresh machine all miss the cache at once: one converts,
     # the others wait for it and then read its folder.
-    with open(out.with_name(out.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with locked(out):
         if not ready():
             _convert_smollm2(out)
     return out

@@ -408,8 +408,9 @@ def peaks_first(trials: list[Trial], lane: Lane) -> None:
     import torch
 
     from bench.trial import flops
+    from bench.trial.measure import trial_device
 
-    if not trials or torch.cuda.is_available():
+    if not trials or trial_device().type != "cpu":
         return
     keys = sorted({(t.spec["model"].get("dtype", "float32"), lane.threads_for(t) or torch.get_num_threads()) for t in trials})
     before = os.sched_getaffinity(0)
@@ -425,11 +426,10 @@ def peaks_first(trials: list[Trial], lane: Lane) -> None:
 def _over_budget(trial: Trial) -> dict[str, Any] | None:
     """The result of a trial whose memory forecast breaks its [run] memory_budget_gb (status
     skipped_memory, the error naming the component), or None if it fits."""
-    import torch
-
     from bench.trial import forecast
+    from bench.trial.measure import trial_device
 
-    f = forecast.forecast(trial.spec, device="cuda" if torch.cuda.is_available() else "cpu", cache=True)
+    f = forecast.forecast(trial.spec, device=trial_device().type, cache=True)
     reason = f.over(trial.run["memory_budget_gb"] * forecast.GB)
     if reason is None:
         return None
@@ -536,16 +536,14 @@ def estimate(suite: Suite) -> list[dict[str, Any]]:
     2N more only for trained weights; lm-eval scores each choice with one forward. The
     throughput (PEFTBENCH_FLOPS, default 1e11 FLOP/s, about this 2-core CPU in fp32) sizes a
     sweep and ranks its trials; it does not predict to the second."""
-    import torch
-
     import methods
     from bench.tasks import data, vision
     from bench.trial import forecast
     from bench import models
-    from bench.trial.measure import param_counts
+    from bench.trial.measure import param_counts, trial_device
     from bench.trial.train import total_steps
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # the memory forecast is for where trials will run
+    device = trial_device().type  # the memory forecast is for where trials will run
     flops_per_s = float(os.environ.get("PEFTBENCH_FLOPS", 1e11))
     lengths: dict[str, float] = {}
 

@@ -3,6 +3,7 @@
     [tune]                                   # every [[sweep]] block is tuned (a block may say tune = false)
     space = { "train.lr" = { log = [1e-5, 1e-2] }, rank = { choices = [{ r = 4, alpha = 8 }, { r = 16, alpha = 32 }] } }
     trials = 8                               # search trials per tuned configuration: the same for every block
+    sampler = "tpe"                          # or "lhs": a Latin hypercube of `trials` points, the budget spread evenly
     seeds = [0, 1, 2]                        # the chosen configuration, retrained once per seed
     metric = "acc"                           # lm-eval metric on the validation rows of the trial's own task
     validation = 64                          # rows carved from the task's train split (never its eval rows)
@@ -11,9 +12,16 @@ A block's own `tune` table overrides keys of the top-level one. Each grid point 
 is one study: `trials` search trials, each an ordinary trial (one result file) that trains on the
 train rows minus the validation rows and is scored on the validation rows only (eval.split =
 "validation"); the best validation score picks the configuration; `seeds` final trials retrain it
-and are scored on the task's eval rows. The search proposes configurations with optuna's TPE
-sampler, seeded; no study database is kept: the study is rebuilt by replaying the search results
-on disk in order, so a resumed run asks the same questions and makes the same choice.
+and are scored on the task's eval rows. Two samplers, both seeded:
+  tpe  optuna's TPE: `startup` random trials, then proposals modelled on the scores so far. It
+       refines near the best, and so may spend trials on near-duplicates (methods_tuned's first run:
+       3 of 8 learning rates within 13% of each other).
+  lhs  scipy's Latin hypercube, unscrambled: each dimension cut into `trials` equal strata (in log
+       space for log ranges), one trial at the centre of each, the strata paired across dimensions at
+       random. It ignores the scores, so every method is searched at the same points: on a
+       one-dimensional space, a log grid (McKay, Beckman & Conover 1979).
+No study database is kept: the study is rebuilt by replaying the search results on disk in order,
+so a resumed run asks the same questions and makes the same choice.
 """
 
 from __future__ import annotations
@@ -29,9 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SAMPLER = "optuna.samplers.TPESampler"
+SAMPLERS = {"tpe": "optuna.samplers.TPESampler", "lhs": "scipy.stats.qmc.LatinHypercube(scramble=False)"}
+"""[tune] sampler -> what each result records as its sampler."""
 KINDS = ("log", "uniform", "int", "choices")
-KEYS = ("space", "trials", "seeds", "metric", "validation", "seed", "startup")
+KEYS = ("space", "trials", "seeds", "metric", "validation", "seed", "sampler", "startup")
 
 
 class TuneError(ValueError):
@@ -61,6 +70,17 @@ class Dimension:
         if self.kind == "int":
             return d.IntDistribution(int(self.low), int(self.high))
         return d.FloatDistribution(self.low, self.high, log=self.kind == "log")
+
+    def at(self, u: float) -> Any:
+        """The raw value at `u` in [0, 1) of the range (log-scaled for log ranges): how a Latin
+        hypercube's unit point becomes a proposal, in the form optuna would have proposed it."""
+        if self.kind == "choices":
+            return min(int(u * len(self.choices)), len(self.choices) - 1)
+        if self.kind == "int":
+            return min(int(self.low + u * (self.high - self.low + 1)), int(self.high))
+        if self.kind == "log":
+            return math.exp(math.log(self.low) + u * (math.log(self.high) - math.log(self.low)))
+        return self.low + u * (self.high - self.low)
 
     def setting(self, raw: Any) -> dict[str, Any]:
         """The keys a sampled value sets (a table choice sets several). A float is kept to 4
@@ -92,12 +112,15 @@ class TuneSpec:
     validation: int = 64
     seed: int = 0
     """The sampler's seed."""
+    sampler: str = "tpe"
+    """A key of SAMPLERS: "tpe" (adaptive) or "lhs" (the budget spread evenly over the space)."""
     startup: int = 0
-    """Search trials sampled at random before TPE models the results (default: half the budget)."""
+    """tpe only: search trials sampled at random before TPE models the results (default: half the budget)."""
 
     def record(self) -> dict[str, Any]:
         """What each result says about how it was tuned."""
-        return {"sampler": SAMPLER, "sampler_seed": self.seed, "startup_trials": self.startup, "budget": self.trials,
+        startup = self.startup if self.sampler == "tpe" else None
+        return {"sampler": SAMPLERS[self.sampler], "sampler_seed": self.seed, "startup_trials": startup, "budget": self.trials,
                 "space": {d.key: d.record() for d in self.space}, "seeds": list(self.seeds), "metric": self.metric,
                 "validation_rows": self.validation}
 
@@ -151,12 +174,17 @@ def parse(raw: dict[str, Any]) -> TuneSpec:
     validation = raw.get("validation", 64)
     if isinstance(validation, bool) or not isinstance(validation, int) or validation < 1:
         raise TuneError("validation", f"must be a whole number of rows >= 1, got {validation!r}")
+    sampler = raw.get("sampler", "tpe")
+    if sampler not in SAMPLERS:
+        raise TuneError("sampler", f"unknown sampler {sampler!r} (known: {', '.join(SAMPLERS)})")
+    if sampler != "tpe" and "startup" in raw:
+        raise TuneError("startup", f"applies to the tpe sampler only; {sampler} takes no startup trials")
     seed = raw.get("seed", 0)
     startup = raw.get("startup", max(1, trials // 2))
     for key, value in (("seed", seed), ("startup", startup)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise TuneError(key, f"must be a whole number >= 0, got {value!r}")
-    return TuneSpec(dims, trials, tuple(seeds), metric, validation, seed, startup)
+    return TuneSpec(dims, trials, tuple(seeds), metric, validation, seed, sampler, startup)
 
 
 def merged(top: Any, block: Any) -> dict[str, Any] | None:
@@ -243,12 +271,42 @@ def select(scores: list[float | None]) -> int | None:
     return -max(scored)[1] if scored else None
 
 
-def _sampler(tune: TuneSpec):
+def _tpe(tune: TuneSpec):
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return optuna.create_study(direction="maximize",
                                sampler=optuna.samplers.TPESampler(seed=tune.seed, n_startup_trials=tune.startup))
+
+
+@dataclass
+class _Asked:
+    params: dict[str, Any]
+
+
+class _LatinHypercube:
+    """The study interface run() uses (ask, tell) over a fixed design: scipy's unscrambled Latin
+    hypercube, whose points sit at the centres of their strata. optuna's own QMCSampler would not
+    do: it draws the first trial at random to learn the space, which breaks the strata."""
+
+    def __init__(self, tune: TuneSpec):
+        from scipy.stats import qmc
+
+        self.space = tune.space
+        self.points = qmc.LatinHypercube(d=len(tune.space), scramble=False, seed=tune.seed).random(tune.trials)
+        self.asked = 0
+
+    def ask(self, distributions: dict[str, Any]) -> _Asked:
+        row = self.points[self.asked]
+        self.asked += 1
+        return _Asked({d.key: d.at(float(u)) for d, u in zip(self.space, row)})
+
+    def tell(self, *_: Any, **__: Any) -> None:
+        """The design does not depend on the scores."""
+
+
+def _sampler(tune: TuneSpec):
+    return {"tpe": _tpe, "lhs": _LatinHypercube}[tune.sampler](tune)
 
 
 @dataclass

@@ -27,7 +27,7 @@ from bench.regression import calibrate, compare
 from bench.trial import inject
 from bench.records import results
 from bench.trial.loss import packs, width_cost
-from bench.trial.measure import PeakMemory, dir_bytes, param_counts, weight_bytes
+from bench.trial.measure import PeakMemory, dir_bytes, param_counts, trial_device, weight_bytes
 from bench.trial.train import Diverged, train
 from methods.base import MethodContext
 from methods.layers import inert_parameters
@@ -145,7 +145,7 @@ def run(trial, result: dict[str, Any], adapters_dir: Path | None, show_progress:
     rt["_t0"] = time.perf_counter()
     if threads := lane.threads_for(trial) if lane is not None else trial.run.get("threads"):
         torch.set_num_threads(threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = trial_device()
     result["env"] = results.environment(torch.cuda.get_device_name(device) if device.type == "cuda" else None)
     result["env"]["torch_threads"] = torch.get_num_threads()
     result["env"]["cpu_affinity"] = sorted(os.sched_getaffinity(0))

@@ -372,19 +372,16 @@ def peak_flops(device: str = "cpu", threads: int | None = None, dtype: str = "fl
     """The machine's matmul peak for (device, threads, dtype): read from the machine class's cache
     file, or measured (about a second) and stored there. An unreadable cache file is remeasured with a
     warning. `measure` replaces the timing (tests)."""
-    import fcntl
-
+    from bench.paths import locked
     from bench.regression.calibrate import machine_class
 
     threads = threads or torch.get_num_threads()
     machine = machine_class()
     path = cache_path(machine)
     key = f"{device}/{dtype}/threads={threads}"
-    path.parent.mkdir(parents=True, exist_ok=True)
     # Processes that miss the cache together (trials side by side) would each time the peak while the
     # others do, slowing each other: one lane stored 133, the other 154 GFLOP/s for one key. One measures.
-    with open(path.with_name(path.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with locked(path):
         entries: dict[str, Any] = {}
         if path.exists():
             try:

@@ -17,6 +17,12 @@ import torch
 from torch import nn
 
 
+def trial_device() -> torch.device:
+    """Where trials train: the GPU when there is one, else the CPU (the worker, the runner's
+    forecasts and its peak timing all ask here, so they agree)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def tensor_bytes(t: torch.Tensor) -> int:
     """Bytes a tensor stores (its storage as allocated), so packed 4-bit weights count as stored."""
     return t.untyped_storage().nbytes()
