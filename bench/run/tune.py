@@ -18,8 +18,9 @@ and are scored on the task's eval rows. Two samplers, both seeded:
        3 of 8 learning rates within 13% of each other).
   lhs  scipy's Latin hypercube, unscrambled: each dimension cut into `trials` equal strata (in log
        space for log ranges), one trial at the centre of each, the strata paired across dimensions at
-       random. It ignores the scores, so every method is searched at the same points: on a
-       one-dimensional space, a log grid (McKay, Beckman & Conover 1979).
+       random; run in ascending order, so of equal validation scores the lowest setting is chosen.
+       It ignores the scores, so every method is searched at the same points: on a one-dimensional
+       space, an ascending log grid (McKay, Beckman & Conover 1979).
 No study database is kept: the study is rebuilt by replaying the search results on disk in order,
 so a resumed run asks the same questions and makes the same choice.
 """
@@ -293,13 +294,18 @@ class _LatinHypercube:
         from scipy.stats import qmc
 
         self.space = tune.space
-        self.points = qmc.LatinHypercube(d=len(tune.space), scramble=False, seed=tune.seed).random(tune.trials)
+        # In order (by the first dimension, then the next): scipy's seeded permutation of the strata
+        # differs between its `seed` and `rng` arguments and may between releases; the order decides
+        # which of equal validation scores is chosen (the earliest), so it must not hang on it. On a
+        # one-dimensional space nothing then depends on scipy's random numbers.
+        design = qmc.LatinHypercube(d=len(tune.space), scramble=False, seed=tune.seed).random(tune.trials)
+        self.points = sorted(tuple(float(u) for u in row) for row in design)
         self.asked = 0
 
     def ask(self, distributions: dict[str, Any]) -> _Asked:
         row = self.points[self.asked]
         self.asked += 1
-        return _Asked({d.key: d.at(float(u)) for d, u in zip(self.space, row)})
+        return _Asked({d.key: d.at(u) for d, u in zip(self.space, row)})
 
     def tell(self, *_: Any, **__: Any) -> None:
         """The design does not depend on the scores."""
