@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -15,8 +16,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, a scheduler, systemd) stops a sweep as Ctrl-C does: the running trials are
+    killed unpublished, the `.running` marker goes, every published result stays. A background
+    launch (`cmd &`) ignores SIGINT, so SIGTERM is how one stops it."""
+
+
+def _terminate(signum: int, frame) -> None:
+    raise Terminated
+
+
 def cmd_run(args) -> int:
     from bench.run import forkserver
+
+    signal.signal(signal.SIGTERM, _terminate)
 
     if args.backend == "local" and not args.dry_run:
         # The trials' fork server, first: its imports (seconds) then run beside this process's own and
@@ -96,13 +109,13 @@ def cmd_run(args) -> int:
         except runner.RunnerError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        except KeyboardInterrupt:  # the running trials were killed unpublished; every published one stays
+        except KeyboardInterrupt as stop:  # the running trials were killed unpublished; every published one stays
             from reports import results as rr
 
             kept = len(rr.files(Path(args.results) / s.name))
-            print(f"\ninterrupted: {kept} trial result(s) kept in {Path(args.results) / s.name}; "
-                  f"the same command resumes from them", file=sys.stderr)
-            return 130
+            print(f"\n{'terminated' if isinstance(stop, Terminated) else 'interrupted'}: {kept} trial result(s) kept in "
+                  f"{Path(args.results) / s.name}; the same command resumes from them", file=sys.stderr)
+            return 128 + (signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
         _print_summary(Path(args.results) / s.name, list(report.statuses))  # a tuned study's trials included
         lanes_s = report.wall_s * report.parallel  # N trials at once: N lanes' worth of time to fill
         overhead = lanes_s - report.inside_s

@@ -168,20 +168,23 @@ def test_sigkill_runner_mid_sweep_then_resume(tmp_path):
     assert f"skipped {len(mtimes)}" in out
 
 
-def test_ctrl_c_mid_sweep_says_what_it_kept_and_exits_130(tmp_path):
+@pytest.mark.parametrize(("sig", "word"), [(signal.SIGINT, "interrupted"), (signal.SIGTERM, "terminated")])
+def test_ctrl_c_or_sigterm_mid_sweep_says_what_it_kept_and_exits_128_plus_signal(tmp_path, sig, word):
+    """SIGINT is Ctrl-C; SIGTERM is how a background run (which ignores SIGINT) or a scheduler stops one."""
     path = make_suite(tmp_path, name="int", steps=60)
     directory = tmp_path / "r" / "int"
     proc = run_cli(str(path), "--results", str(tmp_path / "r"))
     wait_for(lambda: len(result_files(directory)) >= 1 and (directory / ".running").exists()
              and (directory / ".running").read_text().split()[0] not in {p.stem for p in result_files(directory)})
     running_id, child_pid = (directory / ".running").read_text().split()
-    os.kill(proc.pid, signal.SIGINT)  # what Ctrl-C sends the runner
+    os.kill(proc.pid, sig)
     out, _ = proc.communicate(timeout=60)
     kept = load_all(directory)
-    assert proc.returncode == 130, out
-    assert f"interrupted: {len(kept)} trial result(s) kept in {directory}" in out, out
+    assert proc.returncode == 128 + sig, out
+    assert f"{word}: {len(kept)} trial result(s) kept in {directory}" in out, out
     assert "Traceback" not in out, out
     assert kept and running_id not in kept and all(r["status"] == "success" for r in kept.values())
+    assert not (directory / ".running").exists()
     wait_for(lambda: not Path(f"/proc/{child_pid}").exists() or "Z" in Path(f"/proc/{child_pid}/stat").read_text().split()[2], timeout=30)
 
 
