@@ -39,25 +39,35 @@ class Ranked:
 
 
 def finals(trials: pd.DataFrame) -> pd.DataFrame:
-    """The successful final trials: task, method, seed, score (the tuning metric on the eval rows) and cost."""
+    """The successful final trials: task, method, seed, score (the tuning metric on the eval rows) and cost;
+    plus, as references, the untuned trials that train nothing (frozen, hard_prompt) on the same tasks and
+    rows, scored with the same metric: the line a tuned method has to clear."""
     if trials.empty or ROLE not in trials.columns:
         return pd.DataFrame()
-    df = trials[(trials[ROLE] == "final") & (trials["status"] == "success")]
+    ok = trials[trials["status"] == "success"]
+    df = ok[ok[ROLE] == "final"]
+    metric = {r["spec.data.task"]: r["tune.metric"] for _, r in df.iterrows()}
+    untrained = ok[ok[ROLE].isna() & (pd.to_numeric(ok.get("params.trainable"), errors="coerce") == 0)
+                   & ok["spec.data.task"].isin(metric)]
+    if "spec.eval.split" in ok:  # a reference scored on other rows than the finals' would not compare
+        untrained = untrained[untrained["spec.eval.split"].isna()]
     rows = []
-    for _, r in df.iterrows():
+    for _, r in pd.concat([df, untrained]).iterrows():
         task = r["spec.data.task"]
-        score = r.get(f"eval.lm_eval.{task}.{r['tune.metric']}")
+        score = r.get(f"eval.lm_eval.{task}.{metric[task]}")
         if score is None or pd.isna(score):
             continue
-        rows.append({"task": task, "method": r["spec.method.name"], "study": r["tune.study"], "seed": r["spec.train.seed"],
-                     "score": float(score), "peak": r.get("memory.peak_bytes"), "step": r.get("runtime.step_s_median"),
-                     "trainable": r.get("params.trainable")})
+        tuned = r[ROLE] == "final"
+        rows.append({"task": task, "method": r["spec.method.name"], "study": r["tune.study"] if tuned else "untuned",
+                     "tuned": tuned, "seed": r["spec.train.seed"], "score": float(score), "peak": r.get("memory.peak_bytes"),
+                     "step": r.get("runtime.step_s_median"), "trainable": r.get("params.trainable")})
     out = pd.DataFrame(rows)
-    if out.empty:
-        return out
+    if out.empty or not out["tuned"].any():
+        return pd.DataFrame()
     # A method tuned at several grid points (two ranks, say) shows each point as its own entry.
     several = out.groupby(["task", "method"])["study"].transform("nunique") > 1
     out.loc[several, "method"] = out.loc[several, "method"] + " " + out.loc[several, "study"].str[:6]
+    out.loc[~out["tuned"], "method"] = out.loc[~out["tuned"], "method"] + " (untrained)"
     return out
 
 
@@ -72,8 +82,14 @@ def holm(pvalues: list[float]) -> list[float]:
     return adjusted
 
 
-def welch_p(a: list[float], b: list[float]) -> float | None:
-    """Two-sided Welch t-test p-value; None where it cannot be computed (fewer than 2 seeds, no spread)."""
+def pair_p(a: list[float], b: list[float], fixed: bool = False) -> float | None:
+    """Two-sided p-value that a and b differ: Welch's t-test over seeds, or where b is `fixed` (one run of a
+    method that trains nothing and draws nothing from its seed, so every seed would score the same) a
+    one-sample t-test of a's seeds against it. None where it cannot be computed (too few seeds, no spread)."""
+    if fixed:
+        if len(a) < 2 or statistics.variance(a) == 0:
+            return None
+        return float(sp.ttest_1samp(a, b[0]).pvalue)
     if len(a) < 2 or len(b) < 2 or statistics.variance(a) + statistics.variance(b) == 0:
         return None
     return float(sp.ttest_ind(a, b, equal_var=False).pvalue)
@@ -84,9 +100,11 @@ def rank(df: pd.DataFrame) -> list[Ranked]:
     out: list[Ranked] = []
     for task, rows in df.groupby("task", sort=True):
         scores = {m: list(g["score"]) for m, g in rows.groupby("method")}
+        # One run that trained nothing: frozen scores the same whatever the seed (hard_prompt's shots vary: it runs per seed).
+        fixed = {m for m, g in rows.groupby("method") if len(g) == 1 and not g["tuned"].iloc[0] and g["trainable"].iloc[0] == 0}
         order = sorted(scores, key=lambda m: -statistics.fmean(scores[m]))
         pairs = [(a, b) for i, a in enumerate(order) for b in order[i + 1:]]
-        tested = [(a, b, p) for a, b in pairs if (p := welch_p(scores[a], scores[b])) is not None]
+        tested = [(a, b, p) for a, b in pairs if (p := _p(scores, fixed, a, b)) is not None]
         adjusted = holm([p for _, _, p in tested])
         beats: dict[str, list[str]] = {m: [] for m in order}
         for (a, b, _), q in zip(tested, adjusted, strict=True):
@@ -97,6 +115,14 @@ def rank(df: pd.DataFrame) -> list[Ranked]:
             out.append(Ranked(task, m, scores[m], stats.estimate(scores[m]), i + 1, beats[m],
                               g["peak"].median(), g["step"].median(), g["trainable"].median()))
     return out
+
+
+def _p(scores: dict[str, list[float]], fixed: set[str], a: str, b: str) -> float | None:
+    if a in fixed and b in fixed:
+        return None
+    if a in fixed:  # two-sided: the order of the pair does not matter
+        a, b = b, a
+    return pair_p(scores[a], scores[b], fixed=b in fixed)
 
 
 def spearman(ours: dict[str, float], published: dict[str, float]) -> tuple[float, int] | None:
@@ -134,7 +160,10 @@ def section(trials: pd.DataFrame, pub: dict) -> Section:
         f"(seed {int(tuned['tune.sampler_seed'].iloc[0])}) from {', '.join(map(str, budget))} search trials per method, "
         f"scored on {int(tuned['tune.validation_rows'].iloc[0])} validation rows carved from the training split; "
         "the choice was retrained per seed and scored on the held-out rows. 95% t intervals over seeds; "
-        "'above' lists the methods a method beats after Holm's correction of every pairwise Welch t-test on its task.")
+        "'above' lists the methods a method beats after Holm's correction of every pairwise Welch t-test on its task."
+        + (" Rows marked (untrained) are the references that train nothing, untuned, on the same rows: one run of the "
+           "frozen model scores the same for every seed, so a method is tested against it with a one-sample t-test over "
+           "its seeds." if (~df["tuned"]).any() else ""))
     for task in sorted({r.task for r in ranked}):
         rows = [r for r in ranked if r.task == task]
         s.table(Table(["rank", "method", "score (95% CI)", "seeds", "significantly above", "peak memory", "step (ms)", "trainable"], [[

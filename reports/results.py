@@ -111,7 +111,8 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
 SCORE_METRICS = ("acc", "exact_match", "f1", "mcc")
 TEST_ACCURACY = "eval.accuracy.test"
 ACCOUNTED = ("weights", "grads", "optimizer", "activations")
-_SEED_SUFFIX = re.compile(r"\s*seed\d+$")
+# The seed word of a label, wherever it stands (a tuned trial's label goes on: "seed1 final lr=3.65e-05").
+_SEED_WORD = re.compile(r"\s*\bseed\d+\b")
 
 
 def get_path(spec: dict, dotted: str) -> Any:
@@ -235,7 +236,7 @@ def tidy(df: pd.DataFrame) -> pd.DataFrame:
     out["base"] = out["quant"].where(out["quant"] != "none", out["dtype"])
     out["config"] = specs.map(spec_key)
     out["config_label"] = _distinct_labels(
-        out.get("label", out["id"]).fillna(out["id"]).astype(str).str.replace(_SEED_SUFFIX, "", regex=True), out["config"], specs)
+        out.get("label", out["id"]).fillna(out["id"]).astype(str).str.replace(_SEED_WORD, "", regex=True), out["config"], specs)
     metrics = score_metrics(out)
     out["score"] = out.apply(_score, axis=1, metrics=metrics) if metrics else float("nan")
     out["score_name"] = ", ".join(f"{t} {m}" for t, m in metrics.items()) or None

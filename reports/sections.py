@@ -751,6 +751,7 @@ def _gpu_memory_text(lora: dict, longer: list[dict], published_gb: float | None)
 LEAD_SUBJECTS: dict[str, Callable[[pd.DataFrame], pd.Series]] = {
     "surgical": lambda t: t["method"].isin(SURGICAL_METHODS),
     "qlora": lambda t: t["quant"] != "none",
+    "ranking": lambda t: t[ranking.ROLE].notna() if ranking.ROLE in t else pd.Series(False, index=t.index),
 }
 
 
@@ -763,14 +764,15 @@ def leads(trials: pd.DataFrame, candidates: Sequence[Section]) -> list[Section]:
 def build(trials: pd.DataFrame, pub: dict, records: dict[str, list[dict]] | None = None,
           ref: reference.Reference | None = None) -> list[Section]:
     groups = pd.DataFrame() if trials.empty else seed_groups(trials)
-    # A suite's own subject leads, right after the answer: the shift x block table, the LoRA-vs-QLoRA comparison.
-    surg, qlora = surgical(trials, groups, pub), lora_vs_qlora(groups, pub)
-    lead = leads(trials, (surg, qlora))
+    # A suite's own subject leads, right after the answer: a tuned suite's ranking, the shift x block table, the
+    # LoRA-vs-QLoRA comparison.
+    surg, qlora, ranked = surgical(trials, groups, pub), lora_vs_qlora(groups, pub), ranking.section(trials, pub)
+    lead = leads(trials, (ranked, surg, qlora))
     # How close the run came to the machine and whether its scores repeat a reference run's: right after the overview.
     rest = [overview(trials, groups, records), utilization.section(trials, records or {}), reference.section(ref),
             matched.section(trials, groups),
             rank_sweep(groups, pub), targets(groups, pub), optimizer(groups, pub),
-            epochs(groups, pub), methods_section(groups, pub), ranking.section(trials, pub), qlora, gpu(records or {}, pub, groups),
+            epochs(groups, pub), methods_section(groups, pub), ranked, qlora, gpu(records or {}, pub, groups),
             longlora_context.section(records or {}),
             surg, memory_breakdown(groups), forecast.section(trials), loss_curves(trials), failures(trials),
             provenance(trials), trial_table.section(trials)]

@@ -26,6 +26,17 @@ def frame() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def with_frozen(score: float = 0.705) -> pd.DataFrame:
+    """frame() plus the untuned frozen model, once on the held-out rows and once on a validation split
+    (a reference scored on other rows must not enter), and a trained untuned trial (not a reference)."""
+    frozen = {"tune.role": None, "status": "success", "spec.data.task": "sst2", "eval.lm_eval.sst2.acc": score,
+              "spec.method.name": "frozen", "tune.study": None, "spec.train.seed": 0, "memory.peak_bytes": 5e8,
+              "runtime.step_s_median": None, "params.trainable": 0, "spec.eval.split": None}
+    return pd.concat([frame(), pd.DataFrame([frozen, {**frozen, "spec.eval.split": "validation", "eval.lm_eval.sst2.acc": 0.99},
+                                             {**frozen, "spec.method.name": "lora", "params.trainable": 1000,
+                                              "eval.lm_eval.sst2.acc": 0.2}])], ignore_index=True)
+
+
 def test_holm_adjusts_step_down():
     assert ranking.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
 
@@ -38,6 +49,23 @@ def test_rank_with_cis_significance_and_cost():
     assert ia3.scores == [0.70, 0.71, 0.69]  # the search trial's 0.99 is not a final score
     assert lora.above == ["ia3"] and dora.above == ["ia3"] and ia3.above == []  # lora vs dora: within seed noise
     assert lora.trainable == 1000 and lora.peak_bytes == pytest.approx(1e9 + 1)
+
+
+def test_the_untrained_frozen_model_is_ranked_as_a_fixed_reference():
+    """frozen trains nothing and draws nothing from its seed: one run is its score on every seed, so a
+    method is tested against it by a one-sample t-test over the method's seeds (Welch needs two per side)."""
+    ranked = ranking.rank(ranking.finals(with_frozen()))
+    assert [r.method for r in ranked] == ["lora", "dora", "frozen (untrained)", "ia3"]
+    lora, dora, frozen, ia3 = ranked
+    assert frozen.scores == [0.705] and frozen.estimate.n == 1 and frozen.trainable == 0
+    assert lora.scores == [0.80, 0.81, 0.82]  # the untuned trained lora trial (0.2) is no reference
+    assert "frozen (untrained)" in lora.above and "frozen (untrained)" in dora.above
+    # ia3 (0.70 +- 0.01 over 3 seeds) against 0.705: within seed noise, and the fixed reference beats nothing by itself.
+    assert "frozen (untrained)" not in ia3.above and frozen.above == []
+    assert ranking.pair_p([0.80, 0.81, 0.82], [0.705], fixed=True) < 0.01
+    assert ranking.pair_p([0.80, 0.81, 0.82], [0.705]) is None  # not fixed: one run says nothing about its spread
+    section = ranking.section(with_frozen(), {})
+    assert any("(untrained)" in b.text and "one-sample t-test" in b.text for b in section.blocks if b.kind == "p")
 
 
 def test_spearman_against_the_published_ordering():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pandas as pd
@@ -121,3 +122,39 @@ def test_the_best_is_chosen_on_validation_where_every_configuration_has_it():
     # One configuration without a validation score: the test score decides for all.
     c = answer.Option("none", "c() ep1", 3, 0.10, 0.09, 0.11, "ci", 1.0 * GIB)
     assert answer.answers([a, b, c])[0].best.config == "test"
+
+
+def tuned(path, role: str, label: str, split: str | None = None) -> None:
+    """Make write_result's trial a tuned study's (bench/run/tune.py's tags), scored on `split` rows."""
+    result = json.loads(path.read_text())
+    result["tune"] = {"role": role, "metric": "acc", "study": "0123456789abcdef", "budget": 8, "sampler": "lhs",
+                      "sampler_seed": 0, "validation_rows": 64}
+    result["label"] = label
+    if split:
+        result["spec"]["eval"]["split"] = split
+    path.write_text(json.dumps(result))
+
+
+def test_tuning_search_trials_stay_out_of_the_answer_and_the_seed_word_leaves_the_label(tmp_path):
+    """A search trial is scored on validation rows: however high, it does not compete with the held-out
+    scores of the chosen configuration's seeds, whose label ("seed1 final lr=...") names no one seed."""
+    folder = tmp_path / "tuned"
+    tuned(write_result(folder, seed=9, score=0.95, peak=1.0 * GIB), "search", "lora(r=8) adamw ep1 seed0 search2 lr=1e-03", "validation")
+    for seed, score in enumerate([0.70, 0.72, 0.71]):
+        tuned(write_result(folder, seed=seed, score=score, peak=1.0 * GIB), "final", f"lora(r=8) adamw ep1 seed{seed} final lr=1e-03")
+    trials = render.results.tidy(render.results.frame(folder))
+    s = answer.section(trials, render.sections.seed_groups(trials))
+    table, note = s.blocks
+    (row,) = table.table.rows
+    assert "71.0 ± " in row[1].text and "(n=3, 95% CI)" in row[1].text and "95" not in row[1].text.split("GiB")[0].split("±")[0]
+    assert row[1].title == "lora(r=8) adamw ep1 final lr=1e-03"
+    assert "The 1 tuning search trial(s) are left out" in note.text
+
+
+def test_a_tuned_suite_leads_with_its_ranking(tmp_path):
+    folder = tmp_path / "tuned"
+    for method, scores in {"lora": [0.80, 0.82, 0.81], "ia3": [0.70, 0.69, 0.71]}.items():
+        for seed, score in enumerate(scores):
+            tuned(write_result(folder, method=method, seed=seed, score=score), "final", f"{method}(r=8) adamw ep1 seed{seed} final")
+    trials = render.results.tidy(render.results.frame(folder))
+    assert [s.id for s in render.sections.build(trials, render.published(), {})][:2] == ["answer", "ranking"]
