@@ -29,24 +29,6 @@ from bench import models
 from methods.lora import lora_layers
 
 
-def phased_step(model, optimizer, ids: torch.Tensor) -> dict[str, float]:
-    """lora_step.step, timed per phase."""
-    t0 = time.perf_counter()
-    if optimizer is None:
-        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-        loss = model(inputs_embeds=embeds, labels=ids).loss
-    else:
-        loss = model(input_ids=ids, labels=ids).loss
-    t1 = time.perf_counter()
-    loss.backward()
-    t2 = time.perf_counter()
-    if optimizer is not None:
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    t3 = time.perf_counter()
-    return {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2, "step": t3 - t0}
-
-
 def branch_products(tokens: int, shapes: list[tuple[int, int]], r: int, scaling: float = 2.0, reps: int = 5) -> float:
     """Seconds for the six branch products of every layer in `shapes` (in, out), one layer after the
     other, written as LowRankLinear writes them. Each layer has its own tensors, as in a step: timed
@@ -90,7 +72,7 @@ def main() -> None:
     for _ in range(args.reps):
         for b, ids in batches.items():
             for v in variants:
-                times[b, v].append(phased_step(*built[v], ids))
+                times[b, v].append(L.step(*built[v], ids))
     med = {f"{v} {b}": {p: statistics.median(t[p] for t in times[b, v]) for p in times[b, v][0]} for b, v in times}
 
     shapes = [(layer.in_features, layer.out_features) for layer in lora_layers(built["ours"][0]).values()]
@@ -101,7 +83,7 @@ def main() -> None:
 
     def paired(b: str, phase: str) -> float:
         """The median over reps of ours minus the floor step just before it: slow drifts of the
-        machine (seen here: a whole run 15% faster than the one before) cancel within a pair."""
+        machine, which move whole runs by more than the gap itself, cancel within a pair."""
         return statistics.median(o[phase] - f[phase] for f, o in zip(times[b, "floor"], times[b, "ours"]))
 
     gap = {p: paired("4x128", p) for p in med["ours 4x128"]}

@@ -65,14 +65,22 @@ def build(variant: str, rank: int):
     return model, adamw([p for p in model.parameters() if p.requires_grad])
 
 
-def step(model, optimizer, ids: torch.Tensor) -> None:
+def step(model, optimizer, ids: torch.Tensor) -> dict[str, float]:
+    """One training step; returns its phases' seconds (benchmarks/lora_overhead.py splits the gap by them)."""
+    t0 = time.perf_counter()
     if optimizer is None:  # the floor: gradients reach the input embeddings only
         embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-        model(inputs_embeds=embeds, labels=ids).loss.backward()
-        return
-    model(input_ids=ids, labels=ids).loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+        loss = model(inputs_embeds=embeds, labels=ids).loss
+    else:
+        loss = model(input_ids=ids, labels=ids).loss
+    t1 = time.perf_counter()
+    loss.backward()
+    t2 = time.perf_counter()
+    if optimizer is not None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    t3 = time.perf_counter()
+    return {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2, "step": t3 - t0}
 
 
 def step_flops(model, optimizer, ids: torch.Tensor) -> int:

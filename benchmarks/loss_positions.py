@@ -13,7 +13,6 @@ interleaved rep by rep so that machine noise hits all alike. Prints the median s
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import statistics
@@ -48,8 +47,8 @@ def main() -> None:
     lora = methods.get("lora")
     adapted = lora.apply(models.load({"name": "smollm2-135m"}).model, lora.Config(r=8, alpha=16, targets="qv"))
     model = adapted.model
-    padded, packed = draw(prepared.collate), draw(functools.partial(prepared.packed, width_cost=width_cost(model)))
-    narrow = draw(functools.partial(prepared.packed, width_cost=1.0))  # attention priced high: bins as wide as the longest row
+    padded, packed = draw(prepared.collate), draw(prepared.collate_for(width_cost(model)))
+    narrow = draw(prepared.collate_for(1.0))  # attention priced high: bins as wide as the longest row
     model.train()
     optimizer = OPTIMIZERS["adamw"]([{"params": adapted.trainable}], {"lr": 0.0, "weight_decay": 0.0})  # lr 0: same weights every rep
     variants = {"labelled": (padded, lambda b: loss(model, b)), "every position": (padded, lambda b: model(**b).loss),

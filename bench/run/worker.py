@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import functools
 import json
 import os
 import signal
@@ -26,7 +25,7 @@ import methods
 from bench.regression import calibrate, compare
 from bench.trial import inject
 from bench.records import results
-from bench.trial.loss import packs, width_cost
+from bench.trial.loss import packing_cost
 from bench.trial.measure import PeakMemory, dir_bytes, param_counts, trial_device, weight_bytes
 from bench.trial.train import Diverged, train
 from methods.base import MethodContext
@@ -185,8 +184,8 @@ def run(trial, result: dict[str, Any], adapters_dir: Path | None, show_progress:
     if injected := inject.apply(adapted):  # test-only, off by default: see bench/trial/inject.py
         result["test_injected"] = injected
     result["params"].update(param_counts(adapted.model, adapted.trainable))
-    packed = prepared.packed is not None and packs(method, adapted.model)
-    collate = functools.partial(prepared.packed, width_cost=width_cost(adapted.model)) if packed else prepared.collate
+    collate = prepared.collate_for(packing_cost(method, adapted.model))
+    packed = collate is not prepared.collate
     if inert := inert_parameters(adapted.model, adapted.trainable, adapted.inert):
         result["params"]["inert"] = inert  # trainable, but the architecture gives them no gradient
     weights = weight_bytes(adapted.model)

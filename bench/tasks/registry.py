@@ -9,6 +9,7 @@ so every task module can import it and the registry never imports them back.
 from __future__ import annotations
 
 import difflib
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +45,13 @@ class Prepared:
     packed: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]] | None = None
     """The same rows laid end to end in as few rows as hold them (text: tokens.collate_packed), for
     models that can train that way (bench.trial.loss.packs); None: `collate` always."""
+
+    def collate_for(self, packing_cost: float | None) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
+        """The collate a trial trains with: packed rows, their bins priced at `packing_cost`
+        (bench.trial.loss.packing_cost: None where the model or method cannot pack), else padded rows."""
+        if packing_cost is None or self.packed is None:
+            return self.collate
+        return functools.partial(self.packed, width_cost=packing_cost)
 
 
 class Task:

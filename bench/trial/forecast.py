@@ -346,10 +346,7 @@ def _batches(key: str) -> tuple[Batch, Batch]:
     name, data_spec, t, packed = json.loads(key)
     tokenizer = _tokenizer(name) if data.get_task(data_spec["task"], data_spec).needs_tokenizer else None
     prepared = data.prepare(data_spec, tokenizer, seed=t["seed"])
-    collate = prepared.collate
-    if packed is not None and prepared.packed is not None:
-        collate = functools.partial(prepared.packed, width_cost=packed)
-    stream = batches(prepared.train, t, collate, torch.device("cpu"))
+    stream = batches(prepared.train, t, prepared.collate_for(packed), torch.device("cpu"))
     # One epoch at most: every epoch holds every row, so its widest batch is as wide as any later
     # one, and a suite asking for 10^18 steps is forecast in the time of one pass.
     per_epoch = total_steps(len(prepared.train), {**t, "max_steps": None, "epochs": 1})
@@ -410,9 +407,9 @@ def forecast(spec: dict[str, Any], device: str = "cpu", batch: Batch | None = No
     weights = sum(weight_bytes(adapted.model).values())
     peak_batch = None
     if batch is None:  # from the trial's data: the first micro-batch for the accounted step, the widest for the peak
-        from bench.trial.loss import packs, width_cost
+        from bench.trial.loss import packing_cost
 
-        packed = width_cost(adapted.model) if packing and packs(method, adapted.model) else None
+        packed = packing_cost(method, adapted.model) if packing else None
         batch, peak_batch = first_batch(spec, packed), widest_batch(spec, packed)
     grads = optimizer = activations = 0
     source, note = "meta-forward", None

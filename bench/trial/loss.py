@@ -44,6 +44,11 @@ def packs(method: Any, model: torch.nn.Module) -> bool:
             and {"position_ids", "use_cache"} <= inspect.signature(model.forward).parameters.keys())
 
 
+def packing_cost(method: Any, model: torch.nn.Module) -> float | None:
+    """What Prepared.collate_for needs: the model's width_cost where it trains packed rows (`packs`), else None."""
+    return width_cost(model) if packs(method, model) else None
+
+
 def width_cost(model: torch.nn.Module) -> float:
     """Attention's work per position per unit of row width over the linear layers' work per
     position (bench.tasks.tokens.collate_packed weighs bin widths with it): per layer, scores and
