@@ -173,7 +173,9 @@ def test_ctrl_c_or_sigterm_mid_sweep_says_what_it_kept_and_exits_128_plus_signal
     """SIGINT is Ctrl-C; SIGTERM is how a background run (which ignores SIGINT) or a scheduler stops one."""
     path = make_suite(tmp_path, name="int", steps=60)
     directory = tmp_path / "r" / "int"
-    proc = run_cli(str(path), "--results", str(tmp_path / "r"))
+    # Ctrl-C reaches a foreground process. One started under a background job (a CI script run with `&`)
+    # inherits SIGINT ignored, and Python keeps ignoring it: restore the default, as a terminal's would be.
+    proc = run_cli(str(path), "--results", str(tmp_path / "r"), preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     wait_for(lambda: len(result_files(directory)) >= 1 and (directory / ".running").exists()
              and (directory / ".running").read_text().split()[0] not in {p.stem for p in result_files(directory)})
     running_id, child_pid = (directory / ".running").read_text().split()
