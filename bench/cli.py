@@ -113,9 +113,10 @@ def cmd_run(args) -> int:
             from reports import results as rr
 
             kept = len(rr.files(Path(args.results) / s.name))
-            print(f"\n{'terminated' if isinstance(stop, Terminated) else 'interrupted'}: {kept} trial result(s) kept in "
-                  f"{Path(args.results) / s.name}; the same command resumes from them", file=sys.stderr)
-            return 128 + (signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
+            word, sig = ("terminated", signal.SIGTERM) if isinstance(stop, Terminated) else ("interrupted", signal.SIGINT)
+            print(f"\n{word}: {kept} trial result(s) kept in {Path(args.results) / s.name}; the same command resumes from them",
+                  file=sys.stderr)
+            return 128 + sig
         _print_summary(Path(args.results) / s.name, list(report.statuses))  # a tuned study's trials included
         lanes_s = report.wall_s * report.parallel  # N trials at once: N lanes' worth of time to fill
         overhead = lanes_s - report.inside_s

@@ -100,8 +100,9 @@ def rank(df: pd.DataFrame) -> list[Ranked]:
     out: list[Ranked] = []
     for task, rows in df.groupby("task", sort=True):
         scores = {m: list(g["score"]) for m, g in rows.groupby("method")}
-        # One run that trained nothing: frozen scores the same whatever the seed (hard_prompt's shots vary: it runs per seed).
-        fixed = {m for m, g in rows.groupby("method") if len(g) == 1 and not g["tuned"].iloc[0] and g["trainable"].iloc[0] == 0}
+        # A single untuned run (finals() admits only those that train nothing): frozen scores the same whatever the
+        # seed (hard_prompt's shots vary: it runs per seed).
+        fixed = {m for m, g in rows.groupby("method") if len(g) == 1 and not g["tuned"].any()}
         means = {m: mean(v) for m, v in scores.items()}
         order = sorted(scores, key=lambda m: (-means[m], m))
         pairs = [(a, b) for i, a in enumerate(order) for b in order[i + 1:]]
