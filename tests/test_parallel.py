@@ -203,6 +203,26 @@ def test_tuned_studies_side_by_side_choose_as_they_do_one_after_another(tmp_path
     assert all(o.chosen is not None and len(o.finals) == 3 for o in outcomes[1].values())
 
 
+def test_a_tuned_suite_starts_its_untuned_references_first(tmp_path, monkeypatch):
+    """Side by side the studies go longest first, but the untuned trials (the frozen reference a
+    partial run's ranking is read against) start before any study, though they are the cheapest."""
+    started: list[str] = []
+    scored = test_tune.fake(1.0, [])
+
+    def fake(ctx, trial, draft, adapters, progress, started_here=None, env=None, lane=None):
+        started.append(trial.spec["method"]["name"])
+        return scored(trial)
+
+    monkeypatch.setattr(runner, "execute", fake)
+    path = test_tune.write(tmp_path)
+    path.write_text(path.read_text() + '[[sweep]]\nmethod = "frozen"\ntune = false\n')
+    s = suite.load(path, check_models=False)
+    assert runner.cost(s.trials[0]) < min(runner.study_cost(study) for study in s.studies)
+    runner.run(s, tmp_path / "r", progress=False, parallel=2)
+    # Two lanes start two jobs at once, in either order; the frozen trial is one of them.
+    assert "frozen" in started[:2] and started.count("frozen") == 1 and len(started) == 1 + 3 * (6 + 3)
+
+
 def test_bad_parallel_is_stopped_before_anything_runs(tmp_path, capsys):
     path = write(tmp_path, "bad", parallel=0)
     with pytest.raises(suite.SuiteError) as caught:

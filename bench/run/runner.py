@@ -441,7 +441,8 @@ def _over_budget(trial: Trial) -> dict[str, Any] | None:
 def run(suite: Suite, results_root: Path, force: bool = False, progress: bool = True,
         save_adapters: bool = True, parallel: int | None = None) -> SweepReport:
     """Run the suite's trials and tuned studies; `parallel` (default: the suite's [run] parallel)
-    of them at once, the longest first, else one at a time in the suite's order."""
+    of them at once (the untuned trials first, then the studies, the longest first within each),
+    else one at a time in the suite's order."""
     level = parallel or parallel_level(suite)
     with Sweep(suite, results_root, force, progress) as sweep:
         sweep.report.parallel = level
@@ -456,17 +457,19 @@ def run(suite: Suite, results_root: Path, force: bool = False, progress: bool = 
             return execute(ctx, trial, sweep.draft(trial), adapters, progress and level == 1,
                            lambda pid: sweep.started_here(trial, pid, lane.where), lane=lane)
 
-        jobs: list[tuple[Callable[[], float], Callable[[Lane], None]]] = [
-            (functools.partial(cost, trial), lambda lane, t=trial: sweep.publish(t, one(t, lane))) for trial in sweep.todo]
+        # (tier, cost, job): the untuned trials (tier 0) before the studies, as one at a time does,
+        # since in a tuned suite they are the references (frozen) every partial report ranks against.
+        jobs: list[tuple[int, Callable[[], float], Callable[[Lane], None]]] = [
+            (0, functools.partial(cost, trial), lambda lane, t=trial: sweep.publish(t, one(t, lane))) for trial in sweep.todo]
         if suite.studies:
             sweep.grow(sum(study.tune.trials + len(study.tune.seeds) for study in suite.studies))
-            jobs += [(functools.partial(study_cost, study),
+            jobs += [(1, functools.partial(study_cost, study),
                       lambda lane, s=study: run_study(s, sweep, functools.partial(one, lane=lane), force)) for study in suite.studies]
         found = lanes(level)
-        if level > 1:  # the longest first, so that the last to finish is a short one
-            jobs.sort(key=lambda job: -job[0]())
+        if level > 1:  # within a tier the longest first, so that the last to finish is a short one
+            jobs.sort(key=lambda job: (job[0], -job[1]()))
             peaks_first([*sweep.todo, *(study.corners()[0] for study in suite.studies)], found[0])
-        sweep.side_by_side([job for _, job in jobs], found)
+        sweep.side_by_side([job for _, _, job in jobs], found)
     return sweep.report
 
 
