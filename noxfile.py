@@ -23,7 +23,8 @@ def install(session: nox.Session, extras: str = "") -> None:
 @nox.session
 def tests(session: nox.Session) -> None:
     install(session, "[test,ray,track]")
-    session.run("pytest", "-q", *session.posargs, env=OFFLINE)
+    # The slowest tests in every CI log: the suite is held to about 15 minutes.
+    session.run("pytest", "-q", "--durations=25", *session.posargs, env=OFFLINE)
     if not session.posargs:
         # The gradient battery again on the portable kernels (no AVX2/AVX-512): other rounding,
         # as on another CPU of this class, so a test that passes only on one CPU's rounding fails here.

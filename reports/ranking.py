@@ -103,7 +103,7 @@ def rank(df: pd.DataFrame) -> list[Ranked]:
         # A single untuned run (finals() admits only those that train nothing): frozen scores the same whatever the
         # seed (hard_prompt's shots vary: it runs per seed).
         fixed = {m for m, g in rows.groupby("method") if len(g) == 1 and not g["tuned"].any()}
-        means = {m: mean(v) for m, v in scores.items()}
+        means = {m: stats.mean(v) for m, v in scores.items()}
         order = sorted(scores, key=lambda m: (-means[m], m))
         pairs = [(a, b) for i, a in enumerate(order) for b in order[i + 1:]]
         tested = [(a, b, p) for a, b in pairs if (p := _p(scores, fixed, a, b)) is not None]
@@ -118,13 +118,6 @@ def rank(df: pd.DataFrame) -> list[Ranked]:
             out.append(Ranked(task, m, scores[m], stats.estimate(scores[m]), tied_rank, beats[m],
                               g["peak"].median(), g["step"].median(), g["trainable"].median()))
     return out
-
-
-def mean(scores: list[float]) -> float:
-    """The mean over seeds, rounded so that equal sums of counts compare equal: 1049/1710 reached as
-    (364 + 341 + 344) / 570 / 3 and as (362 + 342 + 345) / 570 / 3 differs in the last bit, and a tie
-    must not read as one method above the other."""
-    return round(statistics.fmean(scores), 12)
 
 
 def _p(scores: dict[str, list[float]], fixed: set[str], a: str, b: str) -> float | None:
@@ -152,8 +145,8 @@ def disagreements(ranked: list[Ranked], published: dict[str, float]) -> list[tup
     out = []
     for i, a in enumerate(common):
         for b in common[i + 1:]:
-            if (mean(ours[a].scores) - mean(ours[b].scores)) * (published[a] - published[b]) < 0:
-                hi, lo = (a, b) if mean(ours[a].scores) > mean(ours[b].scores) else (b, a)
+            if (stats.mean(ours[a].scores) - stats.mean(ours[b].scores)) * (published[a] - published[b]) < 0:
+                hi, lo = (a, b) if stats.mean(ours[a].scores) > stats.mean(ours[b].scores) else (b, a)
                 out.append((hi, lo, lo in ours[hi].above))
     return out
 
@@ -185,7 +178,7 @@ def section(trials: pd.DataFrame, pub: dict) -> Section:
     published = {r["method"]: r["gsm8k_pct"] for r in pub.get("methods", {}).get("peft_ranking", []) if r.get("method")}
     if published:
         for task in sorted({r.task for r in ranked}):
-            ours = {r.method: mean(r.scores) for r in ranked if r.task == task}
+            ours = {r.method: stats.mean(r.scores) for r in ranked if r.task == task}
             if (result := spearman(ours, published)) is not None:
                 rho, n = result
                 flips = disagreements([r for r in ranked if r.task == task], published)

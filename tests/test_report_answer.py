@@ -59,6 +59,20 @@ def test_a_single_run_uses_lm_evals_standard_error(tmp_path):
     assert "±1.96 lm-eval stderr" in o.score_text()
 
 
+def test_an_exact_tie_goes_to_the_lighter_configuration(tmp_path):
+    """Both got 1049 of 1710 right over three seeds; summed in another order, the heavier one's mean
+    is a last bit higher, which must not make it the best of the larger budget."""
+    folder = tmp_path / "tie"
+    for seed, (heavy, light) in enumerate(((364, 362), (341, 342), (344, 345))):
+        write_result(folder, r=16, seed=seed, score=heavy / 570, peak=2.0 * GIB)
+        write_result(folder, r=4, seed=seed, score=light / 570, peak=1.0 * GIB)
+    trials = render.results.tidy(render.results.frame(folder))
+    opts = answer.options(trials, render.sections.seed_groups(trials))
+    assert len({o.mean for o in opts}) == 1
+    (only,) = answer.answers(opts)  # one row: the larger budget does not change the answer
+    assert only.budget_gib == 1 and "r=4" in only.best.label
+
+
 def test_labels_drop_defaults_and_sort_numbers_as_numbers():
     assert short_label("lora(r=16,alpha=32,dropout=0.0,targets=all-linear,rslora=False) adamw ep2") == \
         "lora(r=16, α=32, all-linear) adamw ep2"
