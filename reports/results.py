@@ -13,6 +13,7 @@ import pandas as pd
 
 from bench.records import results as bench_results  # stdlib only: the report needs no torch
 from bench.records.results import ResultFileError  # one error class for every reader of results
+from reports import stats
 
 SCHEMA = bench_results.SCHEMA
 
@@ -276,7 +277,7 @@ def seed_groups(df: pd.DataFrame) -> pd.DataFrame:
                           *((f"memory.accounted.{k}", f"{k}_bytes") for k in ACCOUNTED)]:
             values = [float(v) for v in by_seed[col].mean() if not pd.isna(v)]
             row[f"{name}_values"] = values
-            row[name] = sum(values) / len(values) if values else float("nan")
+            row[name] = stats.mean(values) if values else float("nan")  # the mean the intervals centre on
         if "eval.forgetting" in g:
             vals = pd.to_numeric(g["eval.forgetting"], errors="coerce").dropna()
             row["forgetting"] = float(vals.mean()) if len(vals) else float("nan")

@@ -73,6 +73,19 @@ def test_an_exact_tie_goes_to_the_lighter_configuration(tmp_path):
     assert only.budget_gib == 1 and "r=4" in only.best.label
 
 
+def test_seeds_that_score_alike_draw_an_interval_of_no_width(tmp_path):
+    """Two seeds, the same score (a hard prompt whose shots both seeds drew alike): the group's score
+    is the mean its interval centres on, so the error bar's arms are not negative (matplotlib refused
+    the methods figure of a partial methods_tuned run) and the figure draws."""
+    folder = tmp_path / "alike"
+    for seed in range(2):
+        write_result(folder, r=8, seed=seed, score=323 / 570)
+    groups = render.sections.with_ci(render.sections.seed_groups(render.results.tidy(render.results.frame(folder))))
+    (g,) = groups.itertuples()
+    assert g.score_lo <= g.score <= g.score_hi
+    assert "<svg" in figures.methods(groups.assign(method=["lora"]))
+
+
 def test_labels_drop_defaults_and_sort_numbers_as_numbers():
     assert short_label("lora(r=16,alpha=32,dropout=0.0,targets=all-linear,rslora=False) adamw ep2") == \
         "lora(r=16, α=32, all-linear) adamw ep2"
