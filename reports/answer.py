@@ -186,7 +186,7 @@ def section(trials: pd.DataFrame, groups: pd.DataFrame) -> Section:
         return s
     ok = trials[trials["status"] == "success"]
     device = ok.groupby("config")["env.device"].first() if "env.device" in ok else pd.Series(dtype=object)
-    g = groups.assign(device=[d if isinstance(d, str) else "unknown device" for d in groups["config"].map(device)],
+    g = groups.assign(device=[memory_of(d) for d in groups["config"].map(device)],
                       task=groups["spec"].map(lambda sp: _task(sp)))
     out: list[list[Cell]] = []
     devices = sorted(g["device"].unique())
@@ -218,6 +218,15 @@ def section(trials: pd.DataFrame, groups: pd.DataFrame) -> Section:
                   "tuned method enters with its chosen configuration, retrained per seed and scored on the held-out rows."
                   if search else ""))
     return s
+
+
+def memory_of(device: object) -> str:
+    """The memory a budget is of: a GPU's own (its name), or the host's RAM for any CPU. A suite run
+    over sessions on an Intel and an AMD host is one answer: the CPU model changes step times and
+    last bits, not what fits in memory."""
+    if not isinstance(device, str):
+        return "unknown device"
+    return "CPU" if device.startswith("cpu") else device
 
 
 def _task(spec: dict) -> str:

@@ -17,7 +17,7 @@ import pandas as pd
 from scipy import stats as sp
 
 from reports import stats
-from reports.blocks import Cell, Section, Table, c_bytes, c_int, c_num, cite
+from reports.blocks import Cell, Section, Table, c_bytes, c_int, c_num, cite, natural_key
 
 ROLE = "tune.role"
 
@@ -60,7 +60,8 @@ def finals(trials: pd.DataFrame) -> pd.DataFrame:
         tuned = r[ROLE] == "final"
         rows.append({"task": task, "method": r["spec.method.name"], "study": r["tune.study"] if tuned else "untuned",
                      "tuned": tuned, "seed": r["spec.train.seed"], "score": float(score), "peak": r.get("memory.peak_bytes"),
-                     "step": r.get("runtime.step_s_median"), "trainable": r.get("params.trainable")})
+                     "step": r.get("runtime.step_s_median"), "trainable": r.get("params.trainable"),
+                     "device": r.get("env.device")})
     out = pd.DataFrame(rows)
     if out.empty or not out["tuned"].any():
         return pd.DataFrame()
@@ -151,6 +152,18 @@ def disagreements(ranked: list[Ranked], published: dict[str, float]) -> list[tup
     return out
 
 
+def machines(df: pd.DataFrame) -> str | None:
+    """Which machine measured which method's step times, when the finals ran on more than one (a suite
+    resumed over sessions on other hosts); None when one machine ran them all."""
+    if "device" not in df:
+        return None
+    hosts = df.dropna(subset=["device"]).groupby("device")["method"].agg(lambda ms: sorted(set(ms), key=natural_key))
+    if len(hosts) < 2:
+        return None
+    return (f"These trials ran on {len(hosts)} machines: " + "; ".join(f"{d}: {', '.join(ms)}" for d, ms in hosts.items())
+            + ". A step time compares only with one measured on the same machine.")
+
+
 def section(trials: pd.DataFrame, pub: dict) -> Section:
     s = Section("ranking", "Which method is best (tuned on an equal budget, seeds on held-out rows)")
     df = finals(trials)
@@ -175,6 +188,8 @@ def section(trials: pd.DataFrame, pub: dict) -> Section:
             Cell(str(r.estimate.n), r.estimate.n), Cell(", ".join(r.above) or "-", len(r.above)),
             c_bytes(r.peak_bytes), c_num(None if r.step_s is None else 1000 * r.step_s), c_int(r.trainable)] for r in rows],
             caption=f"{task}: methods ranked by their tuned score over seeds"))
+    if (note := machines(df)) is not None:
+        s.p(note)
     published = {r["method"]: r["gsm8k_pct"] for r in pub.get("methods", {}).get("peft_ranking", []) if r.get("method")}
     if published:
         for task in sorted({r.task for r in ranked}):

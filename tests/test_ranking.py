@@ -80,6 +80,18 @@ def test_exactly_equal_means_share_a_rank_and_are_no_disagreement():
         assert ranking.disagreements(ranked, published) == []
 
 
+def test_finals_run_on_two_machines_say_whose_step_times_are_whose():
+    """A suite resumed on another host: its step times compare only within one machine, and the
+    section says which methods each machine ran."""
+    df = with_frozen().assign(**{"env.device": "cpu: Intel(R) Xeon(R) Processor"})
+    assert ranking.machines(ranking.finals(df)) is None
+    df.loc[df["spec.method.name"] == "frozen", "env.device"] = "cpu: AMD EPYC 9B14"
+    assert ranking.machines(ranking.finals(df)) == (
+        "These trials ran on 2 machines: cpu: AMD EPYC 9B14: frozen (untrained); "
+        "cpu: Intel(R) Xeon(R) Processor: dora, ia3, lora. A step time compares only with one measured on the same machine.")
+    assert any(b.kind == "p" and "2 machines" in b.text for b in ranking.section(df, {}).blocks)
+
+
 def test_spearman_against_the_published_ordering():
     rho, n = ranking.spearman({"lora": 0.81, "dora": 0.805, "ia3": 0.70, "ours_only": 0.9},
                               {"lora": 47.8, "dora": 46.9, "ia3": 31.1, "vera": 35.4})

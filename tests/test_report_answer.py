@@ -140,6 +140,25 @@ def test_answer_groups_per_model_task_and_device(tmp_path):
     assert isinstance(trials, pd.DataFrame)
 
 
+def test_trials_on_two_cpu_models_share_one_answer_and_a_gpu_gets_its_own(tmp_path):
+    """A suite resumed on another host (methods_tuned ran on an Intel and an AMD host) is one answer on
+    CPU; a GPU's memory is another budget."""
+    folder = tmp_path / "hosts"
+    devices = {(4, 0): "cpu: Intel(R) Xeon(R) Processor", (4, 1): "cpu: AMD EPYC 9B14", (8, 0): "cpu: AMD EPYC 9B14",
+               (8, 1): "cpu: AMD EPYC 9B14", (16, 0): "NVIDIA H200", (16, 1): "NVIDIA H200"}
+    for (r, seed), device in devices.items():
+        path = write_result(folder, r=r, seed=seed, score=0.7 + 0.01 * r + 0.001 * seed, peak=r / 8 * GIB)
+        result = json.loads(path.read_text())
+        result["env"]["device"] = device
+        path.write_text(json.dumps(result))
+    trials = render.results.tidy(render.results.frame(folder))
+    (block, _note) = answer.section(trials, render.sections.seed_groups(trials)).blocks
+    rows = [(row[0].text.split(", ")[2].split(" (all")[0], row[1].text, "r=" + row[2].text.split("r=")[1].split(",")[0])
+            for row in block.table.rows]
+    assert rows == [("CPU", "≤ 0.5 GiB", "r=4"), ("CPU", "≤ 1 GiB", "r=8"), ("NVIDIA H200", "≤ 2 GiB", "r=16")]
+    assert answer.memory_of("cpu: AMD EPYC 9B14") == answer.memory_of("cpu: Intel(R) Xeon(R) Processor") == "CPU"
+
+
 def test_the_best_is_chosen_on_validation_where_every_configuration_has_it():
     # "test" wins on the test score, "val" on validation: the choice follows validation.
     a = answer.Option("test", "a() ep1", 3, 0.86, 0.85, 0.87, "ci", 1.0 * GIB, val=0.80)
