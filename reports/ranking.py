@@ -146,8 +146,8 @@ def disagreements(ranked: list[Ranked], published: dict[str, float]) -> list[tup
     out = []
     for i, a in enumerate(common):
         for b in common[i + 1:]:
-            if (stats.mean(ours[a].scores) - stats.mean(ours[b].scores)) * (published[a] - published[b]) < 0:
-                hi, lo = (a, b) if stats.mean(ours[a].scores) > stats.mean(ours[b].scores) else (b, a)
+            if (ours[a].estimate.mean - ours[b].estimate.mean) * (published[a] - published[b]) < 0:
+                hi, lo = (a, b) if ours[a].estimate.mean > ours[b].estimate.mean else (b, a)
                 out.append((hi, lo, lo in ours[hi].above))
     return out
 
@@ -193,7 +193,7 @@ def section(trials: pd.DataFrame, pub: dict) -> Section:
     published = {r["method"]: r["gsm8k_pct"] for r in pub.get("methods", {}).get("peft_ranking", []) if r.get("method")}
     if published:
         for task in sorted({r.task for r in ranked}):
-            ours = {r.method: stats.mean(r.scores) for r in ranked if r.task == task}
+            ours = {r.method: r.estimate.mean for r in ranked if r.task == task}
             if (result := spearman(ours, published)) is not None:
                 rho, n = result
                 flips = disagreements([r for r in ranked if r.task == task], published)
