@@ -203,6 +203,41 @@ def test_tuned_studies_side_by_side_choose_as_they_do_one_after_another(tmp_path
     assert all(o.chosen is not None and len(o.finals) == 3 for o in outcomes[1].values())
 
 
+def test_one_study_runs_its_trials_that_are_ready_together_side_by_side(tmp_path, monkeypatch):
+    """An lhs study's search trials ignore each other's scores and its finals each other's: on two
+    lanes they run two at a time (a suite run --only one method once left the second lane idle for
+    the whole study). A tpe study asks one search trial at a time. The choices are those made one
+    at a time."""
+    from bench.run import select
+
+    meet = {"search": threading.Barrier(2, timeout=30), "final": threading.Barrier(2, timeout=30)}
+    overlapping: dict[str, list[str]] = {"search": [], "final": []}
+    scored = test_tune.fake(1.0, [])
+
+    def fake(ctx, trial, draft, adapters, progress, started=None, env=None, lane=None):
+        role = trial.tune["role"]
+        if lane.parallel == 2 and (trial.tune.get("index") in (0, 1) or trial.spec["train"]["seed"] in (0, 1) and role == "final"):
+            overlapping[role].append(trial.id)
+            meet[role].wait()  # broken (an error) unless the two run at once
+        return scored(trial)
+
+    monkeypatch.setattr(runner, "execute", fake)
+    outcomes: dict[int, tune.Outcome] = {}
+    original = tune.run
+    for level in (1, 2):
+        def recording(study, outcome, level=level):
+            outcomes[level] = original(study, outcome)
+            return outcomes[level]
+
+        monkeypatch.setattr(tune, "run", recording)
+        s = select.only(suite.load(test_tune.write(tmp_path, sampler="lhs"), check_models=False), "method=ia3")
+        report = runner.run(s, tmp_path / f"r{level}", progress=False, parallel=level)
+        assert len(report.ran) == 6 + 3 and set(report.statuses.values()) == {"success"}
+    assert outcomes[1] == outcomes[2] and outcomes[1].chosen is not None
+    assert [len(set(ids)) for ids in overlapping.values()] == [2, 2]
+    assert not any(barrier.broken for barrier in meet.values())
+
+
 def test_a_tuned_suite_starts_its_untuned_references_first(tmp_path, monkeypatch):
     """Side by side the studies go longest first, but the untuned trials (the frozen reference a
     partial run's ranking is read against) start before any study, though they are the cheapest."""

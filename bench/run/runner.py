@@ -14,7 +14,9 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import functools
+import itertools
 import json
+import math
 import os
 import queue
 import signal
@@ -22,7 +24,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from pathlib import Path
@@ -236,6 +238,52 @@ class Stopped(Exception):
     """A parallel sweep is stopping (an error or Ctrl-C elsewhere): start nothing more."""
 
 
+class Lanes:
+    """Trials onto a sweep's lanes, each lane running the queued work of highest priority (lowest
+    key) next. Tuned studies drive themselves from threads of their own and queue their trials as
+    they make them, so one study's trials that are ready together (a search that ignores its scores,
+    the finals) run side by side, and a lane that one study cannot fill takes another's work: no
+    lane idles while any trial is ready."""
+
+    def __init__(self, sweep: "Sweep", lanes: list[Lane]):
+        self.sweep = sweep
+        self._queue: queue.PriorityQueue = queue.PriorityQueue()
+        self._order = itertools.count()  # equal keys keep their order; work itself is never compared
+        self._threads = [threading.Thread(target=self._serve, args=(lane,), name=f"peftbench-lane{i}", daemon=True)
+                         for i, lane in enumerate(lanes)]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, key: tuple, work: Callable[[Lane], Any]) -> Future:
+        if self.sweep.stopping:
+            raise Stopped
+        future: Future = Future()
+        self._queue.put((key, next(self._order), work, future))
+        return future
+
+    def _serve(self, lane: Lane) -> None:
+        while True:
+            _, _, work, future = self._queue.get()
+            if work is None:
+                return
+            if self.sweep.stopping:
+                future.set_exception(Stopped())
+                continue
+            try:
+                future.set_result(work(lane))
+            except BaseException as exc:
+                if not isinstance(exc, Stopped):
+                    self.sweep.stop()  # now, before this lane takes the next trial
+                future.set_exception(exc)
+
+    def close(self) -> None:
+        """Once nothing can submit more: the lanes answer what is queued (Stopped, if stopping) and end."""
+        for _ in self._threads:
+            self._queue.put(((math.inf,), next(self._order), None, None))
+        for thread in self._threads:
+            thread.join()
+
+
 class Sweep:
     """What every backend shares: the folder lock, which trials to run (resume), publishing each
     result by atomic rename, the `.running` marker, the progress bar and the report.
@@ -349,41 +397,6 @@ class Sweep:
             if self._running:  # else the line stays until the next start, as readers of the local runner expect
                 self._show()
 
-    def side_by_side(self, jobs: list[Callable[[Lane], None]], lanes: list[Lane]) -> None:
-        """Run the jobs (each a trial, or a tuned study's trials in turn) as many at once as there
-        are lanes, each holding a lane while it runs, in the order given. One lane: in this thread,
-        one after the other. An error (or Ctrl-C) in any job stops the sweep and is raised here."""
-        if len(lanes) == 1:
-            for job in jobs:
-                job(lanes[0])
-            return
-        free: queue.SimpleQueue[Lane] = queue.SimpleQueue()
-        for lane in lanes:
-            free.put(lane)
-
-        def hold(job: Callable[[Lane], None]) -> None:
-            lane = free.get()  # never waits: as many threads as lanes
-            try:
-                if not self.stopping:
-                    job(lane)
-            except Stopped:
-                pass
-            except BaseException:
-                self.stop()  # now, before this thread takes the next job
-                raise
-            finally:
-                free.put(lane)
-
-        pool = ThreadPoolExecutor(len(lanes), thread_name_prefix="peftbench-lane")
-        try:
-            for done in as_completed([pool.submit(hold, job) for job in jobs]):
-                done.result()
-        except BaseException:
-            self.stop()
-            raise
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-
     def _show(self) -> None:
         tmp = self.directory / ".running.tmp"
         tmp.write_text("".join(f"{line}\n" for _, line in self._running.values()))
@@ -457,46 +470,104 @@ def run(suite: Suite, results_root: Path, force: bool = False, progress: bool = 
             return execute(ctx, trial, sweep.draft(trial), adapters, progress and level == 1,
                            lambda pid: sweep.started_here(trial, pid, lane.where), lane=lane)
 
-        # (tier, cost, job): the untuned trials (tier 0) before the studies, as one at a time does,
-        # since in a tuned suite they are the references (frozen) every partial report ranks against.
-        jobs: list[tuple[int, Callable[[], float], Callable[[Lane], None]]] = [
-            (0, functools.partial(cost, trial), lambda lane, t=trial: sweep.publish(t, one(t, lane))) for trial in sweep.todo]
+        def published(trial: Trial, lane: Lane) -> dict[str, Any]:
+            result = one(trial, lane)
+            sweep.publish(trial, result)
+            return result
+
         if suite.studies:
             sweep.grow(sum(study.tune.trials + len(study.tune.seeds) for study in suite.studies))
-            jobs += [(1, functools.partial(study_cost, study),
-                      lambda lane, s=study: run_study(s, sweep, functools.partial(one, lane=lane), force)) for study in suite.studies]
         found = lanes(level)
-        if level > 1:  # within a tier the longest first, so that the last to finish is a short one
-            jobs.sort(key=lambda job: (job[0], -job[1]()))
-            peaks_first([*sweep.todo, *(study.corners()[0] for study in suite.studies)], found[0])
-        sweep.side_by_side([job for _, _, job in jobs], found)
+        if level == 1:  # in this thread, in the suite's order: the untuned trials, then each study in turn
+            for trial in sweep.todo:
+                published(trial, found[0])
+            for study in suite.studies:
+                run_study(study, sweep, lambda trials: [published(t, found[0]) for t in trials], force)
+            return sweep.report
+        peaks_first([*sweep.todo, *(study.corners()[0] for study in suite.studies)], found[0])
+        side_by_side(suite, sweep, Lanes(sweep, found), published, force)
     return sweep.report
 
 
+def side_by_side(suite: Suite, sweep: Sweep, pool: Lanes, published, force: bool = False) -> None:
+    """The sweep on its lanes: the untuned trials first (in a tuned suite they are the references,
+    the frozen model, that every partial report ranks against), then the studies' trials, the
+    longest study first, so that the last to finish is a short one; within a study, in the order it
+    makes them. An error (or Ctrl-C) anywhere stops the sweep and is raised here once every thread
+    has ended."""
+    pending = [pool.submit((0, -cost(trial)), functools.partial(published, trial)) for trial in sweep.todo]
+
+    def drive(rank: int, study) -> None:
+        def execute(trials: list[Trial]) -> list[dict[str, Any]]:
+            futures = [pool.submit((1, rank), functools.partial(published, trial)) for trial in trials]
+            return [future.result() for future in futures]
+
+        try:
+            run_study(study, sweep, execute, force)
+        except Stopped:
+            pass
+        except BaseException:
+            sweep.stop()
+            raise
+
+    studies = sorted(suite.studies, key=lambda study: -study_cost(study))
+    drivers = ThreadPoolExecutor(max(1, len(studies)), thread_name_prefix="peftbench-study")
+    pending += [drivers.submit(drive, rank, study) for rank, study in enumerate(studies)]
+    errors: list[BaseException] = []
+    try:
+        for done in as_completed(pending):
+            try:
+                done.result()
+            except Stopped:
+                pass
+            except BaseException as exc:
+                errors.append(exc)
+                sweep.stop()
+    except BaseException:  # Ctrl-C (or SIGTERM) while waiting
+        sweep.stop()
+        raise
+    finally:
+        drivers.shutdown(wait=True)  # every driver ends: the lanes answer Stopped once stopping
+        pool.close()
+    if errors:
+        raise errors[0]
+
+
 def run_studies(suite: Suite, sweep: Sweep, execute_one, force: bool = False) -> None:
-    """Each tuned study in turn (run_study)."""
+    """Each tuned study in turn (run_study), each trial run by `execute_one(trial) -> result` and
+    published as it ends."""
     sweep.grow(sum(study.tune.trials + len(study.tune.seeds) for study in suite.studies))
+
+    def execute(trials: list[Trial]) -> list[dict[str, Any]]:
+        results_ = []
+        for trial in trials:
+            results_.append(execute_one(trial))
+            sweep.publish(trial, results_[-1])
+        return results_
+
     for study in suite.studies:
-        run_study(study, sweep, execute_one, force)
+        run_study(study, sweep, execute, force)
 
 
-def run_study(study, sweep: Sweep, execute_one, force: bool = False) -> None:
-    """One tuned study (bench/run/tune.py), its trials one after another: a trial that succeeded
-    before is read back from its result file, any other runs through `execute_one(trial) -> result`
-    and is published, so an interrupted study resumes by replaying the same choices. Studies share
-    nothing but the sweep, so several may run at once."""
+def run_study(study, sweep: Sweep, execute, force: bool = False) -> None:
+    """One tuned study (bench/run/tune.py): a trial that succeeded before is read back from its
+    result file, the others go to `execute(trials) -> results`, which runs and publishes them (side
+    by side, or one after another), so an interrupted study resumes by replaying the same choices.
+    Studies share nothing but the sweep, so several may run at once."""
     from bench.run import tune
 
-    def outcome(trial: Trial) -> dict[str, Any]:
-        path = results.path_for(sweep.directory, trial.id)
-        if not force and _done(path):
-            sweep.skip(trial)
-            return results.read(path)
-        result = execute_one(trial)
-        sweep.publish(trial, result)
-        return result
+    def outcomes(trials: list[Trial]) -> list[dict[str, Any]]:
+        found: dict[str, dict[str, Any]] = {}
+        for trial in trials:
+            path = results.path_for(sweep.directory, trial.id)
+            if not force and _done(path):
+                sweep.skip(trial)
+                found[trial.id] = results.read(path)
+        todo = [trial for trial in trials if trial.id not in found]
+        found.update(zip((trial.id for trial in todo), execute(todo) if todo else []))
+        return [found[trial.id] for trial in trials]
 
-    done = tune.run(study, outcome)
+    done = tune.run(study, outcomes)
     if done.chosen is None:
         sweep.advance(len(study.tune.seeds))
         print(f"{study.where}: no search trial scored on the validation rows; no final trials", file=sys.stderr)

@@ -40,6 +40,8 @@ from typing import Any
 
 SAMPLERS = {"tpe": "optuna.samplers.TPESampler", "lhs": "scipy.stats.qmc.LatinHypercube(scramble=False)"}
 """[tune] sampler -> what each result records as its sampler."""
+LEARNS = {"tpe"}
+"""Samplers whose next proposal depends on the scores so far: their search runs one trial at a time."""
 KINDS = ("log", "uniform", "int", "choices")
 KEYS = ("space", "trials", "seeds", "metric", "validation", "seed", "sampler", "startup")
 
@@ -324,36 +326,39 @@ class Outcome:
     finals: list[str]
 
 
-def run(study: Study, outcome: Callable[[Any], dict[str, Any]]) -> Outcome:
-    """Search, choose, retrain: `outcome(trial)` returns the trial's result (read from disk when it
-    succeeded before, else run and published). The sampler only ever learns validation scores."""
+def run(study: Study, outcomes: Callable[[list[Any]], list[dict[str, Any]]]) -> Outcome:
+    """Search, choose, retrain: `outcomes(trials)` returns the trials' results in order (read from
+    disk for those that succeeded before, else run and published), so it may run them side by side.
+    The trials it gets at once: a sampler that learns from scores asks one search trial at a time,
+    one that ignores them (lhs) the whole search, and the finals come together. The sampler only
+    ever learns validation scores, in the order of its questions, so the choice is the same however
+    the trials were run."""
     from optuna.trial import TrialState
 
     sampler = _sampler(study.tune)
     distributions = {d.key: d.distribution() for d in study.tune.space}
     search: list[tuple[str, dict[str, Any], float | None]] = []
-    raws = []
-    for index in range(study.tune.trials):
-        asked = sampler.ask(distributions)
-        trial = study.search_trial(asked.params, index)
-        score = validation_score(outcome(trial), study.tune.metric)
-        if score is None:
-            sampler.tell(asked, state=TrialState.FAIL)
-        else:
-            sampler.tell(asked, score)
-        search.append((trial.id, study.settings(asked.params), score))
-        raws.append(asked.params)
+    raws: list[dict[str, Any]] = []
+    batch = 1 if study.tune.sampler in LEARNS else study.tune.trials
+    while len(raws) < study.tune.trials:
+        asked = [sampler.ask(distributions) for _ in range(min(batch, study.tune.trials - len(raws)))]
+        trials = [study.search_trial(a.params, len(raws) + i) for i, a in enumerate(asked)]
+        for a, trial, result in zip(asked, trials, outcomes(trials)):
+            score = validation_score(result, study.tune.metric)
+            if score is None:
+                sampler.tell(a, state=TrialState.FAIL)
+            else:
+                sampler.tell(a, score)
+            search.append((trial.id, study.settings(a.params), score))
+            raws.append(a.params)
     best = select([s for _, _, s in search])
     if best is None:
         return Outcome(search, None, [])
     chosen = {"chosen_from": search[best][0], "validation_score": search[best][2],
               "search_trials": [tid for tid, _, _ in search]}
-    finals = []
-    for seed in study.tune.seeds:
-        trial = study.final_trial(raws[best], seed, chosen)
-        outcome(trial)
-        finals.append(trial.id)
-    return Outcome(search, best, finals)
+    finals = [study.final_trial(raws[best], seed, chosen) for seed in study.tune.seeds]
+    outcomes(finals)
+    return Outcome(search, best, [trial.id for trial in finals])
 
 
 def planned(study: Study) -> list[Any]:
