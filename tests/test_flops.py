@@ -250,6 +250,7 @@ def test_the_runner_times_the_peak_first_alone_on_one_lane(cache, monkeypatch, t
     pinned to the first lane's cores, and leaves this process's cores as they were."""
     import os
 
+    from bench.regression import calibrate
     from bench.run import runner, suite
 
     seen = []
@@ -266,8 +267,14 @@ def test_the_runner_times_the_peak_first_alone_on_one_lane(cache, monkeypatch, t
     trials = suite.load(path).trials
     before = os.sched_getaffinity(0)
     lane = runner.lanes(2)[0]
+    machine = calibrate.machine_class()
+    calibrate.machine_class.cache_clear()  # as in a fresh `peftbench run`: the class not yet read
     runner.peaks_first(trials, lane)
     assert os.sched_getaffinity(0) == before
+    # Stored under the machine's class, where the trials look, not under the pinned lane's share
+    # (a run on two cores stored its peaks under x86_64-1cpu-cpu and every trial missed them).
+    assert calibrate.machine_class() == machine
+    assert [p.name for p in (tmp_path / "machine").glob("*.json")] == [f"{machine}.json"]
     assert sorted((threads, dtype) for _, threads, dtype in seen) == [(1, "float32"), (2, "float32")]
     assert all(cores == sorted(lane.cpus) for cores, _, _ in seen)
     runner.peaks_first(trials, lane)  # cached now: nothing timed again

@@ -420,12 +420,17 @@ def peaks_first(trials: list[Trial], lane: Lane) -> None:
     GFLOP/s for one key. Cached peaks are read, not timed again."""
     import torch
 
+    from bench.regression import calibrate
     from bench.trial import flops
     from bench.trial.measure import trial_device
 
     if not trials or trial_device().type != "cpu":
         return
     keys = sorted({(t.spec["model"].get("dtype", "float32"), lane.threads_for(t) or torch.get_num_threads()) for t in trials})
+    # The peaks are stored under the machine's class, which a process reads once: read it before
+    # pinning, or this process takes the lane's share of the cores for the machine and stores the
+    # peaks where no trial looks (each trial then timed its own beside the other lanes).
+    calibrate.machine_class()
     before = os.sched_getaffinity(0)
     if lane.cpus:
         os.sched_setaffinity(0, lane.cpus)
