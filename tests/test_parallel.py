@@ -5,6 +5,7 @@ by side making the choices they make one after another; bad settings stopped bef
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import os
@@ -236,6 +237,34 @@ def test_one_study_runs_its_trials_that_are_ready_together_side_by_side(tmp_path
     assert outcomes[1] == outcomes[2] and outcomes[1].chosen is not None
     assert [len(set(ids)) for ids in overlapping.values()] == [2, 2]
     assert not any(barrier.broken for barrier in meet.values())
+
+
+def test_a_resumed_longest_study_goes_on_first(tmp_path, monkeypatch):
+    """Resumed side by side, the longest study (the first of equal ones) replays its finished trials
+    from disk before it can queue its next: the lanes wait for it, rather than start a later study
+    whose first trials were queued at once."""
+    s = suite.load(test_tune.write(tmp_path, sampler="lhs"), check_models=False)
+    first = min(s.studies, key=lambda study: -runner.study_cost(study))
+    with pytest.raises(KeyboardInterrupt), runner.Sweep(s, tmp_path / "r", progress=False) as sweep:
+        runner.run_studies(dataclasses.replace(s, studies=[first]), sweep, test_tune.fake(1.0, [], stop_after=4))  # 4 of 6 searched
+    reading = results.read
+
+    def slow(path, *args, **kwargs):
+        time.sleep(0.5)
+        return reading(path, *args, **kwargs)
+
+    started: list[dict] = []
+    scored = test_tune.fake(1.0, [])
+
+    def fake(ctx, trial, draft, adapters, progress, started_here=None, env=None, lane=None):
+        started.append(trial.tune)
+        return scored(trial)
+
+    monkeypatch.setattr(results, "read", slow)
+    monkeypatch.setattr(runner, "execute", fake)
+    runner.run(s, tmp_path / "r", progress=False, parallel=2)
+    assert sorted((t["study"], t["role"], t["index"]) for t in started[:2]) == [(first.key, "search", 4), (first.key, "search", 5)]
+    assert len(started) == 3 * (6 + 3) - 4
 
 
 def test_a_tuned_suite_starts_its_untuned_references_first(tmp_path, monkeypatch):

@@ -251,8 +251,12 @@ class Lanes:
         self._order = itertools.count()  # equal keys keep their order; work itself is never compared
         self._threads = [threading.Thread(target=self._serve, args=(lane,), name=f"peftbench-lane{i}", daemon=True)
                          for i, lane in enumerate(lanes)]
+
+    def start(self) -> None:
+        """The lanes take work from now on (again: nothing)."""
         for thread in self._threads:
-            thread.start()
+            if not thread.is_alive() and thread.ident is None:
+                thread.start()
 
     def submit(self, key: tuple, work: Callable[[Lane], Any]) -> Future:
         if self.sweep.stopping:
@@ -502,9 +506,16 @@ def side_by_side(suite: Suite, sweep: Sweep, pool: Lanes, published, force: bool
     has ended."""
     pending = [pool.submit((0, -cost(trial)), functools.partial(published, trial)) for trial in sweep.todo]
 
+    studies = sorted(suite.studies, key=lambda study: -study_cost(study))
+    # A resumed study first replays its finished trials from disk: the lanes wait until every study
+    # has queued its first new trial (or ended), else they would start a fresh, later study's trials
+    # while the longest study is still reading its files.
+    ready = [threading.Event() for _ in studies]
+
     def drive(rank: int, study) -> None:
         def execute(trials: list[Trial]) -> list[dict[str, Any]]:
             futures = [pool.submit((1, rank), functools.partial(published, trial)) for trial in trials]
+            ready[rank].set()
             return [future.result() for future in futures]
 
         try:
@@ -514,12 +525,16 @@ def side_by_side(suite: Suite, sweep: Sweep, pool: Lanes, published, force: bool
         except BaseException:
             sweep.stop()
             raise
+        finally:
+            ready[rank].set()
 
-    studies = sorted(suite.studies, key=lambda study: -study_cost(study))
     drivers = ThreadPoolExecutor(max(1, len(studies)), thread_name_prefix="peftbench-study")
     pending += [drivers.submit(drive, rank, study) for rank, study in enumerate(studies)]
     errors: list[BaseException] = []
     try:
+        for event in ready:
+            event.wait()
+        pool.start()
         for done in as_completed(pending):
             try:
                 done.result()
@@ -532,7 +547,8 @@ def side_by_side(suite: Suite, sweep: Sweep, pool: Lanes, published, force: bool
         sweep.stop()
         raise
     finally:
-        drivers.shutdown(wait=True)  # every driver ends: the lanes answer Stopped once stopping
+        pool.start()  # if stopped before: the lanes answer Stopped to what is queued, so every driver ends
+        drivers.shutdown(wait=True)
         pool.close()
     if errors:
         raise errors[0]
