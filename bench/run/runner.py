@@ -255,7 +255,7 @@ class Lanes:
     def start(self) -> None:
         """The lanes take work from now on (again: nothing)."""
         for thread in self._threads:
-            if not thread.is_alive() and thread.ident is None:
+            if thread.ident is None:  # never started
                 thread.start()
 
     def submit(self, key: tuple, work: Callable[[Lane], Any]) -> Future:
@@ -484,14 +484,11 @@ def run(suite: Suite, results_root: Path, force: bool = False, progress: bool = 
             sweep.publish(trial, result)
             return result
 
-        if suite.studies:
-            sweep.grow(sum(study.tune.trials + len(study.tune.seeds) for study in suite.studies))
         found = lanes(level)
         if level == 1:  # in this thread, in the suite's order: the untuned trials, then each study in turn
             for trial in sweep.todo:
                 published(trial, found[0])
-            for study in suite.studies:
-                run_study(study, sweep, lambda trials: [published(t, found[0]) for t in trials], force)
+            run_studies(suite, sweep, functools.partial(one, lane=found[0]), force)
             return sweep.report
         peaks_first([*sweep.todo, *(study.corners()[0] for study in suite.studies)], found[0])
         side_by_side(suite, sweep, Lanes(sweep, found), published, force)
@@ -505,6 +502,7 @@ def side_by_side(suite: Suite, sweep: Sweep, pool: Lanes, published, force: bool
     makes them. An error (or Ctrl-C) anywhere stops the sweep and is raised here once every thread
     has ended."""
     pending = [pool.submit((0, -cost(trial)), functools.partial(published, trial)) for trial in sweep.todo]
+    sweep.grow(sum(study.tune.trials + len(study.tune.seeds) for study in suite.studies))
 
     studies = sorted(suite.studies, key=lambda study: -study_cost(study))
     # A resumed study first replays its finished trials from disk: the lanes wait until every study
