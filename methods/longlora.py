@@ -7,7 +7,11 @@ transformers' attention interface (Llama, Mistral, Qwen2, Gemma-3, Phi, GPT-NeoX
   group; half of the heads use groups shifted by G/2, so that information flows between
   neighbouring groups. In eval mode (lm-eval, generation) attention is the model's own full one.
 - LoRA on the attention projections plus trainable embeddings and normalisation layers: the
-  paper's "LoRA+", without which LoRA does not adapt to longer contexts.
+  paper's "LoRA+", without which LoRA does not adapt to longer contexts. The authors' fine-tune.py
+  trains the parameters named "embed" and "norm" (ModelScope swift's port keeps that default); on
+  their untied Llama-2 that leaves the output head frozen, but on a model that ties the head to the
+  input embeddings (SmolLM2, Gemma) training the embeddings trains the head too, at the same learning
+  rate as the LoRA matrices.
 
 Refused by name: models that are not causal LMs (BERT: S²-Attn's groups are causal spans of a
 sequence read left to right), models with learned absolute positions (GPT-2, OPT: the context the

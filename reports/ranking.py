@@ -6,10 +6,15 @@ its score is the mean over seeds with a 95% t interval. Every pair of methods on
 survives the number of comparisons made. Beside each score: the cost (peak memory, median step time,
 trainable parameters). Then peft's published ordering (reports/published.toml, methods.peft_ranking)
 against ours, by Spearman's rank correlation over the methods both have.
+
+How many seeds a verdict needs: Holm's correction over every pair of a task is strict, and a t-test
+over 3 seeds has few degrees of freedom, so each task says the difference of means that its seeds
+can mark for sure (least_marked) and what more seeds would bring it to.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass, field
 
@@ -94,6 +99,36 @@ def pair_p(a: list[float], b: list[float], fixed: bool = False) -> float | None:
     if len(a) < 2 or len(b) < 2 or statistics.variance(a) + statistics.variance(b) == 0:
         return None
     return float(sp.ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def least_marked(sd: float, n: int, tests: int) -> tuple[float, float]:
+    """The difference of means that Holm's correction over `tests` p-values marks whatever the others
+    are (Holm's first step, Bonferroni's alpha / tests), for two methods of `n` seeds each with seed
+    standard deviation `sd` (Welch's test, whose degrees of freedom are 2(n - 1) when the two spreads are
+    equal), and for a method against a fixed reference (the one-sample test, n - 1)."""
+    q = 1 - stats.ALPHA / (2 * tests)
+    return (float(sp.t.ppf(q, 2 * (n - 1))) * sd * math.sqrt(2 / n), float(sp.t.ppf(q, n - 1)) * sd / math.sqrt(n))
+
+
+def power_note(rows: list[Ranked], more: int = 5) -> str | None:
+    """What the seeds of one task's tuned methods can tell apart (least_marked at their median seed
+    standard deviation), now and with `more` seeds; None without two methods of two seeds or more."""
+    seeded = [r for r in rows if r.estimate.n >= 2 and statistics.stdev(r.scores) > 0]
+    if len(seeded) < 2:
+        return None
+    n = int(statistics.median_low(r.estimate.n for r in seeded))
+    sd = statistics.median(statistics.stdev(r.scores) for r in seeded)
+    tests = len(rows) * (len(rows) - 1) // 2
+    pair, fixed = least_marked(sd, n, tests)
+    # All pairs, some perhaps untestable: a larger family only makes the bound stricter, so "for sure" holds.
+    text = (f"How much the seeds can tell apart on {rows[0].task}: with {n} seeds and the median seed standard deviation "
+            f"{sd:.3f}, Holm's correction over its {tests} pairs marks two methods for sure when their means differ by "
+            f"{pair:.3f} or more, and a method against a reference that runs once (the frozen model) when it is "
+            f"{fixed:.3f} above it; smaller differences are marked only as Holm's later steps allow.")
+    if more > n:
+        pair_more, fixed_more = least_marked(sd, more, tests)
+        text += f" With {more} seeds at the same spread: {pair_more:.3f} ({fixed_more:.3f})."
+    return text
 
 
 def rank(df: pd.DataFrame) -> list[Ranked]:
@@ -188,6 +223,8 @@ def section(trials: pd.DataFrame, pub: dict) -> Section:
             Cell(str(r.estimate.n), r.estimate.n), Cell(", ".join(r.above) or "-", len(r.above)),
             c_bytes(r.peak_bytes), c_num(None if r.step_s is None else 1000 * r.step_s), c_int(r.trainable)] for r in rows],
             caption=f"{task}: methods ranked by their tuned score over seeds"))
+        if (power := power_note(rows)) is not None:
+            s.p(power)
     if (note := machines(df)) is not None:
         s.p(note)
     published = {r["method"]: r["gsm8k_pct"] for r in pub.get("methods", {}).get("peft_ranking", []) if r.get("method")}

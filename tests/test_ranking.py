@@ -3,6 +3,8 @@ the rank correlation with peft's published ordering."""
 
 from __future__ import annotations
 
+import statistics
+
 import pandas as pd
 import pytest
 
@@ -116,3 +118,27 @@ def test_section_tables_and_published_comparison():
     assert isinstance(tables[0], Table) and [row[1].text for row in tables[0].rows] == ["lora", "dora", "ia3"]
     assert any("Spearman's rank correlation 1.00 over the 3 methods" in b.text for b in s.blocks)
     assert not ranking.section(frame().assign(**{"tune.role": "search"}), pub).has_data
+
+
+@pytest.mark.parametrize("n", [3, 5])
+def test_least_marked_is_where_the_corrected_tests_start_to_mark(n):
+    """least_marked's bounds against the tests rank() runs: seeds spread by exactly sd, shifted by 1%
+    more than the bound, survive Holm's first step over the family; shifted by 1% less, they do not."""
+    sd, tests = 0.02, 171
+    base = [0.6 + sd * z for z in ([-1.0, 0.0, 1.0] if n == 3 else [-1.2649110640673518, -0.6324555320336759, 0.0,
+                                                                    0.6324555320336759, 1.2649110640673518])]
+    assert statistics.stdev(base) == pytest.approx(sd)
+    pair, fixed = ranking.least_marked(sd, n, tests)
+    for bound, test in ((pair, lambda d: ranking.pair_p([x + d for x in base], base)),
+                        (fixed, lambda d: ranking.pair_p([x + d for x in base], [0.6], fixed=True))):
+        assert test(1.01 * bound) * tests < 0.05 < test(0.99 * bound) * tests
+    assert ranking.least_marked(sd, n + 2, tests)[0] < pair  # more seeds, finer verdicts
+
+
+def test_each_task_says_what_its_seeds_can_tell_apart():
+    ranked = ranking.rank(ranking.finals(with_frozen()))
+    text = ranking.power_note([r for r in ranked if r.task == "sst2"])
+    sd = statistics.median(statistics.stdev(SCORES[m]) for m in SCORES)
+    pair, fixed = ranking.least_marked(sd, 3, 6)  # 4 entries: 6 pairs
+    assert f"{pair:.3f} or more" in text and f"{fixed:.3f} above it" in text and "With 5 seeds" in text
+    assert ranking.power_note(ranked[:1]) is None
