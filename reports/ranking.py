@@ -41,6 +41,11 @@ class Ranked:
     peak_bytes: float | None = None
     step_s: float | None = None
     trainable: float | None = None
+    tests: int = 0
+    """How many pairwise tests Holm's correction covered on this task (the pairs that could be tested)."""
+    reference: bool = False
+    """A single run of an untuned method that trains nothing (the frozen model): the others are tested against it
+    with a one-sample t-test."""
 
 
 def finals(trials: pd.DataFrame) -> pd.DataFrame:
@@ -112,23 +117,30 @@ def least_marked(sd: float, n: int, tests: int) -> tuple[float, float]:
 
 def power_note(rows: list[Ranked], more: int = 5) -> str | None:
     """What the seeds of one task's tuned methods can tell apart (least_marked at their median seed
-    standard deviation), now and with `more` seeds; None without two methods of two seeds or more."""
-    seeded = [r for r in rows if r.estimate.n >= 2 and statistics.stdev(r.scores) > 0]
+    standard deviation, over the task's Holm family), now and with `more` seeds; None without two methods
+    of two seeds or more."""
+    spreads = {r.method: statistics.stdev(r.scores) for r in rows if r.estimate.n >= 2}
+    seeded = [r for r in rows if spreads.get(r.method, 0) > 0]
     if len(seeded) < 2:
         return None
     n = int(statistics.median_low(r.estimate.n for r in seeded))
-    sd = statistics.median(statistics.stdev(r.scores) for r in seeded)
-    tests = len(rows) * (len(rows) - 1) // 2
+    sd = statistics.median(spreads[r.method] for r in seeded)
+    tests = rows[0].tests
+    references = [r.method for r in rows if r.reference]
     pair, fixed = least_marked(sd, n, tests)
-    # All pairs, some perhaps untestable: a larger family only makes the bound stricter, so "for sure" holds.
+    against = (f", and a method against {_names(references)}, which runs once, when it is {fixed:.3f} above it"
+               if references else "")
     text = (f"How much the seeds can tell apart on {rows[0].task}: with {n} seeds and the median seed standard deviation "
-            f"{sd:.3f}, Holm's correction over its {tests} pairs marks two methods for sure when their means differ by "
-            f"{pair:.3f} or more, and a method against a reference that runs once (the frozen model) when it is "
-            f"{fixed:.3f} above it; smaller differences are marked only as Holm's later steps allow.")
+            f"{sd:.3f}, Holm's correction over its {tests} tests marks two methods for sure when their means differ by "
+            f"{pair:.3f} or more{against}; smaller differences are marked only as Holm's later steps allow.")
     if more > n:
         pair_more, fixed_more = least_marked(sd, more, tests)
-        text += f" With {more} seeds at the same spread: {pair_more:.3f} ({fixed_more:.3f})."
+        text += f" With {more} seeds at the same spread: {pair_more:.3f}" + (f" ({fixed_more:.3f})." if references else ".")
     return text
+
+
+def _names(methods: list[str]) -> str:
+    return methods[0] if len(methods) == 1 else ", ".join(methods[:-1]) + " or " + methods[-1]
 
 
 def rank(df: pd.DataFrame) -> list[Ranked]:
@@ -152,7 +164,7 @@ def rank(df: pd.DataFrame) -> list[Ranked]:
             g = rows[rows["method"] == m]
             tied_rank = 1 + sum(means[o] > means[m] for o in order)  # equal means share a rank (1, 1, 3)
             out.append(Ranked(task, m, scores[m], stats.estimate(scores[m]), tied_rank, beats[m],
-                              g["peak"].median(), g["step"].median(), g["trainable"].median()))
+                              g["peak"].median(), g["step"].median(), g["trainable"].median(), len(tested), m in fixed))
     return out
 
 

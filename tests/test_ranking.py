@@ -125,8 +125,8 @@ def test_least_marked_is_where_the_corrected_tests_start_to_mark(n):
     """least_marked's bounds against the tests rank() runs: seeds spread by exactly sd, shifted by 1%
     more than the bound, survive Holm's first step over the family; shifted by 1% less, they do not."""
     sd, tests = 0.02, 171
-    base = [0.6 + sd * z for z in ([-1.0, 0.0, 1.0] if n == 3 else [-1.2649110640673518, -0.6324555320336759, 0.0,
-                                                                    0.6324555320336759, 1.2649110640673518])]
+    spread = statistics.stdev(range(n))
+    base = [0.6 + sd * (i - (n - 1) / 2) / spread for i in range(n)]
     assert statistics.stdev(base) == pytest.approx(sd)
     pair, fixed = ranking.least_marked(sd, n, tests)
     for bound, test in ((pair, lambda d: ranking.pair_p([x + d for x in base], base)),
@@ -139,6 +139,10 @@ def test_each_task_says_what_its_seeds_can_tell_apart():
     ranked = ranking.rank(ranking.finals(with_frozen()))
     text = ranking.power_note([r for r in ranked if r.task == "sst2"])
     sd = statistics.median(statistics.stdev(SCORES[m]) for m in SCORES)
-    pair, fixed = ranking.least_marked(sd, 3, 6)  # 4 entries: 6 pairs
-    assert f"{pair:.3f} or more" in text and f"{fixed:.3f} above it" in text and "With 5 seeds" in text
+    pair, fixed = ranking.least_marked(sd, 3, 6)  # 4 entries: 6 pairs, each testable
+    assert "over its 6 tests" in text and f"{pair:.3f} or more" in text
+    assert f"against frozen (untrained), which runs once, when it is {fixed:.3f} above it" in text and "With 5 seeds" in text
     assert ranking.power_note(ranked[:1]) is None
+    # Without a single-run reference the note names none, and Holm's family is the 3 pairs of tuned methods.
+    alone = ranking.power_note(ranking.rank(ranking.finals(frame())))
+    assert "runs once" not in alone and f"{ranking.least_marked(sd, 3, 3)[0]:.3f} or more" in alone
