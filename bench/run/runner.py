@@ -138,17 +138,18 @@ def _lock(directory: Path):
     return handle
 
 
-def _done(path: Path) -> bool:
-    """Whether a trial's result is a success; an unreadable file is kept aside, not lost."""
+def _succeeded(path: Path) -> dict[str, Any] | None:
+    """A trial's result where it is a success, else None; an unreadable file is kept aside, not lost."""
     if not path.exists():
-        return False
+        return None
     try:
-        return results.read(path)["status"] == "success"
+        result = results.read(path)
     except results.ResultFileError as exc:
         aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
         path.rename(aside)
         print(f"warning: {exc}; moved to {aside.name}, the trial runs again", file=sys.stderr)
-        return False
+        return None
+    return result if result["status"] == "success" else None
 
 
 def oom_kills() -> int | None:
@@ -308,7 +309,7 @@ class Sweep:
         self._start = time.perf_counter()
         self.todo: list[Trial] = []
         for trial in suite.trials:
-            if not force and _done(results.path_for(self.directory, trial.id)):
+            if not force and _succeeded(results.path_for(self.directory, trial.id)) is not None:
                 self.report.skipped.append(trial.id)
                 self.report.statuses[trial.id] = "success"
             elif trial.run.get("memory_budget_gb") and (skipped := _over_budget(trial)) is not None:
@@ -578,10 +579,9 @@ def run_study(study, sweep: Sweep, execute, force: bool = False) -> None:
     def outcomes(trials: list[Trial]) -> list[dict[str, Any]]:
         found: dict[str, dict[str, Any]] = {}
         for trial in trials:
-            path = results.path_for(sweep.directory, trial.id)
-            if not force and _done(path):
+            if not force and (result := _succeeded(results.path_for(sweep.directory, trial.id))) is not None:
                 sweep.skip(trial)
-                found[trial.id] = results.read(path)
+                found[trial.id] = result
         todo = [trial for trial in trials if trial.id not in found]
         found.update(zip((trial.id for trial in todo), execute(todo) if todo else []))
         return [found[trial.id] for trial in trials]
