@@ -53,6 +53,17 @@ def test_unknown_task_and_split() -> None:
         data.examples("sst2", "eval", n=1000)
 
 
+def test_continuations_are_the_forwards_lm_eval_runs_per_row() -> None:
+    """What runner.cost and --dry-run price a scored row at: its choices, or one answer."""
+    rows = data.examples("arc_easy", "eval")
+    assert sorted({len(e.choices) for e in rows}) == [3, 4, 5]
+    assert 3.9 < data.text_task("arc_easy").continuations("eval") < 4.1  # most ARC-Easy questions have 4
+    carved = data.text_task("arc_easy").examples("validation", validation=128)  # a search trial's rows
+    assert data.text_task("arc_easy").continuations("validation", 128) == sum(len(e.choices) for e in carved) / 128
+    assert data.text_task("sst2").continuations("eval") == 2
+    assert data.text_task("gsm8k").continuations("eval") == 1
+
+
 def test_labels_cover_exactly_the_answer(cache, tokenizer) -> None:
     rows = data.tokenized("sst2", tokenizer, max_length=1024, n=8, seed=3)
     for example, row in zip(data.examples("sst2", "train", n=8, seed=3), rows, strict=True):

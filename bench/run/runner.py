@@ -601,10 +601,11 @@ def cost(trial: Trial) -> float:
     s = trial.spec
     s_data = s["data"]
     trained = total_steps(s_data["train_examples"], s["train"]) * s["train"]["batch_size"] * s["train"]["grad_accum"]
-    scored = 0
-    for task in s["eval"]["tasks"]:
-        rows = data.text_task(task, s_data).size(s["eval"].get("split", "eval"), s_data.get("validation"))
-        scored += min(rows, s["eval"]["limit"] or rows)
+    scored = 0.0
+    for name in s["eval"]["tasks"]:
+        task, split = data.text_task(name, s_data), (s["eval"].get("split", "eval"), s_data.get("validation"))
+        rows = task.size(*split)
+        scored += min(rows, s["eval"]["limit"] or rows) * task.continuations(*split)
     # Training a row costs about three forwards (forward, backward to inputs, weight gradients).
     return _parameters(json.dumps(s["model"], sort_keys=True)) * (3 * trained + scored) * (s_data.get("max_length") or 1)
 
@@ -676,11 +677,11 @@ def estimate(suite: Suite) -> list[dict[str, Any]]:
         length = mean_tokens(s)
         tokens = steps * t["batch_size"] * t["grad_accum"] * length
         flops = tokens * (4 * counts["total"] + 2 * counts["trainable"])
-        for task in s["eval"]["tasks"]:
-            split = s["eval"].get("split", "eval")
-            rows_eval = data.text_task(task, s["data"]).size(split, s["data"].get("validation"))
+        for name in s["eval"]["tasks"]:
+            task, split = data.text_task(name, s["data"]), (s["eval"].get("split", "eval"), s["data"].get("validation"))
+            rows_eval = task.size(*split)
             n = min(rows_eval, s["eval"]["limit"] or rows_eval)
-            flops += n * 2 * length * 2 * counts["total"]  # two choices a row, one forward each
+            flops += n * task.continuations(*split) * length * 2 * counts["total"]  # one forward per continuation
         rows.append({"trial_id": trial.id, "label": trial.label, "trainable": counts["trainable"],
                      "steps": steps, "est_s": flops / flops_per_s, **memory})
     return rows

@@ -100,6 +100,12 @@ class TextTask(Task):
         """Rows in a split: the most `examples` can give (suite validation asks)."""
         return len(self.carved(split, validation))
 
+    def continuations(self, split: str, validation: int | None = None) -> float:
+        """Continuations lm-eval scores per row of a split, on average, one forward each: a
+        multiple-choice row's choices (4 in most of ARC-Easy, 2 in SST-2), else its answer."""
+        rows = self.carved(split, validation)
+        return sum(len(e.choices or [e.answer]) for e in rows) / max(len(rows), 1)
+
     def examples(self, split: str, n: int | None = None, seed: int = 0, validation: int | None = None) -> list[Example]:
         """`n` rows of a split (all if None), in an order shuffled by `seed`; `validation`: rows
         carved from train (see carved)."""
