@@ -125,21 +125,38 @@ def answers(opts: list[Option]) -> list[Answer]:
     return out
 
 
-def common_tail(labels: list[str]) -> list[str]:
-    """Words after the method's settings that every label shares ('adamw', 'ep10', 'task=sst2'):
-    said once for the group instead of in every name."""
-    tails = [short_label(lab, 0).partition(")")[2].split() for lab in labels]
-    if not tails:
+NAME_LIMIT = 96
+"""Characters of a configuration's name in the answer (the full label is on hover): wider than a table
+cell's, since a name that is cut where two configurations differ answers nothing."""
+
+
+def _words(label: str) -> tuple[str, list[str], list[str]] | None:
+    """A label as its method, its settings and the words after them; None without settings."""
+    head, paren, rest = short_label(label, 0).partition("(")
+    if not paren or ")" not in rest:
+        return None
+    inner, _, tail = rest.partition(")")
+    return head, [p.strip() for p in inner.split(",") if p.strip()], tail.split()
+
+
+def common_words(labels: list[str]) -> list[str]:
+    """What every label shares, said once for the group instead of in every name: the words after the
+    method's settings ('adamw', 'ep10', 'task=sst2') and, where the labels differ, the settings they
+    share ('r=8', 'qv'; a lone configuration keeps its settings in its name)."""
+    parsed = [w for w in map(_words, labels) if w is not None]
+    if not parsed or len(parsed) < len(labels):
         return []
-    return [w for w in tails[0] if all(w in t for t in tails[1:])]
+    words = parsed[0][1] + parsed[0][2] if len(set(labels)) > 1 else parsed[0][2]
+    return [w for w in words if all(w in p[1] + p[2] for p in parsed[1:])]
 
 
 def name(label: str, common: list[str]) -> str:
-    text = short_label(label, 0)
-    if ")" in text:
-        head, _, tail = text.partition(")")
-        text = (head + ") " + " ".join(w for w in tail.split() if w not in common)).strip()
-    return short_label(text)
+    if (words := _words(label)) is None:
+        return short_label(label, NAME_LIMIT)
+    head, settings, tail = words
+    kept = [w for w in settings if w not in common]
+    text = head + (f"({', '.join(kept)})" if kept else "") + " " + " ".join(w for w in tail if w not in common)
+    return short_label(text.strip(), NAME_LIMIT)
 
 
 def sentence(a: Answer, common: list[str]) -> str:
@@ -196,9 +213,9 @@ def section(trials: pd.DataFrame, groups: pd.DataFrame) -> Section:
         ans = answers(options(trials, part))
         if not ans:
             continue
-        common = common_tail(list(part["config_label"]))
+        common = common_words(list(part["config_label"]))
         shared = [w for w in common if w not in (f"task={task}", f"model={model}")]
-        setting = f"{model}, {task}" + (f", {dev}" if len(devices) > 1 else "") + (f" (all: {' '.join(shared)})" if shared else "")
+        setting = f"{model}, {task}" + (f", {dev}" if len(devices) > 1 else "") + (f" (all: {', '.join(shared)})" if shared else "")
         out += rows(setting, ans, [*common, f"task={task}", f"model={model}"])  # both are in the setting
     if out:
         header = ["model, task" + (", device" if len(devices) > 1 else ""), "budget",

@@ -93,8 +93,21 @@ def test_labels_drop_defaults_and_sort_numbers_as_numbers():
     assert sorted(["lora(r=16)", "lora(r=4)", "lora(r=64)", "lora(r=8)"], key=natural_key) == \
         ["lora(r=4)", "lora(r=8)", "lora(r=16)", "lora(r=64)"]
     labels = ["lora(r=4) adamw ep10 lr=0.1", "lora(r=8) adamw ep10 lr=0.01"]
-    common = answer.common_tail(labels)
+    common = answer.common_words(labels)
     assert common == ["adamw", "ep10"] and answer.name(labels[1], common) == "lora(r=8) lr=0.01"
+
+
+def test_names_say_what_sets_a_configuration_apart():
+    """Settings every configuration of a group shares are said once, so that a long label is not cut
+    before the setting that tells two configurations apart."""
+    labels = [f"longlora(r=8,alpha=16,targets=qv,group_size_ratio=0.25,shift=True,train_embeddings={e},train_norms={n}) adamw ep2"
+              for e, n in (("True", "True"), ("False", "True"), ("False", "False"))]
+    common = answer.common_words(labels)
+    assert common == ["r=8", "α=16", "qv", "group_size_ratio=0.25", "shift=True", "adamw", "ep2"]
+    assert answer.name(labels[2], common) == "longlora(train_embeddings=False, train_norms=False)"
+    alone = answer.common_words(labels[:1])  # one configuration: nothing to tell apart, its name says it all
+    assert alone == ["adamw", "ep2"] and answer.name(labels[0], alone).startswith("longlora(r=8, α=16, qv, group_size_ratio=0.25")
+    assert answer.common_words([*labels, "frozen"]) == []  # a label without settings shares none
 
 
 def test_labelled_points_carry_their_title_in_the_svg():
