@@ -595,19 +595,25 @@ def run_study(study, sweep: Sweep, execute, force: bool = False) -> None:
 def cost(trial: Trial) -> float:
     """A trial's relative cost, to start the longest first: the model's parameters times the rows
     it trains on and scores. Not seconds (estimate() below is the fuller, slower one)."""
-    from bench.tasks import data
     from bench.trial.train import total_steps
 
     s = trial.spec
     s_data = s["data"]
     trained = total_steps(s_data["train_examples"], s["train"]) * s["train"]["batch_size"] * s["train"]["grad_accum"]
-    scored = 0.0
-    for name in s["eval"]["tasks"]:
-        task, split = data.text_task(name, s_data), (s["eval"].get("split", "eval"), s_data.get("validation"))
-        rows = task.size(*split)
-        scored += min(rows, s["eval"]["limit"] or rows) * task.continuations(*split)
     # Training a row costs about three forwards (forward, backward to inputs, weight gradients).
-    return _parameters(json.dumps(s["model"], sort_keys=True)) * (3 * trained + scored) * (s_data.get("max_length") or 1)
+    return _parameters(json.dumps(s["model"], sort_keys=True)) * (3 * trained + _scored(s)) * (s_data.get("max_length") or 1)
+
+
+def _scored(spec: dict[str, Any]) -> float:
+    """The forwards lm-eval runs to score a trial: one per continuation of every row it scores."""
+    from bench.tasks import data
+
+    forwards = 0.0
+    for name in spec["eval"]["tasks"]:
+        task, split = data.text_task(name, spec["data"]), (spec["eval"].get("split", "eval"), spec["data"].get("validation"))
+        rows = task.size(*split)
+        forwards += min(rows, spec["eval"]["limit"] or rows) * task.continuations(*split)
+    return forwards
 
 
 def study_cost(study) -> float:
@@ -677,11 +683,7 @@ def estimate(suite: Suite) -> list[dict[str, Any]]:
         length = mean_tokens(s)
         tokens = steps * t["batch_size"] * t["grad_accum"] * length
         flops = tokens * (4 * counts["total"] + 2 * counts["trainable"])
-        for name in s["eval"]["tasks"]:
-            task, split = data.text_task(name, s["data"]), (s["eval"].get("split", "eval"), s["data"].get("validation"))
-            rows_eval = task.size(*split)
-            n = min(rows_eval, s["eval"]["limit"] or rows_eval)
-            flops += n * task.continuations(*split) * length * 2 * counts["total"]  # one forward per continuation
+        flops += _scored(s) * length * 2 * counts["total"]
         rows.append({"trial_id": trial.id, "label": trial.label, "trainable": counts["trainable"],
                      "steps": steps, "est_s": flops / flops_per_s, **memory})
     return rows
