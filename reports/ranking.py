@@ -25,6 +25,50 @@ from reports import stats
 from reports.blocks import Cell, Section, Table, c_bytes, c_int, c_num, cite, natural_key
 
 ROLE = "tune.role"
+PARAMS = "tune.params."
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What a method's search chose and what its search says about the choice."""
+
+    params: dict[str, float | str]
+    """The chosen setting of every searched key (train.lr, ...)."""
+    validation: float
+    """Its score on the validation rows (the best of the search: above what the held-out rows give, by selection)."""
+    ties: int
+    """How many search trials scored exactly that (the chosen one included): over 1, the lowest setting won a tie."""
+    edges: tuple[str, ...] = ()
+    """Searched keys whose chosen value is the lowest or highest the search tried ("train.lr lowest"): the range may
+    have cut the search short."""
+
+    def text(self) -> str:
+        said = ", ".join(f"{k.removeprefix('train.')} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in self.params.items())
+        return f"{said} ({self.validation:.3f})"
+
+
+def choices(trials: pd.DataFrame) -> dict[str, Choice]:
+    """study -> its Choice, read from its final trials (the chosen setting and validation score they record) and
+    its search trials (the scores and settings the search saw)."""
+    if trials.empty or ROLE not in trials.columns or "tune.validation_score" not in trials.columns:
+        return {}
+    ok = trials[trials["status"] == "success"]
+    keys = [c for c in trials.columns if c.startswith(PARAMS)]
+    out: dict[str, Choice] = {}
+    for study, fin in ok[ok[ROLE] == "final"].groupby("tune.study"):
+        first = fin.iloc[0]
+        task, metric, chosen = first["spec.data.task"], first["tune.metric"], float(first["tune.validation_score"])
+        search = trials[(trials[ROLE] == "search") & (trials["tune.study"] == study)]
+        scores = pd.to_numeric(search.get(f"eval.lm_eval.{task}.{metric}"), errors="coerce")
+        params = {k.removeprefix(PARAMS): first[k] for k in keys if pd.notna(first[k])}
+        edges = []
+        for key, value in params.items():
+            tried = pd.to_numeric(search[PARAMS + key], errors="coerce").dropna()
+            if isinstance(value, int | float) and len(tried) > 1:
+                edges += [f"{key} lowest"] if value <= tried.min() else [f"{key} highest"] if value >= tried.max() else []
+        out[study] = Choice({k: float(v) if isinstance(v, int | float) else str(v) for k, v in params.items()},
+                            chosen, int((scores == chosen).sum()), tuple(edges))
+    return out
 
 
 @dataclass(frozen=True)
@@ -46,6 +90,8 @@ class Ranked:
     reference: bool = False
     """A single run of an untuned method that trains nothing (the frozen model): the others are tested against it
     with a one-sample t-test."""
+    choice: Choice | None = None
+    """What the method's search chose (None for an untuned reference)."""
 
 
 def finals(trials: pd.DataFrame) -> pd.DataFrame:
@@ -139,12 +185,30 @@ def power_note(rows: list[Ranked], more: int = 5) -> str | None:
     return text
 
 
+def choice_note(rows: list[Ranked]) -> str | None:
+    """The choices a reader should doubt: at the edge of what the search tried (the range may have cut it short),
+    or won on a tie of validation scores (the lowest setting wins, whether or not it trains anything); None if none."""
+    edge = [f"{r.method} ({', '.join(r.choice.edges)})" for r in rows if r.choice and r.choice.edges]
+    tied = [f"{r.method} ({r.choice.ties} at {r.choice.validation:.3f})" for r in rows if r.choice and r.choice.ties > 1]
+    if not edge and not tied:
+        return None
+    text = f"How the choices on {rows[0].task} were made: the chosen setting and its validation score sit beside each " \
+           "method (the best of its search, so above what the held-out rows give)."
+    if edge:
+        text += f" At the edge of the settings searched, where a wider range might find better: {', '.join(edge)}."
+    if tied:
+        text += (f" Chosen from equal validation scores, where the lowest setting wins (search trials at the chosen score): "
+                 f"{', '.join(tied)}; a choice at a rate too low to move the model scores as the frozen model does.")
+    return text
+
+
 def _names(methods: list[str]) -> str:
     return methods[0] if len(methods) == 1 else ", ".join(methods[:-1]) + " or " + methods[-1]
 
 
-def rank(df: pd.DataFrame) -> list[Ranked]:
-    """Every task's methods, best mean first, with the pairs that differ after Holm's correction."""
+def rank(df: pd.DataFrame, chosen: dict[str, Choice] | None = None) -> list[Ranked]:
+    """Every task's methods, best mean first, with the pairs that differ after Holm's correction; `chosen`
+    (choices()) says what each study's search chose."""
     out: list[Ranked] = []
     for task, rows in df.groupby("task", sort=True):
         scores = {m: list(g["score"]) for m, g in rows.groupby("method")}
@@ -164,7 +228,8 @@ def rank(df: pd.DataFrame) -> list[Ranked]:
             g = rows[rows["method"] == m]
             tied_rank = 1 + sum(means[o] > means[m] for o in order)  # equal means share a rank (1, 1, 3)
             out.append(Ranked(task, m, scores[m], stats.estimate(scores[m]), tied_rank, beats[m],
-                              g["peak"].median(), g["step"].median(), g["trainable"].median(), len(tested), m in fixed))
+                              g["peak"].median(), g["step"].median(), g["trainable"].median(), len(tested), m in fixed,
+                              (chosen or {}).get(g["study"].iloc[0])))
     return out
 
 
@@ -216,7 +281,7 @@ def section(trials: pd.DataFrame, pub: dict) -> Section:
     df = finals(trials)
     if df.empty:
         return s
-    ranked = rank(df)
+    ranked = rank(df, choices(trials))
     tuned = trials[trials[ROLE].notna()]
     budget = sorted(set(tuned["tune.budget"].dropna().astype(int)))
     s.p(f"Each method's learning rate (and any other searched setting) was chosen by {tuned['tune.sampler'].iloc[0]} "
@@ -229,14 +294,18 @@ def section(trials: pd.DataFrame, pub: dict) -> Section:
            "its seeds." if (~df["tuned"]).any() else ""))
     for task in sorted({r.task for r in ranked}):
         rows = [r for r in ranked if r.task == task]
-        s.table(Table(["rank", "method", "score (95% CI)", "seeds", "significantly above", "peak memory", "step (ms)", "trainable"], [[
+        s.table(Table(["rank", "method", "score (95% CI)", "seeds", "significantly above", "chosen (validation)", "peak memory",
+                       "step (ms)", "trainable"], [[
             Cell(str(r.rank), r.rank), Cell(r.method),
             Cell(f"{r.estimate.mean:.3f}" + (f" [{r.estimate.lo:.3f}, {r.estimate.hi:.3f}]" if r.estimate.has_ci else ""), r.estimate.mean),
             Cell(str(r.estimate.n), r.estimate.n), Cell(", ".join(r.above) or "-", len(r.above)),
+            Cell(r.choice.text(), r.choice.validation) if r.choice else Cell("-"),
             c_bytes(r.peak_bytes), c_num(None if r.step_s is None else 1000 * r.step_s), c_int(r.trainable)] for r in rows],
             caption=f"{task}: methods ranked by their tuned score over seeds"))
         if (power := power_note(rows)) is not None:
             s.p(power)
+        if (said := choice_note(rows)) is not None:
+            s.p(said)
     if (note := machines(df)) is not None:
         s.p(note)
     published = {r["method"]: r["gsm8k_pct"] for r in pub.get("methods", {}).get("peft_ranking", []) if r.get("method")}

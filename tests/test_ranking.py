@@ -146,3 +146,41 @@ def test_each_task_says_what_its_seeds_can_tell_apart():
     # Without a single-run reference the note names none, and Holm's family is the 3 pairs of tuned methods.
     alone = ranking.power_note(ranking.rank(ranking.finals(frame())))
     assert "runs once" not in alone and f"{ranking.least_marked(sd, 3, 3)[0]:.3f} or more" in alone
+
+
+def with_searches() -> pd.DataFrame:
+    """frame() whose finals record their choice, and the search trials behind it: lora chose the middle of
+    three rates outright; ia3 the lowest, on a tie with the next."""
+    searched = {"lora": ([1e-5, 1e-4, 1e-3], [0.60, 0.70, 0.65], 1), "ia3": ([1e-5, 1e-4, 1e-3], [0.50, 0.50, 0.40], 0),
+                "dora": ([1e-5, 1e-4, 1e-3], [0.60, 0.65, 0.70], 2)}
+    df = frame()
+    df = df[df["tune.role"] == "final"].copy()
+    rows = []
+    for method, (lrs, scores, best) in searched.items():
+        is_method = df["spec.method.name"] == method
+        df.loc[is_method, "tune.params.train.lr"] = lrs[best]
+        df.loc[is_method, "tune.validation_score"] = scores[best]
+        final = df[is_method].iloc[0].to_dict()
+        rows += [{**final, "tune.role": "search", "tune.params.train.lr": lr, "eval.lm_eval.sst2.acc": score}
+                 for lr, score in zip(lrs, scores, strict=True)]
+    return pd.concat([df, pd.DataFrame(rows)], ignore_index=True)
+
+
+def test_each_method_shows_its_choice_and_the_doubtful_ones_are_named():
+    """The chosen setting and validation score beside each method; a choice at the edge of what was searched
+    or won on a tie of validation scores is named, since the lowest-rate tie may train nothing."""
+    df = with_searches()
+    chosen = ranking.choices(df)
+    lora, ia3, dora = (chosen[f"{m}000000"] for m in ("lora", "ia3", "dora"))
+    assert lora == ranking.Choice({"train.lr": 1e-4}, 0.70, 1, ())
+    assert ia3.ties == 2 and ia3.edges == ("train.lr lowest",) and dora.edges == ("train.lr highest",)
+    ranked = ranking.rank(ranking.finals(df), chosen)
+    assert {r.method: r.choice for r in ranked} == {"lora": lora, "ia3": ia3, "dora": dora}
+    note = ranking.choice_note(ranked)
+    assert "searched, where a wider range might find better: dora (train.lr highest), ia3 (train.lr lowest)." in note
+    assert "ia3 (2 at 0.500)" in note and "lora (" not in note
+    table = next(b.table for b in ranking.section(df, {}).blocks if b.kind == "table")
+    column = table.columns.index("chosen (validation)")
+    assert {row[1].text: row[column].text for row in table.rows}["lora"] == "lr 0.0001 (0.700)"
+    # Without recorded choices (results from before they were recorded) nothing is claimed.
+    assert ranking.choice_note(ranking.rank(ranking.finals(frame()), ranking.choices(frame()))) is None
