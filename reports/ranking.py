@@ -35,7 +35,8 @@ class Choice:
     params: dict[str, float | str]
     """The chosen setting of every searched key (train.lr, ...)."""
     validation: float
-    """Its score on the validation rows (the best of the search: above what the held-out rows give, by selection)."""
+    """Its score on the validation rows: other rows than the held-out ones, and the best of its search, so it does not
+    compare with the held-out score."""
     ties: int
     """How many search trials scored exactly that (the chosen one included): over 1, the lowest setting won a tie."""
     edges: tuple[str, ...] = ()
@@ -193,7 +194,7 @@ def choice_note(rows: list[Ranked]) -> str | None:
     if not edge and not tied:
         return None
     text = f"How the choices on {rows[0].task} were made: the chosen setting and its validation score sit beside each " \
-           "method (the best of its search, so above what the held-out rows give)."
+           "method (other rows than the held-out ones, and the best of the search: it does not compare with the held-out score)."
     if edge:
         text += f" At the edge of the settings searched, where a wider range might find better: {', '.join(edge)}."
     if tied:
