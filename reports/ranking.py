@@ -61,14 +61,15 @@ def choices(trials: pd.DataFrame) -> dict[str, Choice]:
         task, metric, chosen = first["spec.data.task"], first["tune.metric"], float(first["tune.validation_score"])
         search = trials[(trials[ROLE] == "search") & (trials["tune.study"] == study)]
         scores = pd.to_numeric(search.get(f"eval.lm_eval.{task}.{metric}"), errors="coerce")
-        params = {k.removeprefix(PARAMS): first[k] for k in keys if pd.notna(first[k])}
+        # pandas gives numpy scalars: is_number, not isinstance(int), tells a searched number (an int rank too); a flag stays a word.
+        params = {k.removeprefix(PARAMS): float(v) if pd.api.types.is_number(v) and not pd.api.types.is_bool(v) else str(v)
+                  for k in keys if pd.notna(v := first[k])}
         edges = []
         for key, value in params.items():
             tried = pd.to_numeric(search[PARAMS + key], errors="coerce").dropna()
-            if isinstance(value, int | float) and len(tried) > 1:
+            if isinstance(value, float) and len(tried) > 1:
                 edges += [f"{key} lowest"] if value <= tried.min() else [f"{key} highest"] if value >= tried.max() else []
-        out[study] = Choice({k: float(v) if isinstance(v, int | float) else str(v) for k, v in params.items()},
-                            chosen, int((scores == chosen).sum()), tuple(edges))
+        out[study] = Choice(params, chosen, int((scores == chosen).sum()), tuple(edges))
     return out
 
 
