@@ -92,6 +92,9 @@ def test_labels_drop_defaults_and_sort_numbers_as_numbers():
     assert len(short_label("x(" + "a=1," * 40 + ") adamw")) == 64
     assert sorted(["lora(r=16)", "lora(r=4)", "lora(r=64)", "lora(r=8)"], key=natural_key) == \
         ["lora(r=4)", "lora(r=8)", "lora(r=16)", "lora(r=64)"]
+    # Decimals and exponents are whole numbers: digit runs read as integers would put 0.0115 before 0.00274.
+    assert sorted(["ia3 lr=0.0115", "ia3 lr=3.65e-05", "ia3 lr=0.00274", "ia3 lr=2.05e-06"], key=natural_key) == \
+        ["ia3 lr=2.05e-06", "ia3 lr=3.65e-05", "ia3 lr=0.00274", "ia3 lr=0.0115"]
     labels = ["lora(r=4) adamw ep10 lr=0.1", "lora(r=8) adamw ep10 lr=0.01"]
     common = answer.common_words(labels)
     assert common == ["adamw", "ep10"] and answer.name(labels[1], common) == "lora(r=8) lr=0.01"

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 REPORTS = sorted(p for p in (ROOT / "reports").glob("*.html") if p.name != render.INDEX)
 CHROMIUM = Path("/usr/bin/chromium")
 WIDTH, FIRST_SCREEN = 1400, 900
-NUMBER = re.compile(r"\d+(?:\.\d+)?")
+NUMBER = re.compile(r"\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")  # lr=2.05e-06 is one number
 TOLERANCE = 6.0  # SVG units: a marker centred on the axes' edge pokes out by its radius
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium")
@@ -100,7 +100,8 @@ def report(request, browser):
 
 def test_every_report_is_committed():
     names = {p.name for p in REPORTS}
-    assert {"lora_sweep.html", "lora_vs_qlora.html", "methods_zoo.html", "surgical.html", "serving.html"} <= names
+    assert {"lora_sweep.html", "lora_vs_qlora.html", "methods_tuned.html", "methods_zoo.html", "surgical.html",
+            "serving.html"} <= names
     index = (ROOT / "reports" / render.INDEX).read_text()
     for p in REPORTS:  # the index links every report
         assert f'href="{p.name}"' in index, p.name
