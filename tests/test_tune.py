@@ -170,6 +170,9 @@ def test_untuned_block_and_bad_space(tmp_path):
     path.write_text(text.replace("log = [1e-5, 1e-1]", "log = [0, 1e-1]"))
     with pytest.raises(suite.SuiteError, match=r"tune\.space\.train\.lr\.log: a log range must be positive"):
         suite.load(path, check_models=False)
+    # A table among the seeds (unhashable) is named, not a TypeError.
+    with pytest.raises(tune.TuneError, match=r"at least 3 distinct whole numbers"):
+        tune.parse({"space": {"train.lr": {"log": [1e-5, 1e-1]}}, "trials": 4, "seeds": [{"name": "x"}, 1, 2]})
 
 
 def test_search_trials_render_the_validation_rows_for_lm_eval(tmp_path, monkeypatch):

@@ -168,8 +168,9 @@ def parse(raw: dict[str, Any]) -> TuneSpec:
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
         raise TuneError("trials", f"required: the search budget, a whole number >= 1, got {trials!r}")
     seeds = raw.get("seeds")
-    if (not isinstance(seeds, list) or len(seeds) < 3 or len(set(seeds)) != len(seeds)
-            or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+    # Types before set(): a table among the seeds is unhashable.
+    if (not isinstance(seeds, list) or len(seeds) < 3
+            or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) or len(set(seeds)) != len(seeds)):
         raise TuneError("seeds", f"required: at least 3 distinct whole numbers (the final retrainings), got {seeds!r}")
     metric = raw.get("metric", "acc")
     if not isinstance(metric, str) or not metric:
