@@ -77,8 +77,9 @@ def c_text(v: Any) -> Cell:
     return Cell("—", "") if missing(v) else Cell(str(v), v if isinstance(v, int | float) else str(v))
 
 
-# A number inside text, decimals and exponents whole (lr=2.05e-06 is one number, not 2.05 then 6).
-_NUMBER = re.compile(r"(\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)")
+# A number inside text, decimals and exponents whole (lr=2.05e-06 is one number, not 2.05 then 6); the
+# report script's NUMBER (templates/report.html.j2) is the same pattern.
+NUMBER = re.compile(r"(\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)")
 # Settings a label spells out that say nothing a reader needs (defaults, empty values).
 _NOISE = re.compile(r"^(dropout=0(\.0)?|rslora=False|[a-z_]+=(None)?)$")
 SHORT_LABEL = 64  # characters; the full label is on hover
@@ -86,7 +87,7 @@ SHORT_LABEL = 64  # characters; the full label is on hover
 
 def natural_key(text: str) -> tuple:
     """Sort key with numbers compared as numbers: r=4 < r=8 < r=16 < r=64, lr=2.05e-06 < lr=0.00274 < lr=0.0115."""
-    return tuple((0, float(p), "") if i % 2 else (1, 0.0, p) for i, p in enumerate(_NUMBER.split(text)) if p)
+    return tuple((0, float(p), "") if i % 2 else (1, 0.0, p) for i, p in enumerate(NUMBER.split(text)) if p)
 
 
 def short_label(label: str, limit: int = SHORT_LABEL) -> str:

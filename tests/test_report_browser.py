@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 
 from reports import render
+from reports.blocks import NUMBER  # what the page's sort takes for a number
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORTS = sorted(p for p in (ROOT / "reports").glob("*.html") if p.name != render.INDEX)
 CHROMIUM = Path("/usr/bin/chromium")
 WIDTH, FIRST_SCREEN = 1400, 900
-NUMBER = re.compile(r"\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")  # lr=2.05e-06 is one number
 TOLERANCE = 6.0  # SVG units: a marker centred on the axes' edge pokes out by its radius
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium")
